@@ -1,0 +1,30 @@
+"""The interface every activation source offers the training module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+
+class ActivationDataModule(pl.LightningDataModule):
+    """A LightningDataModule whose batches are raw ``[batch_size, d_in]`` activations.
+
+    Batches are *unscaled*: the training module multiplies them by ``input_scale``, so
+    metrics can be reported on either scale and the saved SAE takes raw activations.
+    """
+
+    @property
+    def d_in(self) -> int:
+        """Width of one activation vector."""
+        raise NotImplementedError
+
+    @property
+    def input_scale(self) -> float:
+        """Scalar applied to every activation before the SAE sees it (valid after ``setup``)."""
+        raise NotImplementedError
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Where the activations come from (model, site, context size, text, scaling)."""
+        return {}
