@@ -1,0 +1,263 @@
+"""Sites: where in a model activations are read, and the hooks that read them.
+
+A site is a string, either a TransformerLens hook name as SAELens uses them::
+
+    blocks.{L}.hook_resid_post   output of decoder layer L (== hidden_states[L+1])
+    blocks.{L}.hook_mlp_out      output of post_feedforward_layernorm (Gemma 2) or of .mlp
+    blocks.{L}.attn.hook_z       input of the attention output projection (heads concatenated)
+
+or any module of any Hugging Face model by path: ``"<module.path>:output"`` or
+``"<module.path>:input"`` (e.g. ``encoder.layer.3:output`` on a BERT).
+
+Note that HF's ``hidden_states[-1]`` is taken *after* the final norm, so
+``blocks.{last}.hook_resid_post`` (the raw layer output) differs from it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from gs_lightning.errors import ConfigError
+
+_TL_SITE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|attn\.hook_z)$")
+_MODULE_SITE = re.compile(r"^([A-Za-z_][\w.]*):(input|output)$")
+_FORMS = (
+    "blocks.{L}.hook_resid_post, blocks.{L}.hook_mlp_out, blocks.{L}.attn.hook_z, "
+    "'<module.path>:output' or '<module.path>:input'"
+)
+
+# Where the decoder-layer list lives, by model family; first match wins.
+LAYER_LIST_PATHS = (
+    "model.layers",  # Gemma, Llama, Mistral, Qwen (ForCausalLM)
+    "model.model.layers",
+    "model.language_model.layers",  # multimodal Gemma 3
+    "layers",  # the bare *Model classes
+    "transformer.h",  # GPT-2, GPT-J
+    "gpt_neox.layers",
+    "model.decoder.layers",  # OPT
+    "encoder.layer",  # BERT (AutoModel)
+    "bert.encoder.layer",
+    "h",
+)
+_MLP_OUT_PATHS = ("post_feedforward_layernorm", "mlp")
+_ATTN_OUT_PROJ_PATHS = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attn.out_proj")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A parsed site: ``layer`` is set for TransformerLens names, ``path`` for module paths."""
+
+    site: str
+    hook: Literal["resid_post", "mlp_out", "attn_z", "module"]
+    layer: int | None = None
+    path: str | None = None
+    io: Literal["input", "output"] = "output"
+
+
+def parse_site(site: str) -> SiteSpec:
+    """Parse a site string (syntax only; see :func:`resolve_site` for the module)."""
+    m = _TL_SITE.match(site)
+    if m:
+        hook = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "attn.hook_z": "attn_z"}
+        io = "input" if m.group(2) == "attn.hook_z" else "output"
+        return SiteSpec(site, hook[m.group(2)], layer=int(m.group(1)), io=io)
+    m = _MODULE_SITE.match(site)
+    if m:
+        return SiteSpec(site, "module", path=m.group(1), io=m.group(2))  # type: ignore[arg-type]
+    raise ConfigError(f"site={site!r} is not a site; expected one of: {_FORMS}")
+
+
+def num_layers(config: PretrainedConfig) -> int | None:
+    """Number of decoder layers according to a config (None if the config does not say)."""
+    config = config.get_text_config()
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def check_site_config(config: PretrainedConfig, site: str) -> SiteSpec:
+    """Parse ``site`` and check its layer index against ``config``, without any weights."""
+    spec = parse_site(site)
+    n = num_layers(config)
+    if spec.layer is not None and n is not None and spec.layer >= n:
+        raise _no_such_layer(site, spec.layer, n)
+    return spec
+
+
+def _no_such_layer(site: str, layer: int, n: int) -> ConfigError:
+    return ConfigError(f"site={site!r}: layer {layer} does not exist; the model has {n} layers")
+
+
+def site_dim_from_config(config: PretrainedConfig, site: str) -> int | None:
+    """Width of a TransformerLens site from the config alone; None for module-path sites."""
+    spec = parse_site(site)
+    if spec.hook == "module":
+        return None
+    config = config.get_text_config()
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    if spec.hook != "attn_z":
+        return int(hidden)
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return int(heads * head_dim)
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder (or encoder) layers, found by known paths."""
+    for path in LAYER_LIST_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ConfigError(
+        f"cannot find the layer list of {type(model).__name__} "
+        f"(tried {', '.join(LAYER_LIST_PATHS)}); use a '<module.path>:output' site"
+    )
+
+
+def _first_submodule(layer: nn.Module, paths: tuple[str, ...], site: str) -> nn.Module:
+    for path in paths:
+        module = _get(layer, path)
+        if module is not None:
+            return module
+    raise ConfigError(
+        f"site={site!r}: the layer has none of {list(paths)}; use a module-path site instead"
+    )
+
+
+def resolve_site(model: nn.Module, site: str) -> tuple[nn.Module, Literal["input", "output"]]:
+    """The module a site hooks and whether it reads the module's input or output."""
+    spec = parse_site(site)
+    if spec.hook == "module":
+        module = _get(model, spec.path)
+        if module is None:
+            hint = _path_hint(model, spec.path)
+            name = type(model).__name__
+            raise ConfigError(f"site={site!r}: {name} has no module {spec.path!r}; {hint}")
+        return module, spec.io
+    layers = decoder_layers(model)
+    if spec.layer >= len(layers):
+        raise _no_such_layer(site, spec.layer, len(layers))
+    layer = layers[spec.layer]
+    if spec.hook == "resid_post":
+        return layer, "output"
+    if spec.hook == "mlp_out":
+        return _first_submodule(layer, _MLP_OUT_PATHS, site), "output"
+    return _first_submodule(layer, _ATTN_OUT_PROJ_PATHS, site), "input"
+
+
+def _path_hint(model: nn.Module, path: str) -> str:
+    """List the children of the deepest existing prefix of ``path``, to show what exists."""
+    parts = path.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:k])
+        parent = _get(model, prefix) if prefix else model
+        if parent is not None:
+            children = [n for n, _ in parent.named_children()][:20]
+            where = f"{prefix!r}" if prefix else "the model"
+            return f"{where} has children {children}"
+    return ""
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    """Tuple outputs (older HF layers return ``(hidden, attn_weights, ...)``) take element 0."""
+    while isinstance(value, (tuple, list)):
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"hooked value is a {type(value).__name__}, not a tensor")
+    return value
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to fire, so layers after the last site never run."""
+
+
+class ActivationExtractor:
+    """Read several sites in one forward pass, stopping it once all have fired.
+
+    Use as a context manager, or call :meth:`close` to remove the hooks::
+
+        with ActivationExtractor(model, ["blocks.3.hook_resid_post"]) as extract:
+            acts = extract(input_ids, attention_mask)  # {site: [batch, seq, d]}
+    """
+
+    def __init__(self, model: nn.Module, sites: list[str]) -> None:
+        if not sites:
+            raise ConfigError("ActivationExtractor needs at least one site")
+        self.model = model
+        self.sites = list(dict.fromkeys(sites))
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles = [self._register(site) for site in self.sites]
+        params = inspect.signature(model.forward).parameters
+        self._forward_kwargs = {"use_cache": False} if "use_cache" in params else {}
+
+    def _register(self, site: str) -> torch.utils.hooks.RemovableHandle:
+        module, io = resolve_site(self.model, site)
+        if io == "output":
+            return module.register_forward_hook(lambda _m, _a, out: self._store(site, out))
+
+        def pre_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._store(site, args if args else next(iter(kwargs.values())))
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def _store(self, site: str, value: Any) -> None:
+        self._captured[site] = _first_tensor(value).detach()
+        if len(self._captured) == len(self.sites):
+            raise _StopForward
+
+    @torch.no_grad()
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run one forward pass; return ``{site: [batch, seq, d]}`` for every site."""
+        self._captured = {}
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_kwargs)
+        except _StopForward:
+            pass
+        captured, self._captured = self._captured, {}
+        missing = [s for s in self.sites if s not in captured]
+        if missing:
+            name = type(self.model).__name__
+            raise ConfigError(f"sites {missing} were never reached in a forward pass of {name}")
+        return captured
+
+    def close(self) -> None:
+        """Remove the hooks; the model is left as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> ActivationExtractor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def site_dim(model: nn.Module, site: str) -> int:
+    """Width of a site's activations: from the config, or a 1-token probe for module paths."""
+    resolve_site(model, site)  # raises ConfigError early for unknown layers or paths
+    config = getattr(model, "config", None)
+    dim = site_dim_from_config(config, site) if config is not None else None
+    if dim is not None:
+        return dim
+    device = next(model.parameters()).device
+    probe = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with ActivationExtractor(model, [site]) as extract:
+        return int(extract(probe, torch.ones_like(probe))[site].shape[-1])
