@@ -1,0 +1,10 @@
+"""Lightning callbacks for gs_lightning runs, each chosen in YAML by ``class_path``.
+
+Installed next to the ``gs_lightning`` package, so ``callbacks.SaveSAE`` resolves wherever
+gs_lightning is installed, not only from the repository root.
+"""
+
+from callbacks.save_sae import SaveSAE
+from callbacks.summary import FinalSummary
+
+__all__ = ["SaveSAE", "FinalSummary"]

@@ -1,0 +1,46 @@
+"""Metrics pooled over a whole evaluation set, correct across ranks (torchmetrics states).
+
+FVU is the fraction of variance unexplained *about the mean*:
+``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` with sums over every token seen, not an
+average of per-batch ratios (which is biased) and not variance about zero (which makes
+any SAE look good on activations with a large mean).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class PooledFVU(Metric):
+    """Fraction of variance unexplained, pooled over every update (and every rank)."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, d_in: int) -> None:
+        super().__init__()
+        # float64: sums of squares over millions of tokens lose digits in float32.
+        self.add_state("sse", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_x", torch.zeros(d_in, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_sq", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:  # type: ignore[override]
+        x64 = x.detach().reshape(-1, x.shape[-1]).double()
+        self.sse += (x_hat.detach().reshape_as(x64).double() - x64).pow(2).sum()
+        self.sum_x += x64.sum(0)
+        self.sum_sq += x64.pow(2).sum()
+        self.n += x64.shape[0]
+
+    def compute(self) -> Tensor:
+        total_var = self.sum_sq - self.sum_x.pow(2).sum() / self.n
+        return (self.sse / total_var).float()
+
+
+def batch_fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """FVU of one batch about the batch mean (for training logs; eval uses :class:`PooledFVU`)."""
+    x = x.detach().float()
+    centred = x - x.mean(0, keepdim=True)
+    return (x_hat.detach().float() - x).pow(2).sum() / centred.pow(2).sum()

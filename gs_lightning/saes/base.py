@@ -1,0 +1,154 @@
+"""The SAE base class: a variant is one short subclass (activation and sparsity loss).
+
+Parameters carry the papers' names and shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. A subclass implements :meth:`SAE.activation`
+and :meth:`SAE.sparsity_losses`, stores each constructor argument as an attribute of the
+same name (that is how a saved SAE records its config), and may override
+:meth:`SAE.training_output` with a faster path that computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class TrainOutput(NamedTuple):
+    """What one training forward returns to the training module."""
+
+    x_hat: Tensor
+    """Reconstruction of the (scaled) input, ``[batch, d_in]``; metrics only."""
+    losses: dict[str, Tensor]
+    """Named, already weighted loss terms; the training loss is their sum."""
+    l0: Tensor
+    """Mean number of active latents per token (a detached scalar)."""
+    fire_counts: Tensor
+    """``[d_sae]``: on how many tokens of the batch each latent was active."""
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder with a linear encoder and a linear decoder.
+
+    Args:
+        d_in: Width of the activations the SAE reads.
+        d_sae: Number of latents (dictionary size).
+        normalize_decoder: Keep decoder rows at unit norm: the gradient component
+            parallel to each row is removed before the optimizer step and rows are
+            renormalised after it.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, normalize_decoder: bool = True) -> None:
+        super().__init__()
+        if d_in <= 0 or d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}")
+        self.d_in = d_in
+        self.d_sae = d_sae
+        self.normalize_decoder = normalize_decoder
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Decoder rows: random unit directions; ``W_enc = W_dec^T``; biases zero."""
+        self.W_dec.copy_(torch.randn_like(self.W_dec))
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # -- the variant's part -------------------------------------------------------------
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """Map pre-activations ``[..., d_sae]`` to latent activations ``f``."""
+        raise NotImplementedError
+
+    def sparsity_losses(self, pre: Tensor, f: Tensor, warmup: float) -> dict[str, Tensor]:
+        """Named sparsity terms, already weighted; ``warmup`` in [0, 1] scales coefficients."""
+        raise NotImplementedError
+
+    # -- shared maths ------------------------------------------------------------------
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """``x @ W_enc + b_enc`` (Gemma Scope does not subtract ``b_dec`` first)."""
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations ``f`` for inputs ``x [..., d_in]``."""
+        return self.activation(self.pre_activation(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction ``f @ W_dec + b_dec``."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of ``x``."""
+        return self.decode(self.encode(x))
+
+    def training_output(self, x: Tensor, warmup: float = 1.0) -> TrainOutput:
+        """Reconstruction, weighted loss terms and sparsity statistics for a batch ``x``."""
+        pre = self.pre_activation(x)
+        f = self.activation(pre)
+        x_hat = self.decode(f)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        losses = {"mse": mse, **self.sparsity_losses(pre, f, warmup)}
+        active = (f != 0).reshape(-1, self.d_sae)
+        fire_counts = active.sum(0)
+        l0 = fire_counts.sum().float() / active.shape[0]
+        return TrainOutput(x_hat, losses, l0, fire_counts)
+
+    # -- optimizer hooks ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each decoder row."""
+        grad = self.W_dec.grad
+        if self.normalize_decoder and grad is not None:
+            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+            grad.sub_((grad * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Renormalise decoder rows to unit norm."""
+        if self.normalize_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+
+    # -- saving ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make this SAE take raw activations ``x`` where it was trained on ``scale * x``.
+
+        ``pre`` is unchanged (so are thresholds), and the reconstruction comes out in raw
+        units: ``W_enc *= scale``, ``W_dec /= scale``, ``b_dec /= scale``.
+        """
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this SAE, read from same-named attributes."""
+        args = {}
+        for name in inspect.signature(type(self).__init__).parameters:
+            if name == "self":
+                continue
+            if not hasattr(self, name):
+                raise TypeError(
+                    f"{type(self).__name__} must store constructor argument {name!r} as an "
+                    "attribute of the same name so that a saved SAE can be rebuilt"
+                )
+            args[name] = getattr(self, name)
+        return args
+
+    def canonical_state_dict(self) -> dict[str, Tensor]:
+        """Weights under the papers' names (``threshold``, never ``log_threshold``)."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def load_canonical_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`canonical_state_dict` (strict: every key, right shapes)."""
+        self.load_state_dict(tensors, strict=True)
