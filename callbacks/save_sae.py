@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 
 from gs_lightning.io import save_sae
 
@@ -32,4 +31,4 @@ class SaveSAE(pl.Callback):
             k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and v.numel() == 1
         }
         self.saved_path = save_sae(pl_module.sae, path, float(pl_module.input_scale), metadata)
-        rank_zero_info(f"saved SAE to {self.saved_path}")
+        print(f"saved SAE to {self.saved_path}", flush=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 
 
 class FinalSummary(pl.Callback):
@@ -18,8 +18,14 @@ class FinalSummary(pl.Callback):
         return f"final (step {trainer.global_step}): " + (", ".join(parts) or "no metrics logged")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rank_zero_info(self.summary(trainer))
+        _print(self.summary(trainer))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":
-            rank_zero_info(self.summary(trainer))
+            _print(self.summary(trainer))
+
+
+@rank_zero_only
+def _print(line: str) -> None:
+    # print, not logging: this is the line a user runs the quickstart to see.
+    print(line, flush=True)

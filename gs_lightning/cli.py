@@ -28,6 +28,21 @@ class GSLightningCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
         }
 
+    def before_fit(self) -> None:
+        self._check_widths()
+
+    def before_validate(self) -> None:
+        self._check_widths()
+
+    def _check_widths(self) -> None:
+        # Checked before the Trainer runs, so a mismatch leaves no log folder behind.
+        d_data, d_sae = self.datamodule.d_in, self.model.sae.d_in
+        if d_data != d_sae:
+            raise ConfigError(
+                f"model.sae.init_args.d_in={d_sae} but {type(self.datamodule).__name__} yields "
+                f"activations of width {d_data}; set model.sae.init_args.d_in: {d_data}"
+            )
+
 
 def main(args: list[str] | None = None) -> GSLightningCLI | None:
     """Run the CLI; ``args`` lets tests call it in-process (``None`` reads ``sys.argv``)."""
@@ -41,6 +56,21 @@ def main(args: list[str] | None = None) -> GSLightningCLI | None:
     )
     try:
         return GSLightningCLI(**cli_kwargs)
-    except ConfigError as err:
-        print(f"gs_lightning: error: {err}", file=sys.stderr)
+    except Exception as err:
+        config_error = _find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"gs_lightning: error: {config_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _find_config_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``err``: jsonargparse wraps errors raised while instantiating."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConfigError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

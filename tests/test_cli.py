@@ -1,0 +1,153 @@
+"""The LightningCLI entry point, in-process: a tiny fit, --help, and clear errors for bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from gs_lightning.cli import main
+from gs_lightning.io import load_sae, load_sae_config
+
+
+def _config(root: Path, **overrides) -> dict:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 60,
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": str(root / "run"),
+            "val_check_interval": 30,
+            "check_val_every_n_epoch": None,
+            "log_every_n_steps": 10,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [
+                {"class_path": "callbacks.SaveSAE"},
+                {"class_path": "callbacks.FinalSummary"},
+            ],
+        },
+        "model": {
+            "sae": {
+                "class_path": "gs_lightning.saes.JumpReLUSAE",
+                "init_args": {
+                    "d_in": 32,
+                    "d_sae": 128,
+                    "sparsity_coefficient": 1e-3,
+                    "threshold_parameterization": "raw",
+                },
+            },
+            "lr": 2e-3,
+            "lr_warmup_steps": 10,
+            "sparsity_warmup_steps": 30,
+        },
+        "data": {
+            "class_path": "gs_lightning.data.SyntheticActivationDataModule",
+            "init_args": {
+                "d_in": 32,
+                "n_features": 64,
+                "active_features": 3,
+                "n_tokens": 8192,
+                "batch_size": 256,
+            },
+        },
+    }
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return config
+
+
+def _write(root: Path, config: dict) -> str:
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_tiny_fit_trains_saves_and_reports(tmp_path, capsys) -> None:
+    main(["fit", "--config", _write(tmp_path, _config(tmp_path))])
+    saved = next((tmp_path / "run").rglob("sae/config.json")).parent
+    config = load_sae_config(saved)
+    metrics = config["metadata"]["final_metrics"]
+    assert config["metadata"]["global_step"] == 60
+    # Synthetic data with a 64-direction dictionary: 60 steps must explain most variance.
+    assert 0.0 < metrics["val/fvu"] < 0.5
+    assert metrics["val/l0"] > 0
+    out = capsys.readouterr()
+    assert "final (step 60): val/l0" in out.out + out.err
+    sae = load_sae(saved)
+    assert sae.d_sae == 128 and config["input_scale_folded"] != 1.0
+    # The checkpoint holds the unfolded SAE: its decoder rows stayed unit norm.
+    ckpt = next((tmp_path / "run").rglob("*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    torch.testing.assert_close(state["sae.W_dec"].norm(dim=1), torch.ones(128))
+    logged = next((tmp_path / "run").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    for key in (
+        "train/loss",
+        "train/mse",
+        "train/l0",
+        "train/fvu",
+        "train/dead_frac",
+        "train/lambda",
+        "train/lr",
+    ):
+        assert key in logged
+
+
+def test_validate_subcommand(tmp_path, capsys) -> None:
+    main(["validate", "--config", _write(tmp_path, _config(tmp_path))])
+    out = capsys.readouterr()
+    assert "val/fvu" in out.out + out.err
+
+
+def test_help_documents_options(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.sae.help", "gs_lightning.saes.JumpReLUSAE"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "bandwidth" in text and "width of the rectangle kernel" in text
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    assert "sparsity_warmup_steps" in text and "Linear warm-up of the sparsity coefficient" in text
+
+
+def _expect_error(tmp_path: Path, capsys, config: dict, *needles: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", _write(tmp_path, config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    assert not (tmp_path / "run").exists(), "a failed start left output behind"
+
+
+def test_unknown_yaml_key_is_named(tmp_path, capsys) -> None:
+    config = _config(tmp_path)
+    config["model"]["sae"]["init_args"]["sparsity_coeficient"] = 1.0
+    _expect_error(tmp_path, capsys, config, "sparsity_coeficient")
+
+
+def test_wrong_type_is_named(tmp_path, capsys) -> None:
+    config = _config(tmp_path, **{"model.lr": "fast"})
+    _expect_error(tmp_path, capsys, config, "lr", "fast")
+
+
+def test_d_in_mismatch_is_named(tmp_path, capsys) -> None:
+    config = _config(tmp_path)
+    config["model"]["sae"]["init_args"]["d_in"] = 48
+    _expect_error(tmp_path, capsys, config, "d_in=48", "width 32")
+
+
+def test_missing_activation_file_is_named(tmp_path, capsys) -> None:
+    config = _config(tmp_path)
+    config["data"] = {
+        "class_path": "gs_lightning.data.TensorActivationDataModule",
+        "init_args": {"path": str(tmp_path / "nope.safetensors")},
+    }
+    _expect_error(tmp_path, capsys, config, "nope.safetensors", "does not exist")

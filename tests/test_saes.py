@@ -1,0 +1,175 @@
+"""SAE variants: initialisation, fused step, decoder constraint, save/load and scale folding."""
+
+import copy
+
+import pytest
+import torch
+
+from gs_lightning.io import load_sae, load_sae_config, save_sae
+from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE
+
+
+def _perturbed_jumprelu(threshold_parameterization: str, fused: bool = True) -> JumpReLUSAE:
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(
+        16,
+        64,
+        sparsity_coefficient=0.1,
+        bandwidth=0.05,
+        threshold_init=0.05,
+        threshold_parameterization=threshold_parameterization,
+        fused=fused,
+    )
+    with torch.no_grad():  # move away from the symmetric init so every term is exercised
+        sae.b_enc.uniform_(-0.1, 0.1)
+        sae.b_dec.uniform_(-0.1, 0.1)
+    return sae
+
+
+def test_init_follows_gemma_scope() -> None:
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(32, 128)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()  # untied after init
+    assert torch.all(sae.b_enc == 0) and torch.all(sae.b_dec == 0)
+    torch.testing.assert_close(sae.threshold, torch.full((128,), 0.001))
+    assert sae.log_threshold.dtype == torch.float32
+
+
+@pytest.mark.parametrize("parameterization", ["log", "raw"])
+def test_fused_step_equals_autograd(parameterization: str) -> None:
+    x = torch.randn(48, 16)
+    grads, outputs = [], []
+    for fused in (True, False):
+        sae = _perturbed_jumprelu(parameterization, fused)
+        out = sae.training_output(x, warmup=0.7)
+        sum(out.losses.values()).backward()
+        outputs.append(out)
+        grads.append({n: p.grad for n, p in sae.named_parameters()})
+    (a, b), (ga, gb) = outputs, grads
+    for key in ("mse", "l0_penalty"):
+        torch.testing.assert_close(a.losses[key], b.losses[key])
+    torch.testing.assert_close(a.x_hat, b.x_hat)
+    torch.testing.assert_close(a.fire_counts.float(), b.fire_counts.float())
+    assert a.l0.item() == b.l0.item() > 0
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-6)
+    threshold_grad = ga["log_threshold" if parameterization == "log" else "raw_threshold"]
+    assert threshold_grad.abs().sum() > 0
+
+
+def test_fused_step_under_bf16_autocast_keeps_fp32_threshold() -> None:
+    x = torch.randn(64, 16)
+    sae = _perturbed_jumprelu("raw")
+    ref = copy.deepcopy(sae)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae.training_output(x)
+    sum(out.losses.values()).backward()
+    sum(ref.training_output(x).losses.values()).backward()
+    assert sae.raw_threshold.grad.dtype == torch.float32 and sae.W_enc.grad.dtype == torch.float32
+    torch.testing.assert_close(
+        out.losses["mse"], ref.training_output(x).losses["mse"].detach(), rtol=0.05, atol=0.05
+    )
+    torch.testing.assert_close(sae.W_dec.grad, ref.W_dec.grad, rtol=0.1, atol=0.05)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_l0_term_sends_no_gradient_to_encoder(fused: bool) -> None:
+    sae = _perturbed_jumprelu("log", fused)
+    out = sae.training_output(torch.randn(32, 16))
+    out.losses["l0_penalty"].backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        grad = getattr(sae, name).grad
+        assert grad is None or torch.all(grad == 0), name
+    assert sae.log_threshold.grad.abs().sum() > 0
+
+
+def test_fused_backward_refuses_overwritten_workspace() -> None:
+    sae = _perturbed_jumprelu("log")
+    first = sae.training_output(torch.randn(8, 16))
+    sae.training_output(torch.randn(8, 16))
+    with pytest.raises(RuntimeError, match="reused the workspace"):
+        sum(first.losses.values()).backward()
+
+
+def test_decoder_rows_unit_norm_after_step_and_parallel_gradient_removed() -> None:
+    sae = _perturbed_jumprelu("log")
+    opt = torch.optim.Adam(sae.parameters(), lr=0.05, betas=(0.0, 0.999))
+    sum(sae.training_output(torch.randn(64, 16)).losses.values()).backward()
+    sae.before_optimizer_step()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
+    torch.testing.assert_close(parallel, torch.zeros(64), atol=1e-6, rtol=0)
+    before = sae.W_dec.detach().clone()
+    opt.step()
+    sae.after_optimizer_step()
+    assert not torch.allclose(sae.W_dec, before)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_raw_threshold_clamped_at_zero() -> None:
+    sae = _perturbed_jumprelu("raw")
+    with torch.no_grad():
+        sae.raw_threshold[:5] = -1.0
+    sae.after_optimizer_step()
+    assert sae.raw_threshold.min().item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _perturbed_jumprelu("log"),
+        lambda: _perturbed_jumprelu("raw"),
+        lambda: ReLUSAE(16, 64, sparsity_coefficient=1.0),
+    ],
+)
+def test_save_load_gives_identical_outputs(tmp_path, make) -> None:
+    sae = make().eval()
+    x = torch.randn(20, 16)
+    path = save_sae(sae, tmp_path / "sae", metadata={"site": "blocks.0.hook_resid_post"})
+    loaded = load_sae(path)
+    assert type(loaded) is type(sae)
+    assert torch.equal(loaded(x), sae(x))
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+    assert load_sae_config(path)["metadata"]["site"] == "blocks.0.hook_resid_post"
+    assert not list(tmp_path.glob(".sae.*")), "temporary folder left behind"
+
+
+def test_folded_sae_on_raw_inputs_equals_trained_sae_on_scaled_inputs(tmp_path) -> None:
+    sae = _perturbed_jumprelu("log").eval()
+    scale = 0.37
+    x_raw = 3.0 * torch.randn(40, 16)
+    f_trained = sae.encode(scale * x_raw)
+    x_hat_trained = sae.decode(f_trained)
+    assert (f_trained != 0).any()
+    folded = load_sae(save_sae(sae, tmp_path / "sae", input_scale=scale))
+    torch.testing.assert_close(folded.encode(x_raw), f_trained, rtol=1e-5, atol=1e-6)
+    # The folded SAE reconstructs in raw units.
+    torch.testing.assert_close(folded(x_raw), x_hat_trained / scale, rtol=1e-5, atol=1e-5)
+    # Saving folds a copy: the trained SAE is untouched.
+    torch.testing.assert_close(sae.encode(scale * x_raw), f_trained)
+
+
+def test_variant_must_expose_its_constructor_arguments() -> None:
+    class Forgetful(SAE):
+        def __init__(self, d_in: int, d_sae: int, k: int = 3) -> None:
+            super().__init__(d_in, d_sae)
+
+    with pytest.raises(TypeError, match="'k'"):
+        Forgetful(4, 8).init_args()
+
+
+def test_load_rejects_missing_files_and_non_sae_classes(tmp_path) -> None:
+    from gs_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config.json is missing"):
+        load_sae(tmp_path)
+    path = save_sae(ReLUSAE(4, 8), tmp_path / "sae")
+    config = (
+        (path / "config.json")
+        .read_text()
+        .replace("gs_lightning.saes.relu.ReLUSAE", "collections.OrderedDict")
+    )
+    (path / "config.json").write_text(config)
+    with pytest.raises(ConfigError, match="not an SAE subclass"):
+        load_sae(path)
