@@ -201,6 +201,9 @@ class ActivationExtractor:
         self.model = model
         self.sites = list(dict.fromkeys(sites))
         self._captured: dict[str, torch.Tensor] = {}
+        # Hooks act only during this extractor's own call, so several extractors (or a
+        # plain forward) on one model do not capture for, or stop, each other.
+        self._active = False
         self._handles = [self._register(site) for site in self.sites]
         params = inspect.signature(model.forward).parameters
         self._forward_kwargs = {"use_cache": False} if "use_cache" in params else {}
@@ -216,6 +219,8 @@ class ActivationExtractor:
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def _store(self, site: str, value: Any) -> None:
+        if not self._active:
+            return
         self._captured[site] = _first_tensor(value).detach()
         if len(self._captured) == len(self.sites):
             raise _StopForward
@@ -225,11 +230,13 @@ class ActivationExtractor:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Run one forward pass; return ``{site: [batch, seq, d]}`` for every site."""
-        self._captured = {}
+        self._captured, self._active = {}, True
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_kwargs)
         except _StopForward:
             pass
+        finally:
+            self._active = False
         captured, self._captured = self._captured, {}
         missing = [s for s in self.sites if s not in captured]
         if missing:

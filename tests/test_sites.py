@@ -130,6 +130,17 @@ def test_forward_stops_after_the_last_site(gemma, ids):
     assert calls == {"layer1": 1, "layer2": 0, "norm": 0, "lm_head": 0}
 
 
+def test_extractors_on_one_model_do_not_interfere(gemma, ids):
+    with torch.no_grad():
+        hidden = gemma(ids, output_hidden_states=True).hidden_states
+    with ActivationExtractor(gemma, ["blocks.0.hook_resid_post"]) as early:
+        # A plain forward is not cut short by the idle extractor's hooks.
+        assert gemma(ids).logits.shape == (2, 7, 512)
+        late = _extract(gemma, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], ids)
+        torch.testing.assert_close(late["blocks.1.hook_resid_post"], hidden[2])
+        torch.testing.assert_close(early(ids)["blocks.0.hook_resid_post"], hidden[1])
+
+
 def test_close_removes_hooks(gemma, ids):
     layer = gemma.model.layers[0]
     before = len(layer._forward_hooks)
