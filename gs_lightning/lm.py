@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
@@ -25,6 +26,7 @@ from transformers import (
 
 from gs_lightning.errors import ConfigError
 
+ModelDtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -112,7 +114,7 @@ def load_language_model(
     name_or_path: str,
     *,
     revision: str | None = None,
-    dtype: str = "float32",
+    dtype: ModelDtype = "float32",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model (eval mode, no gradients) and its tokenizer.

@@ -180,6 +180,20 @@ def test_metadata_and_state(dm, source):
     resumed = LiveActivationDataModule(model=model, text=text, site=dm.site, **SMALL)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
+    # Resume is approximate: the new stream starts after the tokens already read.
+    resumed.setup("fit")
+    first = _first_batches(resumed, 1)[0]
+    contexts = iter_contexts(iter_texts(text, split="train"), dm._tokenizer, 32)
+    read_contexts, n = [], 0
+    while n < state["tokens_read"]:  # exactly the contexts the first stream consumed
+        read_contexts.append(next(contexts))
+        n += int(content_mask(read_contexts[-1], dm._tokenizer).sum())
+    ids = torch.stack(read_contexts)
+    with ActivationExtractor(dm._lm, [dm.site]) as extract:
+        read = extract(ids, torch.ones_like(ids))[dm.site][content_mask(ids, dm._tokenizer)]
+    exact = "donot_use_mm_for_euclid_dist"
+    assert torch.cdist(first, read, compute_mode=exact).min() > 1e-3
+    assert resumed.state_dict()["batches_yielded"] == state["batches_yielded"] + 1
 
 
 class _LinearAE(pl.LightningModule):

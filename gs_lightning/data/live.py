@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.data.buffer import ShuffleBuffer
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm import load_language_model, load_model_config, parse_dtype
+from gs_lightning.lm import ModelDtype, load_language_model, load_model_config, parse_dtype
 from gs_lightning.scaling import SCHEMES, ScalingScheme, estimate_input_scale
 from gs_lightning.sites import (
     ActivationExtractor,
@@ -55,7 +55,7 @@ class LiveActivationDataModule(ActivationDataModule):
         input_scaling: How the scalar input scale is chosen (Gemma Scope: unit_mean_squared_norm).
         scale_estimate_tokens: Activations (from the train stream's start) that estimate the scale.
         val_tokens: Activations in the fixed validation set.
-        model_dtype: Dtype the language model runs in (float32, bfloat16, float16).
+        model_dtype: Dtype the language model runs in.
         revision: Hub revision (branch, tag or commit) of the model.
         seed: Seed of the shuffle buffer; the same seed gives the same batches.
 
@@ -79,7 +79,7 @@ class LiveActivationDataModule(ActivationDataModule):
         input_scaling: ScalingScheme = "unit_mean_squared_norm",
         scale_estimate_tokens: int = 65536,
         val_tokens: int = 32768,
-        model_dtype: str = "float32",
+        model_dtype: ModelDtype = "float32",
         revision: str | None = None,
         seed: int = 0,
     ) -> None:
