@@ -48,6 +48,11 @@ def resolve_model_path(name_or_path: str) -> str:
 
     embedded = resolve_embedded(name_or_path)
     if embedded is not None:
+        if not (Path(embedded) / "config.json").exists():
+            raise ConfigError(
+                f"model {name_or_path!r}: the embedded model's files are missing from {embedded} "
+                f"(rebuild them with `python -m gs_lightning.embedded.build`)"
+            )
         return embedded
     if Path(name_or_path).expanduser().exists():
         return str(Path(name_or_path).expanduser())
