@@ -118,7 +118,9 @@ def iter_contexts(
     start = 0
     texts = iter(texts)
     while group := list(islice(texts, _TOKENIZE_GROUP)):
-        for ids in tokenizer(group, add_special_tokens=False)["input_ids"]:
+        # verbose=False: long documents are expected here (we cut them), so HF's
+        # "longer than the maximum sequence length" warning would only mislead.
+        for ids in tokenizer(group, add_special_tokens=False, verbose=False)["input_ids"]:
             stream.extend(ids)
             if eos is not None:
                 stream.append(eos)

@@ -192,7 +192,10 @@ def test_metadata_and_state(dm, source):
     with ActivationExtractor(dm._lm, [dm.site]) as extract:
         read = extract(ids, torch.ones_like(ids))[dm.site][content_mask(ids, dm._tokenizer)]
     exact = "donot_use_mm_for_euclid_dist"
-    assert torch.cdist(first, read, compute_mode=exact).min() > 1e-3
+    seen = torch.cdist(first, read, compute_mode=exact).min(dim=1).values < 1e-4
+    # Without the skip every row would be a repeat; real text repeats a few short
+    # prefixes (a context's first word after BOS), so allow a handful.
+    assert seen.float().mean() < 0.2
     assert resumed.state_dict()["batches_yielded"] == state["batches_yielded"] + 1
 
 
