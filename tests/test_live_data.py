@@ -55,6 +55,16 @@ def _random_gemma(root: Path) -> tuple[str, str]:
     return str(root / "model"), str(root / "text.txt")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
+    OpenMP's spinning workers make these tests ~10x slower when another job runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> tuple[str, str]:
     """(model, text): the embedded model on the KJV once it ships, else a random tiny Gemma."""
