@@ -95,6 +95,7 @@ class LiveActivationDataModule(ActivationDataModule):
         self._validate()
         self._config = load_model_config(model, revision)
         check_site_config(self._config, site)
+        self._d_in: int | None = None
         self._lm: Any = None
         self._tokenizer: Any = None
         self._extractor: ActivationExtractor | None = None
@@ -127,11 +128,12 @@ class LiveActivationDataModule(ActivationDataModule):
     @property
     def d_in(self) -> int:
         """Width of the site: from the model config, or a probe forward for module paths."""
-        dim = site_dim_from_config(self._config, self.site)
-        if dim is None:
+        if self._d_in is None:
+            self._d_in = site_dim_from_config(self._config, self.site)
+        if self._d_in is None:  # a module path: only a forward pass can tell
             self._load()
-            dim = site_dim(self._lm, self.site)
-        return dim
+            self._d_in = site_dim(self._lm, self.site)
+        return self._d_in
 
     @property
     def input_scale(self) -> float:
