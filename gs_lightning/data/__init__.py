@@ -1,6 +1,12 @@
 """Activation sources: all yield raw ``[batch_size, d_in]`` float batches."""
 
 from gs_lightning.data.base import ActivationDataModule
+from gs_lightning.data.live import LiveActivationDataModule
 from gs_lightning.data.memory import SyntheticActivationDataModule, TensorActivationDataModule
 
-__all__ = ["ActivationDataModule", "SyntheticActivationDataModule", "TensorActivationDataModule"]
+__all__ = [
+    "ActivationDataModule",
+    "LiveActivationDataModule",
+    "SyntheticActivationDataModule",
+    "TensorActivationDataModule",
+]
