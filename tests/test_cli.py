@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from gs_lightning.cli import main
 from gs_lightning.io import load_sae, load_sae_config
@@ -151,3 +150,27 @@ def test_missing_activation_file_is_named(tmp_path, capsys) -> None:
         "init_args": {"path": str(tmp_path / "nope.safetensors")},
     }
     _expect_error(tmp_path, capsys, config, "nope.safetensors", "does not exist")
+
+
+def test_missing_model_path_is_named(tmp_path, capsys) -> None:
+    config = _config(tmp_path)
+    config["data"] = {"class_path": "gs_lightning.data.LiveActivationDataModule",
+                      "init_args": {"model": str(tmp_path / "no-such-model")}}
+    _expect_error(tmp_path, capsys, config, "no-such-model")
+
+
+def test_nan_activations_stop_with_a_clear_error(tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    acts = torch.randn(4096, 32)
+    acts[1234, 5] = float("nan")
+    save_file({"acts": acts}, str(tmp_path / "acts.safetensors"))
+    config = _config(tmp_path)
+    config["data"] = {"class_path": "gs_lightning.data.TensorActivationDataModule",
+                      "init_args": {"path": str(tmp_path / "acts.safetensors"), "batch_size": 256}}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", _write(tmp_path, config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "acts.safetensors" in err and "NaN" in err
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("sae.safetensors"))
