@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.module import SAETrainingModule
+from gs_lightning.module import SAETrainingModule, check_widths
 
 
 class GSLightningCLI(LightningCLI):
@@ -35,13 +35,9 @@ class GSLightningCLI(LightningCLI):
         self._check_widths()
 
     def _check_widths(self) -> None:
-        # Checked before the Trainer runs, so a mismatch leaves no log folder behind.
-        d_data, d_sae = self.datamodule.d_in, self.model.sae.d_in
-        if d_data != d_sae:
-            raise ConfigError(
-                f"model.sae.init_args.d_in={d_sae} but {type(self.datamodule).__name__} yields "
-                f"activations of width {d_data}; set model.sae.init_args.d_in: {d_data}"
-            )
+        # Also checked in the module's setup, but here it runs before the Trainer creates
+        # a log folder, so a mismatch leaves nothing behind.
+        check_widths(self.model.sae, self.datamodule)
 
 
 def main(args: list[str] | None = None) -> GSLightningCLI | None:
@@ -51,7 +47,10 @@ def main(args: list[str] | None = None) -> GSLightningCLI | None:
         datamodule_class=ActivationDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Train and validate sparse autoencoders on language-model activations."},
+        parser_kwargs={
+            "prog": "python -m gs_lightning",
+            "description": "Train and validate sparse autoencoders on language-model activations.",
+        },
         args=args,
     )
     try:

@@ -15,6 +15,15 @@ from gs_lightning.saes import SAE
 from gs_lightning.schedules import lr_factor, sparsity_warmup
 
 
+def check_widths(sae: SAE, datamodule: Any) -> None:
+    """Raise a ConfigError naming both widths when the SAE's ``d_in`` differs from the data's."""
+    if datamodule.d_in != sae.d_in:
+        raise ConfigError(
+            f"model.sae.init_args.d_in={sae.d_in} but {type(datamodule).__name__} yields "
+            f"activations of width {datamodule.d_in}; set model.sae.init_args.d_in: {datamodule.d_in}"
+        )
+
+
 class SAETrainingModule(pl.LightningModule):
     """Trains one SAE on batches of raw activations ``[batch, d_in]``.
 
@@ -61,11 +70,7 @@ class SAETrainingModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "d_in"):
             return
-        if datamodule.d_in != self.sae.d_in:
-            raise ConfigError(
-                f"model.sae.init_args.d_in={self.sae.d_in} but the data yields activations of width "
-                f"{datamodule.d_in} ({type(datamodule).__name__}); set d_in to {datamodule.d_in}"
-            )
+        check_widths(self.sae, datamodule)
         # A checkpoint restored after setup overwrites this with the scale it trained on.
         self.input_scale.fill_(float(datamodule.input_scale))
 

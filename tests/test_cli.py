@@ -174,3 +174,15 @@ def test_nan_activations_stop_with_a_clear_error(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "acts.safetensors" in err and "NaN" in err
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("sae.safetensors"))
+
+
+def test_callbacks_import_outside_the_repository(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    # From an unrelated folder: `callbacks` must come from the installed package.
+    code = "import callbacks, gs_lightning; print(callbacks.SaveSAE.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "callbacks.save_sae"
