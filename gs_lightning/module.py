@@ -67,6 +67,13 @@ class SAETrainingModule(pl.LightningModule):
     # -- set-up ------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and str(self.trainer.precision) in ("bf16-true", "16-true"):
+            # These precisions cast every parameter, the threshold included, to half
+            # precision, where Adam's small threshold updates round away.
+            raise ConfigError(
+                f"trainer.precision={self.trainer.precision!r} would store the SAE threshold in half "
+                "precision; use bf16-mixed (matmuls in bf16, weights and threshold in fp32)"
+            )
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "d_in"):
             return

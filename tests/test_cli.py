@@ -186,3 +186,26 @@ def test_callbacks_import_outside_the_repository(tmp_path) -> None:
                             env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "callbacks.save_sae"
+
+
+def test_bf16_mixed_fit_keeps_fp32_weights_and_threshold(tmp_path) -> None:
+    fvus = {}
+    for precision in ("32-true", "bf16-mixed"):
+        root = tmp_path / precision
+        root.mkdir()
+        cli = main(["fit", "--config", _write(root, _config(root)), "--trainer.precision", precision])
+        fvus[precision] = float(cli.trainer.callback_metrics["val/fvu"])
+    sae = cli.model.sae
+    assert sae.raw_threshold.dtype == torch.float32 and sae.W_enc.dtype == torch.float32
+    # bf16 matmuls change the trajectory only slightly on this problem.
+    assert fvus["bf16-mixed"] < 0.5
+    assert abs(fvus["bf16-mixed"] - fvus["32-true"]) < 0.02, fvus
+
+
+def test_true_half_precision_is_refused(tmp_path, capsys) -> None:
+    config = _config(tmp_path)
+    config["trainer"]["precision"] = "bf16-true"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", _write(tmp_path, config)])
+    assert exit_info.value.code == 2
+    assert "bf16-mixed" in capsys.readouterr().err
