@@ -10,7 +10,6 @@ researcher which YAML key to fix.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -142,9 +141,6 @@ def load_language_model(
     except OSError as err:
         raise _not_loadable(name_or_path, revision, "weights or tokenizer", err) from err
     model.eval().requires_grad_(False)
-    # Whole documents are tokenized and then cut into contexts by iter_contexts, so the
-    # tokenizer's "sequence longer than model_max_length" warning would always be wrong.
-    tokenizer.model_max_length = sys.maxsize
     return model, tokenizer
 
 
