@@ -1,0 +1,115 @@
+"""Delta LM loss: the cost, in next-token cross-entropy, of replacing a site by an SAE's reconstruction.
+
+For each batch of contexts the model runs three times: clean, with the site replaced by
+the SAE's reconstruction, and with the site zeroed. As in training, BOS/EOS/pad positions
+keep their clean activation, and only predictions made from content positions count.
+
+* ``delta_loss = CE(spliced) - CE(clean)`` (Gemma Scope's delta LM loss)
+* ``kl = KL(clean || spliced)`` per token
+* ``loss_recovered = (CE(zero) - CE(spliced)) / (CE(zero) - CE(clean))``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gs_lightning.saes import SAE
+from gs_lightning.sites import resolve_site
+from gs_lightning.text import content_mask
+
+
+class _Splice:
+    """A hook that rewrites a site's activation at content positions with ``fn(x)``."""
+
+    def __init__(self, model: nn.Module, site: str) -> None:
+        self.module, self.io = resolve_site(model, site)
+        self.fn: Callable[[Tensor], Tensor] | None = None
+        self.mask: Tensor | None = None
+        if self.io == "output":
+            self.handle = self.module.register_forward_hook(self._on_output)
+        else:
+            self.handle = self.module.register_forward_pre_hook(self._on_input, with_kwargs=True)
+
+    def _replace(self, x: Tensor) -> Tensor:
+        new = self.fn(x.float()).to(x.dtype)
+        return torch.where(self.mask.unsqueeze(-1), new, x)
+
+    def _on_output(self, _module: nn.Module, _args: Any, out: Any) -> Any:
+        if self.fn is None:
+            return None
+        if isinstance(out, tuple):
+            return (self._replace(out[0]), *out[1:])
+        return self._replace(out)
+
+    def _on_input(self, _module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.fn is None:
+            return None
+        if args:
+            return (self._replace(args[0]), *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: self._replace(kwargs[key])}
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def _next_token_stats(logits: Tensor, ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over kept positions, and the log-probs of those positions."""
+    logp = logits[:, :-1].float().log_softmax(-1)[keep]
+    targets = ids[:, 1:][keep]
+    return -logp.gather(-1, targets.unsqueeze(-1)).sum(), logp
+
+
+@torch.no_grad()
+def delta_lm_loss(
+    model: nn.Module, tokenizer: Any, sae: SAE, site: str, contexts: Iterable[Tensor], batch_size: int = 8,
+    input_scale: float = 1.0,
+) -> dict[str, float]:
+    """Clean, spliced and zero-ablated cross-entropy over ``contexts`` (``[T]`` token tensors).
+
+    ``sae`` reads ``input_scale * x`` and its reconstruction is divided by ``input_scale``
+    (1.0 for an SAE saved with the scale folded in).
+    """
+    device = next(model.parameters()).device
+    sae = sae.to(device).eval()
+    splice = _Splice(model, site)
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    tokens = 0
+    try:
+        batch: list[Tensor] = []
+        for context in [*contexts, None]:
+            if context is not None:
+                batch.append(context)
+            if batch and (context is None or len(batch) == batch_size):
+                tokens += _accumulate(model, tokenizer, sae, splice, torch.stack(batch).to(device), input_scale, sums)
+                batch = []
+    finally:
+        splice.close()
+    if tokens == 0:
+        raise ValueError("no content tokens to evaluate")
+    clean, spliced, zero = (sums[k] / tokens for k in ("clean", "spliced", "zero"))
+    return {
+        "ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablated": zero, "delta_loss": spliced - clean,
+        "kl": sums["kl"] / tokens, "loss_recovered": (zero - spliced) / (zero - clean), "tokens": tokens,
+    }
+
+
+def _accumulate(model: nn.Module, tokenizer: Any, sae: SAE, splice: _Splice, ids: Tensor, scale: float,
+                sums: dict[str, float]) -> int:
+    content = content_mask(ids, tokenizer)
+    keep = content[:, :-1]  # a prediction counts when it is made from a content position
+    splice.mask = content
+    runs = {"clean": None, "spliced": lambda x: sae(x * scale) / scale, "zero": torch.zeros_like}
+    logps = {}
+    for name, fn in runs.items():
+        splice.fn = fn
+        ce, logps[name] = _next_token_stats(model(input_ids=ids).logits, ids, keep)
+        sums[name] += float(ce)
+    splice.fn = None
+    clean, spliced = logps["clean"], logps["spliced"]
+    sums["kl"] += float((clean.exp() * (clean - spliced)).sum())
+    return int(keep.sum())
