@@ -7,6 +7,9 @@ threshold, ``eps`` the bandwidth and ``K(u) = 1[|u| < 1/2]`` the rectangle kerne
   d/dpre = ``H(pre - t) * g`` (no straight-through), d/dt = ``-(t/eps) K((pre-t)/eps) g``.
 * ``step(pre, t) = H(pre - t)``;
   d/dpre = 0, d/dt = ``-(1/eps) K((pre-t)/eps) g``.
+* ``jumprelu_st(pre, t)`` (Anthropic's 2025 recipe): the same forward and d/dt as
+  ``jumprelu``, and the jump's pseudo-derivative passed straight through to the input too:
+  d/dpre = ``(H(pre - t) + (t/eps) K((pre-t)/eps)) g``.
 
 The threshold gradient is summed over every leading (batch) dimension. All comparisons
 and threshold gradients are computed in float32 whatever the dtype of ``pre`` (bf16
@@ -68,6 +71,26 @@ class StepFunction(torch.autograd.Function):
         return None, grad_t, None
 
 
+class JumpReLUStraightThroughFunction(torch.autograd.Function):
+    """``pre * H(pre - threshold)`` with the jump's pseudo-derivative w.r.t. both inputs."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre.float() > threshold.float()).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        pre32, t32 = pre.float(), threshold.float()
+        # The jump t * H(pre - t) has derivative t * delta(pre - t) in pre and the opposite in t.
+        jump = (t32 / eps) * rectangle((pre32 - t32) / eps) * grad_out.float()
+        grad_pre = (grad_out.float() * (pre32 > t32).float() + jump).to(grad_out.dtype)
+        return grad_pre, _sum_to_threshold(-jump, threshold), None
+
+
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """JumpReLU activation with rectangle-kernel pseudo-derivatives (see module docstring)."""
     return JumpReLUFunction.apply(pre, threshold, bandwidth)
@@ -76,3 +99,8 @@ def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """Heaviside step ``H(pre - threshold)`` in float32, with the threshold pseudo-derivative."""
     return StepFunction.apply(pre, threshold, bandwidth)
+
+
+def jumprelu_st(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """JumpReLU whose pseudo-derivative also reaches ``pre`` (see module docstring)."""
+    return JumpReLUStraightThroughFunction.apply(pre, threshold, bandwidth)

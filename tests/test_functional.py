@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gs_lightning.functional import jumprelu, rectangle, step
+from gs_lightning.functional import jumprelu, jumprelu_st, rectangle, step
 
 # threshold t = [0.01, 0.01, 0.25], bandwidth eps = 0.002 so the kernel is 1 where |pre - t| < 0.001.
 PRE = torch.tensor([[0.0105, 0.5, 0.2495], [0.0095, 0.0, 0.3]])
@@ -41,6 +41,19 @@ def test_step_forward_and_gradients() -> None:
     out.sum().backward()
     assert pre.grad is None or torch.all(pre.grad == 0)
     torch.testing.assert_close(t.grad, STEP_GRAD_T)
+
+
+def test_straight_through_jumprelu_forward_and_gradients() -> None:
+    pre = PRE.clone().requires_grad_()
+    t = T.clone().requires_grad_()
+    out = jumprelu_st(pre, t, EPS)
+    torch.testing.assert_close(out, jumprelu(PRE, T, EPS))
+    out.backward(G)
+    # d/dpre = H * g + (t/eps) K g, with t/eps = 5 (col 0) and 125 (col 2):
+    # (0,0) 1 + 5 * 1 = 6, (0,2) 0 + 125 * 3 = 375, (1,0) 0 + 5 * 4 = 20; elsewhere H * g.
+    torch.testing.assert_close(pre.grad, torch.tensor([[6.0, 2.0, 375.0], [20.0, 0.0, 6.0]]))
+    # The threshold gradient is the plain JumpReLU's.
+    torch.testing.assert_close(t.grad, JUMPRELU_GRAD_T)
 
 
 def test_log_threshold_chain_rule() -> None:

@@ -4,6 +4,8 @@ Parameters carry the papers' names and shapes: ``W_enc [d_in, d_sae]``, ``b_enc 
 ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. A subclass implements :meth:`SAE.activation`
 and :meth:`SAE.sparsity_losses`, stores each constructor argument as an attribute of the
 same name (that is how a saved SAE records its config), and may override
+:meth:`SAE.auxiliary_losses` (terms that need the input or the reconstruction),
+:meth:`SAE.update_statistics` (per-batch training statistics kept in buffers) and
 :meth:`SAE.training_output` with a faster path that computes the same numbers.
 """
 
@@ -40,6 +42,10 @@ class SAE(nn.Module):
             renormalised after it.
     """
 
+    training_buffers: tuple[str, ...] = ()
+    """Buffers that only training needs (e.g. dead-latent counters): checkpointed with the
+    module, left out of the exported weights, and kept as they are when weights are loaded."""
+
     def __init__(self, d_in: int, d_sae: int, normalize_decoder: bool = True) -> None:
         super().__init__()
         if d_in <= 0 or d_sae <= 0:
@@ -72,6 +78,13 @@ class SAE(nn.Module):
         """Named sparsity terms, already weighted; ``warmup`` in [0, 1] scales coefficients."""
         raise NotImplementedError
 
+    def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
+        """Named, weighted terms that need the input or the reconstruction; none by default."""
+        return {}
+
+    def update_statistics(self, pre: Tensor, f: Tensor) -> None:
+        """Update training statistics from one batch (called without grad, in training mode only)."""
+
     # -- shared maths ------------------------------------------------------------------
 
     def pre_activation(self, x: Tensor) -> Tensor:
@@ -97,6 +110,12 @@ class SAE(nn.Module):
         x_hat = self.decode(f)
         mse = (x_hat - x).pow(2).sum(-1).mean()
         losses = {"mse": mse, **self.sparsity_losses(pre, f, warmup)}
+        losses.update(self.auxiliary_losses(x, pre, f, x_hat, warmup))
+        if self.training:
+            # After the losses: a statistic (e.g. which latents are dead) describes the
+            # batches before this one when this batch's loss uses it.
+            with torch.no_grad():
+                self.update_statistics(pre.detach(), f.detach())
         active = (f != 0).reshape(-1, self.d_sae)
         fire_counts = active.sum(0)
         l0 = fire_counts.sum().float() / active.shape[0]
@@ -147,8 +166,11 @@ class SAE(nn.Module):
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
         """Weights under the papers' names (``threshold``, never ``log_threshold``)."""
-        return {k: v.detach() for k, v in self.state_dict().items()}
+        return {k: v.detach() for k, v in self.state_dict().items() if k not in self.training_buffers}
 
     def load_canonical_state_dict(self, tensors: dict[str, Tensor]) -> None:
-        """Inverse of :meth:`canonical_state_dict` (strict: every key, right shapes)."""
-        self.load_state_dict(tensors, strict=True)
+        """Inverse of :meth:`canonical_state_dict` (strict: every key but training buffers, right shapes)."""
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        missing = [k for k in missing if k not in self.training_buffers]
+        if missing or unexpected:
+            raise RuntimeError(f"{type(self).__name__}: missing keys {missing}, unexpected keys {unexpected}")

@@ -1,0 +1,80 @@
+"""BatchTopK SAE (Bussmann et al. 2024): top k*B activations over the batch, a JumpReLU at inference."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gs_lightning.saes.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    """Keeps the ``k * B`` largest activations of a batch of ``B`` tokens, k per token on average.
+
+    While training it also tracks a global threshold: an exponential moving average of the
+    smallest activation kept in each batch. Out of training mode (``sae.eval()``) the SAE is
+    a JumpReLU with that threshold, so a token's latents no longer depend on its batch, and
+    it exports as a JumpReLU (a per-latent ``threshold`` filled with the estimate). AuxK
+    works as in :class:`TopKSAE`.
+
+    Args:
+        d_in: Width of the activations the SAE reads.
+        d_sae: Number of latents (dictionary size).
+        k: Mean active latents per token.
+        aux_k: Dead latents used by the AuxK reconstruction.
+        aux_coefficient: Weight of the AuxK loss.
+        dead_steps_threshold: A latent that has not fired for this many training steps is dead.
+        threshold_decay: Decay of the moving average that estimates the inference threshold.
+    """
+
+    training_buffers = ("steps_since_fired",)
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        aux_k: int = 512,
+        aux_coefficient: float = 1 / 32,
+        dead_steps_threshold: int = 1000,
+        threshold_decay: float = 0.99,
+    ) -> None:
+        if not 0 <= threshold_decay < 1:
+            raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold)
+        self.threshold_decay = threshold_decay
+        # -1 marks "no batch seen yet"; float32 like every threshold (see DESIGN.md).
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        if not self.training:
+            # Before any training batch there is no estimate: behave as a ReLU.
+            return pre * (pre.float() > self.threshold.clamp(min=0.0)).to(pre.dtype)
+        flat = pre.relu().flatten()
+        values, indices = flat.topk(min(self.k * flat.numel() // self.d_sae, flat.numel()))
+        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+
+    def update_statistics(self, pre: Tensor, f: Tensor) -> None:
+        super().update_statistics(pre, f)
+        kept = f[f > 0]
+        if kept.numel() == 0:
+            return
+        smallest = kept.min().float()
+        # First batch: take its value; afterwards a moving average (no host sync either way).
+        updated = torch.lerp(smallest, self.threshold, self.threshold_decay)
+        self.threshold.copy_(torch.where(self.threshold < 0, smallest, updated))
+
+    def canonical_state_dict(self) -> dict[str, Tensor]:
+        state = self.state_dict()
+        tensors = {k: state[k].detach() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        tensors["threshold"] = self.threshold.clamp(min=0.0).expand(self.d_sae).clone()
+        return tensors
+
+    @torch.no_grad()
+    def load_canonical_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        tensors = dict(tensors)
+        threshold = tensors.pop("threshold").float()
+        if not torch.all(threshold == threshold[0]):
+            raise RuntimeError("BatchTopKSAE loads one global threshold; the saved thresholds differ per latent")
+        tensors["threshold"] = threshold[0].clone()
+        super().load_canonical_state_dict(tensors)
