@@ -1,5 +1,8 @@
 """``python -m gs_lightning``: LightningCLI over :class:`SAETrainingModule` and any activation DataModule.
 
+``python -m gs_lightning harvest ...`` is dispatched to :mod:`gs_lightning.harvest`, whose
+options come from a jsonargparse parser as well.
+
 The module is fixed (it takes the SAE variant as an argument chosen by ``class_path``);
 the DataModule is chosen by ``class_path`` too. ``--help`` lists every option with its
 docstring; ``--print_config`` shows a full, runnable YAML.
@@ -42,6 +45,10 @@ class GSLightningCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> GSLightningCLI | None:
     """Run the CLI; ``args`` lets tests call it in-process (``None`` reads ``sys.argv``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "harvest":
+        _run_harvest(argv[1:])
+        return None
     cli_kwargs: dict[str, Any] = dict(
         model_class=SAETrainingModule,
         datamodule_class=ActivationDataModule,
@@ -55,6 +62,19 @@ def main(args: list[str] | None = None) -> GSLightningCLI | None:
     )
     try:
         return GSLightningCLI(**cli_kwargs)
+    except Exception as err:
+        config_error = _find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"gs_lightning: error: {config_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_harvest(args: list[str]) -> None:
+    from gs_lightning.harvest import harvest_main  # lazy: fit/validate never need it
+
+    try:
+        harvest_main(args)
     except Exception as err:
         config_error = _find_config_error(err)
         if config_error is None:
