@@ -4,7 +4,8 @@ Installed next to the ``gs_lightning`` package, so ``callbacks.SaveSAE`` resolve
 gs_lightning is installed, not only from the repository root.
 """
 
+from callbacks.delta_lm_loss import DeltaLMLoss
 from callbacks.save_sae import SaveSAE
 from callbacks.summary import FinalSummary
 
-__all__ = ["SaveSAE", "FinalSummary"]
+__all__ = ["DeltaLMLoss", "SaveSAE", "FinalSummary"]

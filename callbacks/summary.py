@@ -9,7 +9,8 @@ from lightning.pytorch.utilities import rank_zero_only
 class FinalSummary(pl.Callback):
     """At the end of ``fit`` or ``validate``, print L0 and FVU (validation figures if any)."""
 
-    KEYS = ("val/l0", "val/fvu", "val/mse", "train/l0", "train/fvu", "train/dead_frac")
+    KEYS = ("val/l0", "val/fvu", "val/mse", "val/delta_loss", "val/loss_recovered", "train/l0", "train/fvu",
+            "train/dead_frac")
 
     def summary(self, trainer: pl.Trainer) -> str:
         """One line: step and the metrics of :attr:`KEYS` that were logged."""

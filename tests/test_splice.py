@@ -51,3 +51,18 @@ def test_zero_sae_costs_the_zero_ablation(lm) -> None:
     assert result["ce_spliced"] == pytest.approx(result["ce_zero_ablated"], abs=1e-5)
     assert result["loss_recovered"] == pytest.approx(0.0, abs=1e-4)
     assert result["delta_loss"] > 1.0 and result["kl"] > 1.0
+
+
+def test_delta_loss_is_logged_during_fit(tmp_path) -> None:
+    from gs_lightning.cli import main
+
+    cli = main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "20",
+                "--trainer.val_check_interval", "20", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "256",
+                "--data.init_args.val_tokens", "2048", "--data.init_args.buffer_tokens", "2048",
+                "--data.init_args.scale_estimate_tokens", "2048"])
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    # 20 steps in, the SAE is poor but not useless: it recovers some loss and costs some.
+    assert metrics["val/delta_loss"] > 0.0
+    assert metrics["val/loss_recovered"] < 1.0
+    assert 2.5 < metrics["val/ce_clean"] < 5.5

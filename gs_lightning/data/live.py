@@ -152,6 +152,8 @@ class LiveActivationDataModule(ActivationDataModule):
             "context_size": self.context_size,
             "text": self.text,
             "text_split": self.text_split,
+            "val_split": self.val_split,
+            "text_column": self.text_column,
             "input_scaling": self.input_scaling,
             "input_scale": self._input_scale,
             "d_in": self.d_in,

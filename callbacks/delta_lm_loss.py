@@ -1,0 +1,54 @@
+"""Delta LM loss as part of validation: how much next-token loss the SAE costs the model."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from gs_lightning.errors import ConfigError
+from gs_lightning.lm import load_language_model
+from gs_lightning.splice import delta_lm_loss
+from gs_lightning.text import iter_contexts, iter_texts
+
+
+class DeltaLMLoss(pl.Callback):
+    """After each validation, splice the SAE into the model and log ``val/delta_loss``,
+    ``val/kl``, ``val/loss_recovered`` and ``val/ce_clean``.
+
+    The model, site and text come from the DataModule's ``metadata`` (model, site,
+    text, val_split, context_size), so this works with any activation source that
+    records them.
+
+    Args:
+        n_contexts: Held-out contexts evaluated each time (three forward passes each).
+        batch_size: Contexts per forward pass.
+    """
+
+    def __init__(self, n_contexts: int = 64, batch_size: int = 8) -> None:
+        self.n_contexts, self.batch_size = n_contexts, batch_size
+        self._lm: Any = None
+        self._contexts: list[torch.Tensor] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        meta = dict(getattr(trainer.datamodule, "metadata", {}) or {})
+        missing = [k for k in ("model", "site", "text", "context_size") if not meta.get(k)]
+        if missing:
+            raise ConfigError(f"callbacks.DeltaLMLoss needs the data's {missing}; "
+                              f"{type(trainer.datamodule).__name__} does not record them")
+        model, tokenizer = load_language_model(meta["model"], revision=meta.get("revision"))
+        self._lm = (model.to(pl_module.device), tokenizer, meta["site"])
+        texts = iter_texts(meta["text"], split=meta.get("val_split", "validation"),
+                           column=meta.get("text_column", "text"))
+        self._contexts = list(itertools.islice(iter_contexts(texts, tokenizer, meta["context_size"]), self.n_contexts))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self._lm is None:
+            return
+        model, tokenizer, site = self._lm
+        result = delta_lm_loss(model, tokenizer, pl_module.sae, site, self._contexts, self.batch_size,
+                               input_scale=float(pl_module.input_scale))
+        for key in ("delta_loss", "kl", "loss_recovered", "ce_clean"):
+            pl_module.log(f"val/{key}", result[key], on_epoch=True)
