@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gs_lightning.errors import ConfigError
+from gs_lightning.io import load_sae, load_sae_config
 from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE
 
 GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -220,3 +221,42 @@ def _read_saelens_cfg(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} needs a "
                           "scaling factor that is not in the folder; fold it into the weights first")
     return cfg
+
+
+def export(
+    sae: str,
+    format: Literal["gemma_scope", "saelens"],
+    out: str,
+    layer: int | None = None,
+    average_l0: float | None = None,
+) -> Path:
+    """Export a saved SAE folder (from ``callbacks.SaveSAE``) to Gemma Scope or SAELens layout.
+
+    Args:
+        sae: The saved SAE folder.
+        format: ``gemma_scope`` (params.npz release layout) or ``saelens`` (cfg.json folder).
+        out: Release root (gemma_scope) or the SAELens folder to write (saelens).
+        layer: Layer for the release path; default: parsed from the SAE's site.
+        average_l0: L0 for the release path; default: the run's final val/l0 (or train/l0).
+    """
+    config = load_sae_config(sae)
+    meta = config.get("metadata", {})
+    loaded = load_sae(sae)
+    if format == "saelens":
+        path = export_saelens(loaded, out, meta)
+    else:
+        layer = _site_layer(meta.get("site")) if layer is None else layer
+        metrics = meta.get("final_metrics", {})
+        average_l0 = average_l0 if average_l0 is not None else metrics.get("val/l0", metrics.get("train/l0"))
+        if layer is None or average_l0 is None:
+            raise ConfigError(f"{sae}: give --layer and --average_l0 (the SAE's metadata does not record them)")
+        path = export_gemma_scope(loaded, out, layer, average_l0)
+    print(f"wrote {path}")
+    return path
+
+
+def export_main(args: list[str]) -> None:
+    """Entry point of ``python -m gs_lightning export``."""
+    from jsonargparse import CLI
+
+    CLI(export, args=args, as_positional=False, prog="python -m gs_lightning export")

@@ -1,0 +1,115 @@
+"""``python -m gs_lightning evaluate``: measure saved SAEs as the Gemma Scope report does.
+
+For each SAE folder (written by ``callbacks.SaveSAE``): L0, FVU (pooled, about the mean,
+on raw activations), dead fraction (latents that never fire on the evaluation tokens),
+and delta LM loss / KL / loss recovered with the SAE spliced into the model. The model,
+site and text come from each SAE's ``config.json``; results go to a CSV and a JSON table.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import CLI
+from tqdm import tqdm
+
+from gs_lightning.errors import ConfigError
+from gs_lightning.io import load_sae, load_sae_config
+from gs_lightning.lm import load_language_model
+from gs_lightning.metrics import PooledFVU
+from gs_lightning.saes import SAE
+from gs_lightning.sites import ActivationExtractor
+from gs_lightning.splice import delta_lm_loss
+from gs_lightning.text import content_mask, iter_contexts, iter_texts
+
+COLUMNS = ("sae", "site", "d_sae", "l0", "fvu", "dead_frac", "delta_loss", "kl", "loss_recovered",
+           "ce_clean", "ce_spliced", "ce_zero_ablated", "tokens")
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, contexts: list[torch.Tensor],
+                           batch_size: int) -> dict[str, float]:
+    """Pooled L0, FVU and dead fraction of ``sae`` on the content tokens of ``contexts``."""
+    fvu, active_total, tokens = PooledFVU(sae.d_in), 0.0, 0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    device = next(model.parameters()).device
+    with ActivationExtractor(model, [site]) as extract:
+        for start in range(0, len(contexts), batch_size):
+            ids = torch.stack(contexts[start : start + batch_size]).to(device)
+            x = extract(ids)[site][content_mask(ids, tokenizer)].float()
+            f = sae.encode(x)
+            fvu.update(x.cpu(), sae.decode(f).cpu())
+            active = (f != 0).cpu()
+            active_total += float(active.sum())
+            fired |= active.any(0)
+            tokens += x.shape[0]
+    return {"l0": active_total / tokens, "fvu": float(fvu.compute()), "dead_frac": float((~fired).float().mean())}
+
+
+def evaluate(
+    saes: list[str],
+    output: str = "evaluation",
+    n_contexts: int = 128,
+    batch_size: int = 8,
+    context_size: int | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate saved SAEs on held-out text and write ``<output>.csv`` and ``<output>.json``.
+
+    Args:
+        saes: Saved SAE folders (each with sae.safetensors and config.json).
+        output: Path prefix of the result table.
+        n_contexts: Held-out contexts per SAE (from the split the SAE's data validated on).
+        batch_size: Contexts per forward pass.
+        context_size: Tokens per context; default: the context size the SAE was trained with.
+    """
+    rows, models = [], {}
+    for path in tqdm(saes, desc="evaluate", unit="sae"):
+        meta = _metadata(path)
+        key = (meta["model"], meta.get("revision"))
+        if key not in models:
+            models[key] = load_language_model(meta["model"], revision=meta.get("revision"))
+        model, tokenizer = models[key]
+        texts = iter_texts(meta["text"], split=meta.get("val_split", "validation"),
+                           column=meta.get("text_column", "text"))
+        contexts = list(itertools.islice(iter_contexts(texts, tokenizer, context_size or meta["context_size"]),
+                                         n_contexts))
+        sae = load_sae(path)
+        row: dict[str, Any] = {"sae": str(path), "site": meta["site"], "d_sae": sae.d_sae}
+        row.update(reconstruction_metrics(sae, model, tokenizer, meta["site"], contexts, batch_size))
+        spliced = delta_lm_loss(model, tokenizer, sae, meta["site"], contexts, batch_size)
+        row.update({k: spliced[k] for k in COLUMNS if k in spliced})
+        rows.append(row)
+    _write_table(rows, Path(output))
+    return rows
+
+
+def _metadata(path: str) -> dict[str, Any]:
+    if not Path(path, "config.json").is_file():
+        raise ConfigError(f"not a saved SAE: {Path(path, 'config.json')} is missing")
+    meta = load_sae_config(path).get("metadata", {})
+    missing = [k for k in ("model", "site", "text", "context_size") if not meta.get(k)]
+    if missing:
+        raise ConfigError(f"{path}/config.json: metadata lacks {missing}; was it trained on live activations?")
+    return meta
+
+
+def _write_table(rows: list[dict[str, Any]], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    output.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    for row in rows:
+        print(", ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in COLUMNS))
+    print(f"wrote {output.with_suffix('.csv')} and {output.with_suffix('.json')}")
+
+
+def evaluate_main(args: list[str]) -> None:
+    """Entry point of ``python -m gs_lightning evaluate``."""
+    CLI(evaluate, args=args, as_positional=False, prog="python -m gs_lightning evaluate")

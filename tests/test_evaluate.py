@@ -1,0 +1,51 @@
+"""The evaluate table on SAEs whose answers are known: an identity SAE and a silent one."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from gs_lightning.errors import ConfigError
+from gs_lightning.evaluate import evaluate
+from gs_lightning.io import save_sae
+from gs_lightning.saes import JumpReLUSAE
+
+META = {"model": "gs-lightning/tiny-gemma2-kjv", "site": "blocks.1.hook_resid_post", "text": "kjv",
+        "val_split": "validation", "context_size": 64}
+
+
+def _sae(threshold: float) -> JumpReLUSAE:
+    sae = JumpReLUSAE(128, 128, threshold_parameterization="raw")
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(128))
+        sae.W_dec.copy_(torch.eye(128))
+        sae.raw_threshold.fill_(threshold)
+    return sae
+
+
+def test_evaluate_identity_and_silent_saes(tmp_path) -> None:
+    identity = save_sae(_sae(-1e9), tmp_path / "identity", input_scale=0.25, metadata=META)
+    silent = save_sae(_sae(1e9), tmp_path / "silent", metadata=META)
+    rows = evaluate([str(identity), str(silent)], output=str(tmp_path / "table"), n_contexts=6, batch_size=4)
+    ident, mute = rows
+    # Identity: every latent fires on every token, reconstruction is exact, nothing is lost.
+    assert ident["l0"] == 128.0 and ident["dead_frac"] == 0.0
+    assert ident["fvu"] < 1e-10 and abs(ident["delta_loss"]) < 1e-4
+    # Silent: nothing fires, x_hat = 0 is the zero ablation, FVU about the mean exceeds 1.
+    assert mute["l0"] == 0.0 and mute["dead_frac"] == 1.0
+    assert mute["fvu"] > 1.0 and mute["loss_recovered"] == pytest.approx(0.0, abs=1e-4)
+    assert ident["tokens"] == mute["tokens"] > 0
+    with open(tmp_path / "table.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["sae"] for r in table] == [str(identity), str(silent)]
+    assert float(table[1]["fvu"]) == pytest.approx(mute["fvu"])
+    assert json.loads((tmp_path / "table.json").read_text())[0]["l0"] == 128.0
+
+
+def test_evaluate_needs_metadata(tmp_path) -> None:
+    path = save_sae(_sae(0.0), tmp_path / "bare")
+    with pytest.raises(ConfigError, match="metadata lacks"):
+        evaluate([str(path)], output=str(tmp_path / "t"))
+    with pytest.raises(ConfigError, match="config.json is missing"):
+        evaluate([str(tmp_path)], output=str(tmp_path / "t"))
