@@ -11,6 +11,7 @@ on the number of ranks, and the stream's state is one position in it:
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,7 +144,9 @@ class ShardedActivationDataModule(ActivationDataModule):
         for folder, entry, manifest in self._train + self._val_blocks:
             _check_header(folder / entry["file"], entry, manifest)
         stats = {"count": 0, "sum_sq_norm": 0.0, "sum_norm": 0.0}
-        for _, entry, _ in self._train:
+        for folder, entry, _ in self._train:
+            if not math.isfinite(entry["sum_sq_norm"]):
+                raise ConfigError(f"{folder / entry['file']}: activations contain NaN or Inf (per {MANIFEST})")
             stats["count"] += entry["tokens"]
             stats["sum_sq_norm"] += entry["sum_sq_norm"]
             stats["sum_norm"] += entry["sum_norm"]

@@ -1,0 +1,201 @@
+"""ShardedActivationDataModule: seeded order, rank partition, exact resume, and bad shards named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from gs_lightning.data import ShardedActivationDataModule
+from gs_lightning.data.shard_format import MANIFEST, encode_shard, shard_entry, shard_name, write_manifest
+from gs_lightning.errors import ConfigError
+from gs_lightning.module import SAETrainingModule
+from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.scaling import estimate_input_scale
+
+D = 8
+
+
+def write_folder(folder: Path, n_shards: int = 6, rows: int = 512, dtype: torch.dtype = torch.float32,
+                 model: str = "test/model", poison: int | None = None) -> Path:
+    """A synthetic site folder whose acts[:, 0] is each row's global id (exact in fp32)."""
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    manifest = {"model": model, "site": "blocks.0.hook_resid_post", "d": D,
+                "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype], "shards": []}
+    for i in range(n_shards):
+        acts = torch.randn(rows, D, generator=g)
+        acts[:, 0] = torch.arange(i * rows, (i + 1) * rows, dtype=torch.float32)
+        if i == poison:
+            acts[3, 2] = float("nan")
+        acts = acts.to(dtype)
+        data = encode_shard(acts, torch.arange(rows), torch.arange(rows) % 64)
+        (folder / shard_name(i)).write_bytes(data)
+        manifest["shards"].append(shard_entry(shard_name(i), data, acts, bucket=i))
+    write_manifest(folder, manifest)
+    return folder
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return write_folder(tmp_path / "site")
+
+
+def _ids(batches) -> list[list[int]]:
+    return [b[:, 0].long().tolist() for b in batches]
+
+
+def test_order_is_seeded_and_changes_per_epoch(folder) -> None:
+    def epoch(seed: int, e: int) -> list[list[int]]:
+        dm = ShardedActivationDataModule(str(folder), batch_size=64, seed=seed, window_tokens=1024)
+        dm.setup("fit")
+        dm.load_state_dict({"epoch": e, "window": 0, "offset": 0, "seed": seed})
+        return _ids(dm.stream())
+
+    first = epoch(0, 0)
+    assert first == epoch(0, 0)
+    assert first != epoch(0, 1) and first != epoch(1, 0)
+    # An epoch covers every training row (5 shards; the 6th is validation) exactly once.
+    assert sorted(i for b in first for i in b) == list(range(5 * 512))
+    # The window shuffle mixes shards: a batch holds rows of more than one shard.
+    assert len({i // 512 for i in first[0]}) > 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_partition_one_global_order(folder, world: int) -> None:
+    # 5 training shards x 512 rows / 64 = 40 batches; 40 // 3 = 13 steps drop one batch at 3 ranks.
+    dm = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=1024)
+    dm.setup("fit")
+    single = _ids(dm.stream(0, 1))
+    per_rank = [_ids(dm.stream(r, world)) for r in range(world)]
+    steps = len(single) // world
+    assert all(len(b) == steps for b in per_rank)
+    interleaved = [per_rank[r][s] for s in range(steps) for r in range(world)]
+    assert interleaved == single[: steps * world]  # the same global order at any world size
+    ids = [i for b in interleaved for i in b]
+    assert len(ids) == len(set(ids))  # no overlap between ranks
+
+
+def test_state_resumes_at_the_consumed_batch(folder) -> None:
+    full = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=1024)
+    full.setup("fit")
+    reference = _ids(full.train_dataloader())
+    dm = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=1024)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    pulled = [next(it) for _ in range(13)]  # a prefetching loop pulls one batch ahead ...
+    for batch in pulled[:12]:  # ... but trains on 12: only those move the state
+        dm.on_before_batch_transfer(batch, 0)
+    state = dm.state_dict()
+    assert set(state) == {"epoch", "window", "offset", "seed"}
+    resumed = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=1024)
+    resumed.setup("fit")
+    resumed.load_state_dict(state)
+    assert _ids(resumed.train_dataloader()) == reference[12:]
+
+
+def test_scale_and_validation_come_from_the_manifest(folder) -> None:
+    dm = ShardedActivationDataModule(str(folder), batch_size=64, val_shards=2)
+    dm.setup("fit")
+    train = torch.cat(list(dm.stream()))
+    assert train.shape[0] == 4 * 512
+    expected = estimate_input_scale([train], "unit_mean_squared_norm")
+    assert dm.input_scale == pytest.approx(expected, rel=1e-12)
+    val = torch.cat(list(dm.val_dataloader()))
+    assert val[:, 0].long().tolist() == list(range(4 * 512, 6 * 512))
+    assert dm.d_in == D and dm.metadata["model"] == "test/model"
+
+
+def test_bf16_shards_stream_as_float32(tmp_path) -> None:
+    folder = write_folder(tmp_path / "bf16", n_shards=3, rows=128, dtype=torch.bfloat16)
+    dm = ShardedActivationDataModule(str(folder), batch_size=32)
+    dm.setup("fit")
+    assert next(iter(dm.stream())).dtype == torch.float32
+
+
+def _fit(folder: Path, root: Path, steps: int, ckpt: str | None = None) -> dict[str, torch.Tensor]:
+    pl.seed_everything(0)
+    dm = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=256)
+    module = SAETrainingModule(JumpReLUSAE(D, 32, threshold_parameterization="raw"), lr=1e-2,
+                               lr_warmup_steps=3, sparsity_warmup_steps=5)
+    saver = ModelCheckpoint(dirpath=root, every_n_train_steps=7, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, callbacks=[saver],
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, default_root_dir=root)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    return {k: v.clone() for k, v in module.sae.state_dict().items()}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_kill_and_resume_fit_is_bit_exact(tmp_path) -> None:
+    # 5 training shards of 128 rows = 10 batches an epoch: 17 steps cross an epoch boundary,
+    # and the checkpoint at step 7 is mid-epoch and mid-window.
+    folder = write_folder(tmp_path / "site", n_shards=6, rows=128)
+    full = _fit(folder, tmp_path / "full", 17)
+    _fit(folder, tmp_path / "killed", 7)
+    resumed = _fit(folder, tmp_path / "resumed", 17, ckpt=str(tmp_path / "killed" / "epoch=0-step=7.ckpt"))
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+# -- bad input: every error names the file ---------------------------------------------
+
+
+def _expect(match: str, folder: Path, **kwargs) -> None:
+    with pytest.raises(ConfigError, match=match):
+        dm = ShardedActivationDataModule(str(folder), batch_size=64, **kwargs)
+        dm.setup("fit")
+        list(dm.stream())
+
+
+def test_missing_manifest(tmp_path) -> None:
+    _expect(f"{tmp_path}/empty/{MANIFEST}: no manifest", tmp_path / "empty")
+
+
+def test_manifest_of_another_model(folder) -> None:
+    _expect("harvested from model 'test/model'.*'google/gemma-2-2b'", folder, model="google/gemma-2-2b")
+
+
+def test_truncated_shard(folder) -> None:
+    path = folder / shard_name(2)
+    path.write_bytes(path.read_bytes()[:-100])
+    _expect("shard_00002.safetensors: truncated", folder)
+
+
+def test_corrupted_shard_fails_its_checksum(folder) -> None:
+    path = folder / shard_name(1)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # same size, header intact: only the checksum can tell
+    path.write_bytes(bytes(data))
+    _expect("shard_00001.safetensors: sha256 checksum mismatch", folder)
+
+
+def test_corrupted_header(folder) -> None:
+    path = folder / shard_name(0)
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"{{{{{{{{"
+    path.write_bytes(bytes(data))
+    _expect("shard_00000.safetensors: corrupted shard", folder)
+
+
+@pytest.mark.parametrize("stats_finite", [False, True])
+def test_nan_in_a_shard(tmp_path, stats_finite: bool) -> None:
+    folder = write_folder(tmp_path / "s", poison=1)
+    if stats_finite:  # NaN that the manifest's statistics do not show: caught when read
+        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest["shards"][1]["sum_sq_norm"] = manifest["shards"][1]["sum_norm"] = 1.0
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    _expect("shard_00001.safetensors: activations contain NaN", folder, verify_checksums=not stats_finite)
+
+
+@pytest.mark.parametrize("key,value", [("d", 16), ("dtype", "bfloat16")])
+def test_shard_disagrees_with_manifest(folder, key: str, value) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest[key] = value
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    _expect("shard_00000.safetensors: acts .* disagree with manifest.json", folder)
