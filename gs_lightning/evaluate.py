@@ -22,21 +22,25 @@ from gs_lightning.errors import ConfigError
 from gs_lightning.io import load_sae, load_sae_config
 from gs_lightning.lm import load_language_model
 from gs_lightning.metrics import PooledFVU
+from gs_lightning.plots import plot_density, plot_frontier
 from gs_lightning.saes import SAE
 from gs_lightning.sites import ActivationExtractor
 from gs_lightning.splice import delta_lm_loss
 from gs_lightning.text import content_mask, iter_contexts, iter_texts
 
-COLUMNS = ("sae", "site", "d_sae", "l0", "fvu", "dead_frac", "delta_loss", "kl", "loss_recovered",
+# A latent firing on more than this fraction of tokens counts as dense.
+DENSE_THRESHOLD = 0.1
+COLUMNS = ("sae", "site", "d_sae", "l0", "fvu", "dead_frac", "dense_frac", "delta_loss", "kl", "loss_recovered",
            "ce_clean", "ce_spliced", "ce_zero_ablated", "tokens")
 
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, contexts: list[torch.Tensor],
                            batch_size: int) -> dict[str, float]:
-    """Pooled L0, FVU and dead fraction of ``sae`` on the content tokens of ``contexts``."""
+    """Pooled L0, FVU, dead fraction and per-latent firing rate (``density``) of ``sae``
+    on the content tokens of ``contexts``."""
     fvu, active_total, tokens = PooledFVU(sae.d_in), 0.0, 0
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    fires = torch.zeros(sae.d_sae, dtype=torch.float64)
     device = next(model.parameters()).device
     with ActivationExtractor(model, [site]) as extract:
         for start in range(0, len(contexts), batch_size):
@@ -46,9 +50,11 @@ def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, cont
             fvu.update(x.cpu(), sae.decode(f).cpu())
             active = (f != 0).cpu()
             active_total += float(active.sum())
-            fired |= active.any(0)
+            fires += active.sum(0)
             tokens += x.shape[0]
-    return {"l0": active_total / tokens, "fvu": float(fvu.compute()), "dead_frac": float((~fired).float().mean())}
+    density = fires / tokens
+    return {"l0": active_total / tokens, "fvu": float(fvu.compute()), "dead_frac": float((fires == 0).float().mean()),
+            "dense_frac": float((density > DENSE_THRESHOLD).float().mean()), "density": density}
 
 
 def evaluate(
@@ -62,12 +68,13 @@ def evaluate(
 
     Args:
         saes: Saved SAE folders (each with sae.safetensors and config.json).
-        output: Path prefix of the result table.
+        output: Path prefix of the results: ``.csv``, ``.json``, ``_frontier.png`` (L0 against FVU
+            and delta LM loss) and ``_density.png`` (feature density histogram).
         n_contexts: Held-out contexts per SAE (from the split the SAE's data validated on).
         batch_size: Contexts per forward pass.
         context_size: Tokens per context; default: the context size the SAE was trained with.
     """
-    rows, models = [], {}
+    rows, models, densities = [], {}, {}
     for path in tqdm(saes, desc="evaluate", unit="sae"):
         meta = _metadata(path)
         key = (meta["model"], meta.get("revision"))
@@ -81,10 +88,14 @@ def evaluate(
         sae = load_sae(path)
         row: dict[str, Any] = {"sae": str(path), "site": meta["site"], "d_sae": sae.d_sae}
         row.update(reconstruction_metrics(sae, model, tokenizer, meta["site"], contexts, batch_size))
+        densities[str(path)] = row.pop("density")
         spliced = delta_lm_loss(model, tokenizer, sae, meta["site"], contexts, batch_size)
         row.update({k: spliced[k] for k in COLUMNS if k in spliced})
         rows.append(row)
     _write_table(rows, Path(output))
+    frontier = plot_frontier(rows, Path(f"{output}_frontier.png"))
+    density = plot_density(densities, Path(f"{output}_density.png"))
+    print(f"wrote {frontier} and {density}")
     return rows
 
 

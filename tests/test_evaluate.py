@@ -30,10 +30,10 @@ def test_evaluate_identity_and_silent_saes(tmp_path) -> None:
     rows = evaluate([str(identity), str(silent)], output=str(tmp_path / "table"), n_contexts=6, batch_size=4)
     ident, mute = rows
     # Identity: every latent fires on every token, reconstruction is exact, nothing is lost.
-    assert ident["l0"] == 128.0 and ident["dead_frac"] == 0.0
+    assert ident["l0"] == 128.0 and ident["dead_frac"] == 0.0 and ident["dense_frac"] == 1.0
     assert ident["fvu"] < 1e-10 and abs(ident["delta_loss"]) < 1e-4
     # Silent: nothing fires, x_hat = 0 is the zero ablation, FVU about the mean exceeds 1.
-    assert mute["l0"] == 0.0 and mute["dead_frac"] == 1.0
+    assert mute["l0"] == 0.0 and mute["dead_frac"] == 1.0 and mute["dense_frac"] == 0.0
     assert mute["fvu"] > 1.0 and mute["loss_recovered"] == pytest.approx(0.0, abs=1e-4)
     assert ident["tokens"] == mute["tokens"] > 0
     with open(tmp_path / "table.csv") as handle:
@@ -41,6 +41,8 @@ def test_evaluate_identity_and_silent_saes(tmp_path) -> None:
     assert [r["sae"] for r in table] == [str(identity), str(silent)]
     assert float(table[1]["fvu"]) == pytest.approx(mute["fvu"])
     assert json.loads((tmp_path / "table.json").read_text())[0]["l0"] == 128.0
+    for picture in ("table_frontier.png", "table_density.png"):
+        assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_needs_metadata(tmp_path) -> None:
