@@ -1,5 +1,6 @@
 """Every YAML in configs/ parses against the code; the small ones run end to end."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,13 +8,28 @@ import yaml
 
 from gs_lightning.cli import main
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+# harvest_*.yaml configure `python -m gs_lightning harvest`, not `fit`.
+HARVEST_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("harvest_")]
+CONFIGS = [p for p in ALL_CONFIGS if p not in HARVEST_CONFIGS]
 # Configs that need the Hugging Face hub are parsed but not instantiated.
 NEEDS_HUB = {"gemma2_2b_resid_l12.yaml"}
 
 
 def test_configs_exist() -> None:
-    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "quickstart_relu.yaml", "synthetic.yaml"} | NEEDS_HUB
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "quickstart_relu.yaml", "synthetic.yaml",
+                                         "quickstart_shards.yaml"} | NEEDS_HUB
+    assert {p.name for p in HARVEST_CONFIGS} >= {"harvest_quickstart.yaml", "harvest_quickstart_val.yaml"}
+
+
+@pytest.mark.parametrize("path", HARVEST_CONFIGS, ids=lambda p: p.name)
+def test_harvest_config_parses(path: Path) -> None:
+    from gs_lightning.harvest import HarvestConfig, build_parser
+
+    cfg = build_parser().parse_args(["--config", str(path)])
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) <= {f.name for f in dataclasses.fields(HarvestConfig)}
+    assert all(cfg[key] == value for key, value in raw.items())
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -33,7 +49,20 @@ SMALL_DATA = {
     "LiveActivationDataModule": {"batch_size": 256, "val_tokens": 2048, "buffer_tokens": 1024,
                                  "scale_estimate_tokens": 1024},
     "SyntheticActivationDataModule": {"batch_size": 256, "n_tokens": 8192},
+    "ShardedActivationDataModule": {"batch_size": 256, "window_tokens": 2048},
 }
+
+
+def _harvest_small(root: Path) -> list[str]:
+    """Harvest a few thousand tokens with the quickstart's harvest configs; the fit's data paths."""
+    paths = {}
+    for name, tokens in (("harvest_quickstart.yaml", 4096), ("harvest_quickstart_val.yaml", 1024)):
+        config = Path(__file__).parent.parent / "configs" / name
+        main(["harvest", "--config", str(config), "--output", str(root / name), "--max_tokens", str(tokens),
+              "--shard_tokens", "1024", "--shuffle_bucket_tokens", "2048"])
+        paths[name] = str(next((root / name).glob("*/manifest.json")).parent)
+    return ["--data.init_args.path", paths["harvest_quickstart.yaml"],
+            "--data.init_args.val_path", paths["harvest_quickstart_val.yaml"]]
 
 
 @pytest.mark.slow
@@ -42,6 +71,8 @@ def test_small_config_runs(path: Path, tmp_path: Path, capsys) -> None:
     source = yaml.safe_load(path.read_text())["data"]["class_path"].split(".")[-1]
     data_args = [arg for key, value in SMALL_DATA[source].items()
                  for arg in (f"--data.init_args.{key}", str(value))]
+    if source == "ShardedActivationDataModule":  # CI has no harvested shards: make a tiny set
+        data_args += _harvest_small(tmp_path / "harvest")
     main(["fit", "--config", str(path), "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
           "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *data_args])
     out = capsys.readouterr().out

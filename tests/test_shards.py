@@ -110,6 +110,24 @@ def test_scale_and_validation_come_from_the_manifest(folder) -> None:
     assert dm.d_in == D and dm.metadata["model"] == "test/model"
 
 
+def test_validation_from_a_held_out_harvest(folder, tmp_path) -> None:
+    held_out = write_folder(tmp_path / "val", n_shards=2, rows=64)
+    dm = ShardedActivationDataModule(str(folder), val_path=str(held_out), batch_size=64)
+    dm.setup("fit")
+    assert dm.batches_per_epoch() == 6 * 512 // 64  # every shard of path trains
+    assert torch.cat(list(dm.val_dataloader()))[:, 0].long().tolist() == list(range(128))
+    with pytest.raises(ConfigError, match="site/d differ"):
+        ShardedActivationDataModule(str(folder), val_path=str(_other_site(tmp_path)))
+
+
+def _other_site(tmp_path: Path) -> Path:
+    other = write_folder(tmp_path / "other", n_shards=1, rows=64)
+    manifest = json.loads((other / MANIFEST).read_text())
+    manifest["site"] = "blocks.3.hook_mlp_out"
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    return other
+
+
 def test_bf16_shards_stream_as_float32(tmp_path) -> None:
     folder = write_folder(tmp_path / "bf16", n_shards=3, rows=128, dtype=torch.bfloat16)
     dm = ShardedActivationDataModule(str(folder), batch_size=32)

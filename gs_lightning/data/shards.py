@@ -52,8 +52,9 @@ class _EpochStream:
 class ShardedActivationDataModule(ActivationDataModule):
     """Batches of raw float32 activations read from a harvested site folder (or several).
 
-    The last ``val_shards`` shards are the validation set; the rest are streamed in a
-    seeded order that a checkpoint restores exactly (Lightning saves :meth:`state_dict`).
+    Validation reads ``val_path`` (a harvest of held-out text) or, without it, the last
+    ``val_shards`` shards of ``path``. The training shards are streamed in a seeded order
+    that a checkpoint restores exactly (Lightning saves :meth:`state_dict`).
 
     Args:
         path: A site folder written by ``python -m gs_lightning harvest``, or a list of them
@@ -61,7 +62,9 @@ class ShardedActivationDataModule(ActivationDataModule):
         batch_size: Activations per batch (per rank).
         input_scaling: Scaling scheme; the scale comes from the manifests' statistics of the training shards.
         seed: Seed of the shard permutation and of the window shuffle.
-        val_shards: Trailing shards held out for validation (0: no validation set).
+        val_path: Site folder(s) of a held-out harvest used as the validation set.
+        val_shards: Trailing shards of ``path`` held out for validation; default 1 without
+            ``val_path`` and 0 with it.
         window_tokens: Rows shuffled together in memory: whole shards, at least one.
         verify_checksums: Check each shard's sha256 against the manifest whenever it is read.
         model: If set, every manifest must name this model.
@@ -73,7 +76,8 @@ class ShardedActivationDataModule(ActivationDataModule):
         batch_size: int = 4096,
         input_scaling: ScalingScheme = "unit_mean_squared_norm",
         seed: int = 0,
-        val_shards: int = 1,
+        val_path: str | list[str] | None = None,
+        val_shards: int | None = None,
         window_tokens: int = 1_048_576,
         verify_checksums: bool = True,
         model: str | None = None,
@@ -81,18 +85,21 @@ class ShardedActivationDataModule(ActivationDataModule):
         super().__init__()
         if input_scaling not in SCHEMES:
             raise ConfigError(f"input_scaling={input_scaling!r} is not one of {list(SCHEMES)}")
+        if val_shards is None:
+            val_shards = 0 if val_path is not None else 1
         if batch_size < 1 or val_shards < 0 or window_tokens < 1:
             raise ConfigError("batch_size and window_tokens must be >= 1, val_shards >= 0")
-        self.paths = [path] if isinstance(path, str) else list(path)
+        self.paths = _as_list(path)
+        self.val_paths = _as_list(val_path)
         self.batch_size, self.input_scaling, self.seed = batch_size, input_scaling, seed
         self.val_shards, self.window_tokens = val_shards, window_tokens
         self.verify_checksums, self.model = verify_checksums, model
-        self.manifests = [self._manifest(Path(p)) for p in self.paths]
-        blocks = [(Path(p), e, m) for p, m in zip(self.paths, self.manifests) for e in m["shards"]]
+        self.manifests: list[dict[str, Any]] = []
+        blocks = self._blocks(self.paths)
         if len(blocks) <= val_shards:
             raise ConfigError(f"{self.paths}: {len(blocks)} shards leave none for training after val_shards={val_shards}")
         self._train: list[_Block] = blocks[: len(blocks) - val_shards]
-        self._val_blocks: list[_Block] = blocks[len(blocks) - val_shards :]
+        self._val_blocks: list[_Block] = blocks[len(blocks) - val_shards :] + self._blocks(self.val_paths)
         largest = max(e["tokens"] for _, e, _ in self._train)
         self._blocks_per_window = max(1, window_tokens // largest)
         self._state = {"epoch": 0, "window": 0, "offset": 0}
@@ -101,13 +108,21 @@ class ShardedActivationDataModule(ActivationDataModule):
         self._val: Tensor | None = None
         self._scale: float | None = None
 
+    def _blocks(self, paths: list[str]) -> list[_Block]:
+        blocks = []
+        for path in paths:
+            manifest = self._manifest(Path(path))
+            self.manifests.append(manifest)
+            blocks += [(Path(path), entry, manifest) for entry in manifest["shards"]]
+        return blocks
+
     def _manifest(self, folder: Path) -> dict[str, Any]:
         manifest = read_manifest(folder)
         if self.model is not None and manifest["model"] != self.model:
             raise ConfigError(
                 f"{folder / MANIFEST}: harvested from model {manifest['model']!r}, but the config names {self.model!r}"
             )
-        first = getattr(self, "manifests", None)
+        first = self.manifests
         if first and (manifest["site"], manifest["d"]) != (first[0]["site"], first[0]["d"]):
             raise ConfigError(f"{folder / MANIFEST}: site/d differ from {self.paths[0]}")
         return manifest
@@ -135,9 +150,16 @@ class ShardedActivationDataModule(ActivationDataModule):
             "model": first["model"], "revision": first.get("revision"), "site": first["site"],
             "context_size": first.get("context_size"), "text": harvest.get("text"),
             "text_split": harvest.get("text_split"), "text_column": harvest.get("text_column", "text"),
+            "val_split": self._val_split(),
             "source": self.paths, "input_scaling": self.input_scaling, "input_scale": self._scale,
             "d_in": self.d_in,
         }
+
+    def _val_split(self) -> str:
+        """The text split validation activations come from (the held-out harvest's, if any)."""
+        if self.val_paths:
+            return self.manifests[-1].get("harvest", {}).get("text_split", "validation")
+        return "validation"
 
     def setup(self, stage: str | None = None) -> None:
         """Check every shard's size and header, compute the scale, load the validation shards."""
@@ -248,6 +270,12 @@ class ShardedActivationDataModule(ActivationDataModule):
     def _load(self, block: _Block) -> Tensor:
         folder, entry, manifest = block
         return load_shard(folder, entry, manifest, self.verify_checksums)["acts"]
+
+
+def _as_list(path: str | list[str] | None) -> list[str]:
+    if path is None:
+        return []
+    return [path] if isinstance(path, str) else list(path)
 
 
 def _cumulative(sizes: list[int]) -> list[int]:
