@@ -143,10 +143,9 @@ def harvest(config: HarvestConfig, on_shard: Callable[[Path], None] | None = Non
     with ActivationExtractor(lm, sites) as extract, tqdm(
         total=total, initial=first["tokens"], unit="tok", unit_scale=True, desc="harvest", smoothing=0.1
     ) as bar:
-        buckets = _buckets(config, contexts, extract, tokenizer, first["contexts"], first["tokens"])
+        buckets = _buckets(config, contexts, extract, tokenizer, first["contexts"], first["tokens"], bar.update)
         for index, bucket in enumerate(buckets, start=done_buckets):
             _write_bucket(config, index, bucket, manifests, folders, on_shard)
-            bar.update(len(bucket.token_ids))
     for site, manifest in manifests.items():
         manifest["complete"] = True
         write_manifest(folders[site], manifest)
@@ -183,9 +182,12 @@ def _rewind(manifest: dict[str, Any], buckets: int) -> None:
 
 def _buckets(
     config: HarvestConfig, contexts: Iterator[torch.Tensor], extract: ActivationExtractor,
-    tokenizer: Any, contexts_done: int, tokens_done: int,
+    tokenizer: Any, contexts_done: int, tokens_done: int, progress: Callable[[int], Any],
 ) -> Iterator[_Bucket]:
-    """Group forward passes into buckets; a bucket closes only at the end of a forward group."""
+    """Group forward passes into buckets; a bucket closes only at the end of a forward group.
+
+    ``progress`` is told the number of new content tokens after every forward pass.
+    """
     storage = STORAGE_DTYPES[config.dtype]
     limit = config.max_tokens if config.max_tokens is not None else math.inf
     pending: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] = []
@@ -198,7 +200,9 @@ def _buckets(
         positions = torch.arange(ids.shape[1], device=device).expand_as(ids)[mask]
         rows = {site: _content_rows(config, site, a, mask, storage) for site, a in acts.items()}
         pending.append((rows, ids[mask].cpu(), positions.cpu()))
-        count += int(mask.sum())
+        new = int(mask.sum())
+        progress(int(min(new, limit - tokens_done - count)))
+        count += new
         contexts_done += len(group)
         if count >= config.shuffle_bucket_tokens or tokens_done + count >= limit:
             keep = int(min(count, limit - tokens_done))
