@@ -29,12 +29,12 @@ from gs_lightning.data.shard_format import (
     FORMAT_VERSION,
     MANIFEST,
     STORAGE_DTYPES,
+    atomic_write,
     encode_shard,
     generator,
     read_manifest,
     shard_entry,
     shard_name,
-    atomic_write,
     write_manifest,
 )
 from gs_lightning.errors import ConfigError

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
@@ -138,6 +139,26 @@ def load_shard(folder: Path, entry: dict[str, Any], manifest: dict[str, Any], ve
     if not bool(torch.isfinite(acts).all()):
         raise ConfigError(f"{path}: activations contain NaN or Inf")
     return tensors
+
+
+def check_header(path: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Size and header of a shard against the manifest, without reading its data."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: shard listed in {MANIFEST} is missing")
+    if path.stat().st_size != entry["bytes"]:
+        raise ConfigError(f"{path}: truncated or corrupted ({path.stat().st_size} bytes, manifest says {entry['bytes']})")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            acts = handle.get_slice("acts")
+            shape, dtype = tuple(acts.get_shape()), acts.get_dtype()
+    except Exception as err:  # safetensors' own error types for a bad header or missing key
+        raise ConfigError(f"{path}: corrupted shard, not readable as safetensors ({err})") from err
+    expected_dtype = {"float32": "F32", "bfloat16": "BF16"}[manifest["dtype"]]
+    if shape != (entry["tokens"], manifest["d"]) or dtype != expected_dtype:
+        raise ConfigError(
+            f"{path}: acts {shape} {dtype} disagree with {MANIFEST} "
+            f"({(entry['tokens'], manifest['d'])} {manifest['dtype']})"
+        )
 
 
 def scale_from_statistics(stats: dict[str, float], d: int, scheme: ScalingScheme) -> float:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.data.memory import OrderedBatches
 from gs_lightning.data.shard_format import (
     MANIFEST,
+    check_header,
     generator,
     load_shard,
     read_manifest,
@@ -164,7 +164,7 @@ class ShardedActivationDataModule(ActivationDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Check every shard's size and header, compute the scale, load the validation shards."""
         for folder, entry, manifest in self._train + self._val_blocks:
-            _check_header(folder / entry["file"], entry, manifest)
+            check_header(folder / entry["file"], entry, manifest)
         stats = {"count": 0, "sum_sq_norm": 0.0, "sum_norm": 0.0}
         for folder, entry, _ in self._train:
             if not math.isfinite(entry["sum_sq_norm"]):
@@ -225,6 +225,9 @@ class ShardedActivationDataModule(ActivationDataModule):
         epoch = state["epoch"]
         windows = self._windows_of(epoch)
         starts = _cumulative([sum(e["tokens"] for _, e, _ in w) for w in windows])
+        if state["window"] >= len(windows):
+            raise ConfigError(f"restored stream state {state} has no window {state['window']} in {self.paths} "
+                              f"({len(windows)} windows); were the shards or window_tokens changed?")
         first = (starts[state["window"]] + state["offset"]) // self.batch_size
         total = self.batches_per_epoch()
         steps = (total - first) // world
@@ -284,23 +287,3 @@ def _cumulative(sizes: list[int]) -> list[int]:
         starts.append(total)
         total += size
     return starts
-
-
-def _check_header(path: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Size and header of a shard against the manifest, without reading its data."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: shard listed in {MANIFEST} is missing")
-    if path.stat().st_size != entry["bytes"]:
-        raise ConfigError(f"{path}: truncated or corrupted ({path.stat().st_size} bytes, manifest says {entry['bytes']})")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            acts = handle.get_slice("acts")
-            shape, dtype = tuple(acts.get_shape()), acts.get_dtype()
-    except Exception as err:  # safetensors' own error types for a bad header or missing key
-        raise ConfigError(f"{path}: corrupted shard, not readable as safetensors ({err})") from err
-    expected_dtype = {"float32": "F32", "bfloat16": "BF16"}[manifest["dtype"]]
-    if shape != (entry["tokens"], manifest["d"]) or dtype != expected_dtype:
-        raise ConfigError(
-            f"{path}: acts {shape} {dtype} disagree with {MANIFEST} "
-            f"({(entry['tokens'], manifest['d'])} {manifest['dtype']})"
-        )
