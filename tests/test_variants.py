@@ -238,3 +238,24 @@ def test_matryoshka_rejects_bad_prefixes_and_reports_every_prefix() -> None:
 def test_gated_exports_paper_names() -> None:
     names = set(GatedSAE(D_IN, D_SAE).canonical_state_dict())
     assert names == {"W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"}
+
+
+# -- a variant from outside the package --------------------------------------------------------
+
+
+def test_variant_defined_outside_the_package_trains_through_the_cli(tmp_path) -> None:
+    from test_cli import _config, _write  # tests/ is on sys.path under pytest's default import mode
+
+    from gs_lightning.cli import main
+
+    config = _config(tmp_path)
+    config["model"]["sae"] = {
+        "class_path": "tests.custom_variant.SoftplusL1SAE",
+        "init_args": {"d_in": 32, "d_sae": 128, "sparsity_coefficient": 1e-3},
+    }
+    cli = main(["fit", "--config", _write(tmp_path, config)])
+    assert type(cli.model.sae).__name__ == "SoftplusL1SAE"
+    assert float(cli.trainer.callback_metrics["val/fvu"]) < 0.5
+    saved = next((tmp_path / "run").rglob("sae/config.json")).parent
+    loaded = load_sae(saved)
+    assert type(loaded).__name__ == "SoftplusL1SAE" and loaded.sparsity_coefficient == 1e-3
