@@ -66,7 +66,8 @@ class ShardedActivationDataModule(ActivationDataModule):
         val_shards: Trailing shards of ``path`` held out for validation; default 1 without
             ``val_path`` and 0 with it.
         window_tokens: Rows shuffled together in memory: whole shards, at least one.
-        verify_checksums: Check each shard's sha256 against the manifest whenever it is read.
+        verify_checksums: Check each shard's sha256 against the manifest the first time this
+            process reads it (NaN/Inf are checked then too; sizes on every read).
         model: If set, every manifest must name this model.
     """
 
@@ -105,6 +106,7 @@ class ShardedActivationDataModule(ActivationDataModule):
         self._state = {"epoch": 0, "window": 0, "offset": 0}
         self._yielded: deque[dict[str, int]] = deque()
         self._windows: dict[tuple[int, int], Tensor] = {}
+        self._verified: set[Path] = set()  # shards whose checksum and values passed once
         self._val: Tensor | None = None
         self._scale: float | None = None
 
@@ -272,7 +274,11 @@ class ShardedActivationDataModule(ActivationDataModule):
 
     def _load(self, block: _Block) -> Tensor:
         folder, entry, manifest = block
-        return load_shard(folder, entry, manifest, self.verify_checksums)["acts"]
+        path = folder / entry["file"]
+        first = path not in self._verified
+        acts = load_shard(folder, entry, manifest, self.verify_checksums and first, check_finite=first)["acts"]
+        self._verified.add(path)
+        return acts
 
 
 def _as_list(path: str | list[str] | None) -> list[str]:
