@@ -149,10 +149,11 @@ def _fit(folder: Path, root: Path, steps: int, ckpt: str | None = None) -> dict[
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_kill_and_resume_fit_is_bit_exact(tmp_path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kill_and_resume_fit_is_bit_exact(tmp_path, dtype: torch.dtype) -> None:
     # 5 training shards of 128 rows = 10 batches an epoch: 17 steps cross an epoch boundary,
     # and the checkpoint at step 7 is mid-epoch and mid-window.
-    folder = write_folder(tmp_path / "site", n_shards=6, rows=128)
+    folder = write_folder(tmp_path / "site", n_shards=6, rows=128, dtype=dtype)
     full = _fit(folder, tmp_path / "full", 17)
     _fit(folder, tmp_path / "killed", 7)
     resumed = _fit(folder, tmp_path / "resumed", 17, ckpt=str(tmp_path / "killed" / "epoch=0-step=7.ckpt"))

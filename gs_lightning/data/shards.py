@@ -204,6 +204,11 @@ class ShardedActivationDataModule(ActivationDataModule):
         self._state = {k: int(state_dict[k]) for k in ("epoch", "window", "offset")}
         self._yielded.clear()
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Training batches travel in the storage dtype (half the bytes for bf16) and become
+        # float32 on the device, where the conversion is cheap.
+        return batch.float()
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Lightning prefetches batches, so "yielded" runs ahead of "trained on"; a batch
         # reaches this hook right before its training step, so the state advances here.
@@ -241,7 +246,8 @@ class ShardedActivationDataModule(ActivationDataModule):
             if track:
                 self._yielded.append(self._position(epoch, starts, (first + (step + 1) * world) * self.batch_size,
                                                     last=step == steps - 1))
-            yield batch.float()
+            # The Trainer's batches are converted on the device (on_after_batch_transfer).
+            yield batch if track else batch.float()
         self._windows.clear()
 
     def _position(self, epoch: int, starts: list[int], row: int, last: bool) -> dict[str, int]:
