@@ -27,8 +27,6 @@ class BatchTopKSAE(TopKSAE):
         threshold_decay: Decay of the moving average that estimates the inference threshold.
     """
 
-    training_buffers = ("steps_since_fired",)
-
     def __init__(
         self,
         d_in: int,
