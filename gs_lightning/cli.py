@@ -1,7 +1,7 @@
 """``python -m gs_lightning``: LightningCLI over :class:`SAETrainingModule` and any activation DataModule.
 
-``python -m gs_lightning harvest ...`` is dispatched to :mod:`gs_lightning.harvest`, whose
-options come from a jsonargparse parser as well.
+``harvest``, ``evaluate`` and ``export`` are dispatched to their modules' entry points,
+whose options come from jsonargparse parsers as well.
 
 The module is fixed (it takes the SAE variant as an argument chosen by ``class_path``);
 the DataModule is chosen by ``class_path`` too. ``--help`` lists every option with its
@@ -10,7 +10,9 @@ docstring; ``--print_config`` shows a full, runnable YAML.
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -43,11 +45,26 @@ class GSLightningCLI(LightningCLI):
         check_widths(self.model.sae, self.datamodule)
 
 
+# Subcommands outside LightningCLI: name -> "module:function(args)", imported on use so
+# that fit/validate never pay for them.
+EXTRA_SUBCOMMANDS = {
+    "harvest": "gs_lightning.harvest:harvest_main",
+    "evaluate": "gs_lightning.evaluate:evaluate_main",
+    "export": "gs_lightning.export:export_main",
+}
+DESCRIPTION = (
+    "Train and validate sparse autoencoders on language-model activations. Also: "
+    "'harvest' (write activation shards), 'evaluate' (L0, FVU, delta LM loss of saved SAEs), "
+    "'export' (Gemma Scope / SAELens layouts); each takes --help."
+)
+
+
 def main(args: list[str] | None = None) -> GSLightningCLI | None:
     """Run the CLI; ``args`` lets tests call it in-process (``None`` reads ``sys.argv``)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "harvest":
-        _run_harvest(argv[1:])
+    if argv and argv[0] in EXTRA_SUBCOMMANDS:
+        module, _, function = EXTRA_SUBCOMMANDS[argv[0]].partition(":")
+        _reporting_config_errors(getattr(importlib.import_module(module), function), argv[1:])
         return None
     cli_kwargs: dict[str, Any] = dict(
         model_class=SAETrainingModule,
@@ -56,25 +73,17 @@ def main(args: list[str] | None = None) -> GSLightningCLI | None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "prog": "python -m gs_lightning",
-            "description": "Train and validate sparse autoencoders on language-model activations.",
+            "description": DESCRIPTION,
         },
         args=args,
     )
+    return _reporting_config_errors(lambda: GSLightningCLI(**cli_kwargs))
+
+
+def _reporting_config_errors(run: Callable[..., Any], *args: Any) -> Any:
+    """Call ``run(*args)``; a ConfigError anywhere in the failure becomes one line and exit 2."""
     try:
-        return GSLightningCLI(**cli_kwargs)
-    except Exception as err:
-        config_error = _find_config_error(err)
-        if config_error is None:
-            raise
-        print(f"gs_lightning: error: {config_error}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _run_harvest(args: list[str]) -> None:
-    from gs_lightning.harvest import harvest_main  # lazy: fit/validate never need it
-
-    try:
-        harvest_main(args)
+        return run(*args)
     except Exception as err:
         config_error = _find_config_error(err)
         if config_error is None:

@@ -239,9 +239,8 @@ def export(
         layer: Layer for the release path; default: parsed from the SAE's site.
         average_l0: L0 for the release path; default: the run's final val/l0 (or train/l0).
     """
-    config = load_sae_config(sae)
-    meta = config.get("metadata", {})
-    loaded = load_sae(sae)
+    loaded = load_sae(sae)  # first: it names a missing or broken folder clearly
+    meta = load_sae_config(sae).get("metadata", {})
     if format == "saelens":
         path = export_saelens(loaded, out, meta)
     else:

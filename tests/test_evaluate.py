@@ -51,3 +51,18 @@ def test_evaluate_needs_metadata(tmp_path) -> None:
         evaluate([str(path)], output=str(tmp_path / "t"))
     with pytest.raises(ConfigError, match="config.json is missing"):
         evaluate([str(tmp_path)], output=str(tmp_path / "t"))
+
+
+def test_evaluate_and_export_through_the_command_line(tmp_path, capsys) -> None:
+    from gs_lightning.cli import main
+
+    saved = save_sae(_sae(-1e9), tmp_path / "sae", metadata={**META, "final_metrics": {"val/l0": 128.0}})
+    main(["evaluate", "--saes", f"[{saved}]", "--output", str(tmp_path / "t"), "--n_contexts", "2"])
+    assert "l0 128" in capsys.readouterr().out and (tmp_path / "t.csv").is_file()
+    main(["export", "--sae", str(saved), "--format", "gemma_scope", "--out", str(tmp_path / "release")])
+    assert (tmp_path / "release/layer_1/width_128/average_l0_128/params.npz").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--sae", str(tmp_path / "nope"), "--format", "saelens", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gs_lightning: error:") and "nope/config.json is missing" in err
