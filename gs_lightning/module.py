@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torchmetrics import MeanMetric
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.metrics import PooledFVU, batch_fvu
@@ -62,7 +63,10 @@ class SAETrainingModule(pl.LightningModule):
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float64))
         # Tokens since each latent last fired; float64 counts exactly up to 2^53 tokens.
         self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.float64))
+        # torchmetrics states: pooled over every validation token and summed across ranks.
         self.val_fvu = PooledFVU(sae.d_in)
+        self.val_l0 = MeanMetric()
+        self.val_mse = MeanMetric()
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -151,7 +155,7 @@ class SAETrainingModule(pl.LightningModule):
         x_hat = self.sae.decode(f) / scale
         self.val_fvu.update(batch, x_hat)
         self.log("val/fvu", self.val_fvu, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/l0", (f != 0).sum(-1).float().mean(), on_epoch=True, batch_size=batch.shape[0])
-        self.log(
-            "val/mse", (x_hat - batch).pow(2).sum(-1).mean(), on_epoch=True, batch_size=batch.shape[0]
-        )
+        self.val_l0.update((f != 0).sum(-1).float())
+        self.val_mse.update((x_hat - batch).pow(2).sum(-1))
+        self.log("val/l0", self.val_l0, on_step=False, on_epoch=True)
+        self.log("val/mse", self.val_mse, on_step=False, on_epoch=True)

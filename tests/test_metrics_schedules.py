@@ -51,3 +51,20 @@ def test_sparsity_warmup_is_linear_from_zero() -> None:
     assert sparsity_warmup(2_500, 10_000) == 0.25
     assert sparsity_warmup(20_000, 10_000) == 1.0
     assert sparsity_warmup(3, 0) == 1.0
+
+
+def test_validation_metrics_pool_over_tokens_not_batches() -> None:
+    # Two validation batches of different sizes: L0 and MSE must be means over tokens.
+    from gs_lightning.module import SAETrainingModule
+    from gs_lightning.saes import ReLUSAE
+
+    sae = ReLUSAE(2, 2)
+    with torch.no_grad():  # identity encoder, zero decoder: f = relu(x), x_hat = 0
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.zero_()
+    module = SAETrainingModule(sae)
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    module.validation_step(torch.tensor([[1.0, 1.0]]), 0)  # l0 2, mse 2
+    module.validation_step(torch.tensor([[1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]]), 1)  # l0 1, 0, 0; mse 2 each
+    assert module.val_l0.compute().item() == pytest.approx(3 / 4)  # per-batch mean of means would say 1.17
+    assert module.val_mse.compute().item() == pytest.approx(2.0)
