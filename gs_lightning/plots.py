@@ -10,19 +10,32 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 import torch  # noqa: E402
 
 
+def run_label(sae_path: str) -> str:
+    """A short name for a saved SAE: its path without Lightning's ``lightning_logs/version_N/sae``."""
+    parts = [p for p in Path(sae_path).parts if p not in ("sae", "lightning_logs") and not p.startswith("version_")]
+    return parts[-1] if parts else sae_path
+
+
 def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Two panels, L0 (log scale) against FVU and against delta LM loss, one point per SAE."""
+    """Two panels, L0 (log scale when it spans > 4x) against FVU and against delta LM loss, one point per SAE."""
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "fvu", "FVU (variance unexplained)"), (axes[1], "delta_loss", "delta LM loss (nats)")):
-        points = sorted((r["l0"], r[key], Path(str(r["sae"])).parent.name or str(r["sae"])) for r in rows if key in r)
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-        for l0, value, name in points:
-            ax.annotate(name, (l0, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
+        # Points, not a line: SAEs of different variants or sites are not one curve.
+        for row in rows:
+            if key in row:
+                ax.plot(row["l0"], row[key], "o")
+                ax.annotate(run_label(str(row["sae"])), (row["l0"], row[key]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        l0s = [row["l0"] for row in rows if row["l0"] > 0]
+        if l0s and max(l0s) > 4 * min(l0s):  # a log axis only pays off over a wide range
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())  # log-scale minor labels overlap
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
@@ -40,7 +53,7 @@ def plot_density(densities: dict[str, torch.Tensor], path: str | Path) -> Path:
     for name, density in densities.items():
         alive = density[density > 0].double()
         dead = int((density == 0).sum())
-        ax.hist(alive.log10().numpy(), bins=50, histtype="step", label=f"{name} ({dead} dead)")
+        ax.hist(alive.log10().numpy(), bins=50, histtype="step", label=f"{run_label(name)} ({dead} dead)")
     ax.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
     ax.set_ylabel("latents")
     ax.legend(fontsize=7)

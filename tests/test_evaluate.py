@@ -66,3 +66,10 @@ def test_evaluate_and_export_through_the_command_line(tmp_path, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("gs_lightning: error:") and "nope/config.json is missing" in err
+
+
+def test_run_labels_drop_lightning_folders() -> None:
+    from gs_lightning.plots import run_label
+
+    assert run_label("runs/quickstart_relu/lightning_logs/version_3/sae") == "quickstart_relu"
+    assert run_label("exports/l12_wide") == "l12_wide"
