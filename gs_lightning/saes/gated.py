@@ -29,8 +29,9 @@ class GatedSAE(SAE):
     """
 
     def __init__(self, d_in: int, d_sae: int, sparsity_coefficient: float = 1.0) -> None:
-        # Unconstrained decoder: the norm-weighted L1 removes the reason to constrain it.
-        super().__init__(d_in, d_sae, normalize_decoder=False)
+        # Unit-norm decoder rows, as in peer implementations: left free, rows shrank towards
+        # zero in our quickstart (norm 0.002), making their weighted L1 cheap while L0 rose.
+        super().__init__(d_in, d_sae, normalize_decoder=True)
         self.sparsity_coefficient = sparsity_coefficient
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
