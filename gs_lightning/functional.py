@@ -71,14 +71,8 @@ class StepFunction(torch.autograd.Function):
         return None, grad_t, None
 
 
-class JumpReLUStraightThroughFunction(torch.autograd.Function):
-    """``pre * H(pre - threshold)`` with the jump's pseudo-derivative w.r.t. both inputs."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre.float() > threshold.float()).to(pre.dtype)
+class JumpReLUStraightThroughFunction(JumpReLUFunction):
+    """JumpReLU's forward, with the jump's pseudo-derivative w.r.t. both inputs."""
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
