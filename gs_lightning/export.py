@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -24,11 +23,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.io import load_sae, load_sae_config
+from gs_lightning.io import load_sae, load_sae_config, write_folder
 from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE
 
 GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -134,7 +133,7 @@ def export_saelens(
     files: dict[str, Any] = {SAELENS_CFG: cfg, SAELENS_WEIGHTS: tensors}
     if feature_density is not None:
         files[SAELENS_SPARSITY] = {"sparsity": feature_density.float().clamp(min=1e-10).log10()}
-    return _write_folder(Path(path), files)
+    return write_folder(path, files)
 
 
 def _saelens_metadata(meta: dict[str, Any]) -> dict[str, Any]:
@@ -155,25 +154,6 @@ def _saelens_metadata(meta: dict[str, Any]) -> dict[str, Any]:
 def _site_layer(site: str | None) -> int | None:
     parts = (site or "").split(".")
     return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
-
-
-def _write_folder(path: Path, files: dict[str, Any]) -> Path:
-    """Write every file into a temporary sibling folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        for name, content in files.items():
-            if name.endswith(".json"):
-                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-            else:
-                save_file({k: v.contiguous() for k, v in content.items()}, str(tmp / name))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def load_saelens(path: str | Path) -> SAE:

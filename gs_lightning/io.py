@@ -43,12 +43,21 @@ def save_sae(sae: SAE, path: str | Path, input_scale: float = 1.0, metadata: dic
         "input_scale_folded": float(input_scale),
         "metadata": metadata or {},
     }
-    tensors = {k: v.contiguous() for k, v in folded.canonical_state_dict().items()}
+    return write_folder(path, {WEIGHTS_FILE: folded.canonical_state_dict(), CONFIG_FILE: config})
+
+
+def write_folder(path: str | Path, files: dict[str, Any]) -> Path:
+    """Write a folder atomically: ``*.json`` entries are dicts, the others tensor dicts
+    saved as safetensors; all go into a temporary sibling that is then renamed to ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_jsonable) + "\n")
+        for name, content in files.items():
+            if name.endswith(".json"):
+                (tmp / name).write_text(json.dumps(content, indent=2, default=_jsonable) + "\n")
+            else:
+                save_file({k: v.detach().contiguous() for k, v in content.items()}, str(tmp / name))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
