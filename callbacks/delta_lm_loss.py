@@ -10,6 +10,7 @@ import torch
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.lm import load_language_model
+from gs_lightning.packed import metric_key
 from gs_lightning.splice import delta_lm_loss
 from gs_lightning.text import iter_contexts, iter_texts
 
@@ -17,6 +18,9 @@ from gs_lightning.text import iter_contexts, iter_texts
 class DeltaLMLoss(pl.Callback):
     """After each validation, splice the SAE into the model and log ``val/delta_loss``,
     ``val/kl``, ``val/loss_recovered`` and ``val/ce_clean``.
+
+    A packed sweep measures every SAE in turn (the model runs three times per SAE) and
+    logs ``val/delta_loss/<name>`` and so on.
 
     The model, site and text come from the DataModule's ``metadata`` (model, site,
     text, val_split, context_size), so this works with any activation source that
@@ -48,7 +52,9 @@ class DeltaLMLoss(pl.Callback):
         if trainer.sanity_checking or self._lm is None:
             return
         model, tokenizer, site = self._lm
-        result = delta_lm_loss(model, tokenizer, pl_module.sae, site, self._contexts, self.batch_size,
-                               input_scale=float(pl_module.input_scale))
-        for key in ("delta_loss", "kl", "loss_recovered", "ce_clean"):
-            pl_module.log(f"val/{key}", result[key], on_epoch=True)
+        named = pl_module.named_saes() if hasattr(pl_module, "named_saes") else [(None, pl_module.sae)]
+        for name, sae in named:
+            result = delta_lm_loss(model, tokenizer, sae, site, self._contexts, self.batch_size,
+                                   input_scale=float(pl_module.input_scale))
+            for key in ("delta_loss", "kl", "loss_recovered", "ce_clean"):
+                pl_module.log(metric_key(f"val/{key}", name), result[key], on_epoch=True)

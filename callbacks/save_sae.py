@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -12,6 +13,9 @@ from gs_lightning.io import save_sae
 class SaveSAE(pl.Callback):
     """Write ``sae.safetensors`` and ``config.json`` when ``fit`` ends.
 
+    A packed sweep writes one such folder per SAE, named after it: ``dirpath`` with the
+    SAE's name inserted before its last part, e.g. ``<log_dir>/sparsity_coefficient=0.0003/sae``.
+
     Args:
         dirpath: Output folder; default ``<log_dir>/sae`` of the run.
     """
@@ -19,16 +23,39 @@ class SaveSAE(pl.Callback):
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
         self.saved_path: Path | None = None
+        self.saved_paths: dict[str | None, Path] = {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         path = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "sae"
         datamodule = getattr(trainer, "datamodule", None)
-        metadata = dict(getattr(datamodule, "metadata", {}) or {})
-        metadata["global_step"] = trainer.global_step
-        metadata["final_metrics"] = {
-            k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and v.numel() == 1
-        }
-        self.saved_path = save_sae(pl_module.sae, path, float(pl_module.input_scale), metadata)
-        print(f"saved SAE to {self.saved_path}", flush=True)
+        named = pl_module.named_saes() if hasattr(pl_module, "named_saes") else [(None, pl_module.sae)]
+        for name, sae in named:
+            metadata = dict(getattr(datamodule, "metadata", {}) or {})
+            metadata["global_step"] = trainer.global_step
+            metadata["final_metrics"] = final_metrics(trainer.callback_metrics, name)
+            if name is not None:
+                metadata["sweep_member"] = name
+            target = path if name is None else path.parent / name / path.name
+            self.saved_paths[name] = save_sae(sae, target, float(pl_module.input_scale), metadata)
+            print(f"saved SAE to {self.saved_paths[name]}", flush=True)
+        self.saved_path = next(iter(self.saved_paths.values()))
+
+
+def final_metrics(metrics: dict[str, Any], name: str | None) -> dict[str, float]:
+    """Scalar ``a/b`` metrics of one SAE under their plain keys (``val/l0/<name>`` -> ``val/l0``).
+
+    For a sweep member, metrics of other members are left out; shared ones (no member
+    suffix, e.g. ``train/sparsity_warmup``) are kept.
+    """
+    def scalar(key: str) -> bool:
+        return "/" in key and metrics[key].numel() == 1
+
+    if name is None:
+        return {k: float(v) for k, v in metrics.items() if scalar(k)}
+    suffix = f"/{name}"
+    own = {k[: -len(suffix)]: float(v) for k, v in metrics.items() if k.endswith(suffix) and scalar(k)}
+    # A shared key has one slash (train/x); members' keys have two (train/x/<name>).
+    shared = {k: float(v) for k, v in metrics.items() if scalar(k) and k.count("/") == 1}
+    return {**shared, **own}

@@ -7,16 +7,26 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 class FinalSummary(pl.Callback):
-    """At the end of ``fit`` or ``validate``, print L0 and FVU (validation figures if any)."""
+    """At the end of ``fit`` or ``validate``, print L0 and FVU (validation figures if any).
+
+    A packed sweep prints one line per SAE, its name at the end.
+    """
 
     KEYS = ("val/l0", "val/fvu", "val/mse", "val/delta_loss", "val/loss_recovered", "train/l0", "train/fvu",
             "train/dead_frac")
 
     def summary(self, trainer: pl.Trainer) -> str:
-        """One line: step and the metrics of :attr:`KEYS` that were logged."""
+        """One line per SAE: step and the metrics of :attr:`KEYS` that were logged."""
+        module = trainer.lightning_module
+        names = [name for name, _ in module.named_saes()] if hasattr(module, "named_saes") else [None]
+        return "\n".join(self._line(trainer, name) for name in names)
+
+    def _line(self, trainer: pl.Trainer, name: str | None) -> str:
         metrics = trainer.callback_metrics
-        parts = [f"{k} {float(metrics[k]):.4g}" for k in self.KEYS if k in metrics]
-        return f"final (step {trainer.global_step}): " + (", ".join(parts) or "no metrics logged")
+        suffix = "" if name is None else f"/{name}"
+        parts = [f"{k} {float(metrics[k + suffix]):.4g}" for k in self.KEYS if k + suffix in metrics]
+        line = f"final (step {trainer.global_step}): " + (", ".join(parts) or "no metrics logged")
+        return line if name is None else f"{line} [{name}]"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _print(self.summary(trainer))

@@ -153,3 +153,113 @@ def fused_jumprelu_loss(
     return FusedJumpReLULoss.apply(
         x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype
     )
+
+
+class FusedPackedJumpReLULoss(torch.autograd.Function):
+    """:class:`FusedJumpReLULoss` for K JumpReLU SAEs of one shape reading the same batch.
+
+    Weights carry a leading K dimension (``W_enc [K, d, S]``, ``b_enc [K, S]``,
+    ``W_dec [K, S, d]``, ``b_dec [K, d]``, ``threshold [K, S]``, ``bandwidth [K]``);
+    ``x [B, d]`` is shared. Returns ``mse [K]``, ``l0 [K]``, ``x_hat [K, B, d]`` and
+    ``fire_counts [K, S]``, member k's numbers being exactly what the single fused step
+    returns for SAE k. Every GEMM is a ``bmm`` over K of the single step's shape, and the
+    ``[K, B, S]`` buffers live in the :class:`Workspace` as the single step's do.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        W_dec: Tensor,
+        b_dec: Tensor,
+        threshold: Tensor,
+        bandwidth: Tensor,
+        workspace: Workspace,
+        compute_dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        with torch.autocast(x.device.type, enabled=False):  # casts are explicit here
+            (K, d, S), B, cd, dev = W_enc.shape, x.shape[0], compute_dtype, x.device
+            xc = x.to(cd)
+            pre = workspace.get("pre", (K, B, S), cd, dev)
+            # x is shared: a stride-0 expand, so no K copies of the batch are made.
+            torch.baddbmm(b_enc.to(cd).unsqueeze(1), xc.expand(K, B, d), W_enc.to(cd), out=pre)
+            t = threshold.float().unsqueeze(1)  # [K, 1, S]
+            half = (bandwidth.float() / 2).view(K, 1, 1)
+            # 0/1 masks in the compute dtype, as in the single step (bool arithmetic copies).
+            mask = workspace.get("mask", (K, B, S), cd, dev)
+            torch.gt(pre, t, out=mask)
+            near = workspace.get("near", (K, B, S), cd, dev)
+            upper = workspace.get("g_f", (K, B, S), cd, dev)  # free until the backward
+            torch.gt(pre, t - half, out=near)
+            torch.lt(pre, t + half, out=upper)
+            near.mul_(upper)
+            fire_counts = mask.sum(1, dtype=torch.float32)
+            l0 = fire_counts.sum(1) / B
+            f = pre.mul_(mask)  # the pre-activation buffer now holds f
+            x_hat = torch.baddbmm(b_dec.to(cd).unsqueeze(1), f, W_dec.to(cd)).float()
+            err = x_hat - x.float()
+            mse = err.pow(2).sum((1, 2)) / B
+        workspace.generation += 1
+        ctx.generation = workspace.generation
+        ctx.workspace, ctx.compute_dtype = workspace, cd
+        ctx.save_for_backward(x, W_enc, W_dec, threshold, bandwidth, err)
+        ctx.mark_non_differentiable(x_hat, fire_counts)
+        return mse, l0, x_hat, fire_counts
+
+    @staticmethod
+    def backward(ctx, grad_mse: Tensor, grad_l0: Tensor, *_: Tensor):  # type: ignore[override]
+        ws: Workspace = ctx.workspace
+        if ws.generation != ctx.generation:
+            raise RuntimeError(
+                "packed fused JumpReLU step: another forward pass reused the workspace before "
+                "this backward ran; call backward after each forward"
+            )
+        x, W_enc, W_dec, threshold, bandwidth, err = ctx.saved_tensors
+        (K, d, S), B, cd, dev = W_enc.shape, x.shape[0], ctx.compute_dtype, x.device
+        eps = bandwidth.float().view(K, 1)
+        f = ws.get("pre", (K, B, S), cd, dev)
+        mask = ws.get("mask", (K, B, S), cd, dev)
+        near = ws.get("near", (K, B, S), cd, dev)
+        g = (err * (2.0 * grad_mse.view(K, 1, 1) / B)).to(cd)
+        grad_b_dec = g.float().sum(1)
+        grad_W_dec = torch.bmm(f.transpose(1, 2), g)
+        g_f = ws.get("g_f", (K, B, S), cd, dev)
+        torch.bmm(g, W_dec.to(cd).transpose(1, 2), out=g_f)
+        # f is no longer needed: reuse its buffer for near * g_f.
+        near_g = torch.mul(g_f, near, out=f).sum(1, dtype=torch.float32)
+        near_count = near.sum(1, dtype=torch.float32)
+        t = threshold.float()
+        grad_t = -(t / eps) * near_g - (grad_l0.float().view(K, 1) / (B * eps)) * near_count
+        g_pre = g_f.mul_(mask)
+        grad_b_enc = g_pre.sum(1, dtype=torch.float32)
+        grad_W_enc = torch.bmm(x.to(cd).t().expand(K, d, B), g_pre)
+        return (
+            None,
+            grad_W_enc.to(W_enc.dtype),
+            grad_b_enc.to(W_enc.dtype),
+            grad_W_dec.to(W_dec.dtype),
+            grad_b_dec.to(W_dec.dtype),
+            grad_t.to(threshold.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def fused_packed_jumprelu_loss(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    threshold: Tensor,
+    bandwidth: Tensor,
+    workspace: Workspace,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Functional entry point of :class:`FusedPackedJumpReLULoss` (see its docstring)."""
+    return FusedPackedJumpReLULoss.apply(
+        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype
+    )

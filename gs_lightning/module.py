@@ -8,15 +8,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torch import nn
 from torchmetrics import MeanMetric
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.metrics import PooledFVU, batch_fvu
-from gs_lightning.saes import SAE
+from gs_lightning.packed import PackedSAE, build_packed, metric_key
+from gs_lightning.saes import SAE, TrainOutput
 from gs_lightning.schedules import lr_factor, sparsity_warmup
 
 
-def check_widths(sae: SAE, datamodule: Any) -> None:
+def check_widths(sae: SAE | PackedSAE, datamodule: Any) -> None:
     """Raise a ConfigError naming both widths when the SAE's ``d_in`` differs from the data's."""
     if datamodule.d_in != sae.d_in:
         raise ConfigError(
@@ -26,10 +28,14 @@ def check_widths(sae: SAE, datamodule: Any) -> None:
 
 
 class SAETrainingModule(pl.LightningModule):
-    """Trains one SAE on batches of raw activations ``[batch, d_in]``.
+    """Trains one SAE, or a packed sweep of K SAEs, on batches of raw activations ``[batch, d_in]``.
 
     Inputs are multiplied by the data's ``input_scale`` before the SAE sees them; the
     scale is a buffer, so it is saved in checkpoints and folded into the exported SAE.
+
+    With ``sweep``, ``sae`` is the template of K SAEs (:mod:`gs_lightning.packed`) that
+    read every batch once; each logs its own metrics under ``<key>/<name>`` (e.g.
+    ``train/l0/sparsity_coefficient=0.0003``) and has its own Adam parameter group.
 
     Args:
         sae: The SAE to train; pick the variant with ``class_path``.
@@ -43,6 +49,12 @@ class SAETrainingModule(pl.LightningModule):
         dead_window_tokens: A latent that has not fired for this many tokens counts as dead.
         check_finite: Stop with a clear error when a batch or the loss is NaN/Inf
             (one host sync per step).
+        gradient_clip_norm: Clip each SAE's gradient to this norm (after the decoder
+            projection). Unlike ``trainer.gradient_clip_val``, which would clip the
+            concatenation of a sweep's gradients, every SAE is clipped on its own.
+        sweep: Train K SAEs from one read of the data: a swept name per key (a constructor
+            argument of the SAE, ``seed`` or ``lr``), one value per SAE, e.g.
+            ``{sparsity_coefficient: [1.0e-4, 3.0e-4, 1.0e-3]}``.
     """
 
     def __init__(
@@ -56,17 +68,32 @@ class SAETrainingModule(pl.LightningModule):
         sparsity_warmup_steps: int = 10_000,
         dead_window_tokens: int = 10_000_000,
         check_finite: bool = True,
+        gradient_clip_norm: float | None = None,
+        sweep: dict[str, list[int | float | str]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sae"])
-        self.sae = sae
+        self.sae: SAE | PackedSAE = sae
+        self._lrs: list[float | None] = [None]
+        if sweep is not None:
+            self.sae, self._lrs = build_packed(sae, sweep)
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float64))
         # Tokens since each latent last fired; float64 counts exactly up to 2^53 tokens.
-        self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.float64))
+        shape = (sae.d_sae,) if sweep is None else (len(self._lrs), sae.d_sae)
+        self.register_buffer("tokens_since_fired", torch.zeros(shape, dtype=torch.float64))
         # torchmetrics states: pooled over every validation token and summed across ranks.
-        self.val_fvu = PooledFVU(sae.d_in)
-        self.val_l0 = MeanMetric()
-        self.val_mse = MeanMetric()
+        if sweep is None:
+            self.val_fvu, self.val_l0, self.val_mse = PooledFVU(sae.d_in), MeanMetric(), MeanMetric()
+        else:
+            self.val_fvu = nn.ModuleList([PooledFVU(sae.d_in) for _ in self._lrs])
+            self.val_l0 = nn.ModuleList([MeanMetric() for _ in self._lrs])
+            self.val_mse = nn.ModuleList([MeanMetric() for _ in self._lrs])
+
+    def named_saes(self) -> list[tuple[str | None, SAE]]:
+        """``(name, sae)`` per SAE trained: ``[(None, sae)]`` alone, the members' names in a sweep."""
+        if isinstance(self.sae, PackedSAE):
+            return self.sae.named_members()
+        return [(None, self.sae)]
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -87,10 +114,13 @@ class SAETrainingModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
+        # One parameter group per SAE: each keeps its own lr through the shared schedule.
+        params: Any = self.sae.parameters()
+        if isinstance(self.sae, PackedSAE):
+            params = [{"params": m.parameters(), "lr": hp.lr if lr is None else lr}
+                      for m, lr in zip(self.sae.members, self._lrs)]
         # fused Adam: one kernel for all parameters instead of a dozen temporaries each.
-        optimizer = torch.optim.Adam(
-            self.sae.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas), eps=hp.adam_eps, fused=True
-        )
+        optimizer = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.adam_betas), eps=hp.adam_eps, fused=True)
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
         schedule = functools.partial(
             lr_factor, warmup_steps=hp.lr_warmup_steps, total_steps=total, decay_fraction=hp.lr_decay_fraction
@@ -103,11 +133,18 @@ class SAETrainingModule(pl.LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x = batch * self.input_scale.to(batch.dtype)
         warmup = sparsity_warmup(self.global_step, self.hparams.sparsity_warmup_steps)
-        out = self.sae.training_output(x, warmup)
-        loss = torch.stack(list(out.losses.values())).sum()
+        if isinstance(self.sae, PackedSAE):
+            outs = self.sae.training_outputs(x, warmup)
+        else:
+            outs = [self.sae.training_output(x, warmup)]
+        losses = [torch.stack(list(out.losses.values())).sum() for out in outs]
+        # The members' losses share no parameters: the sum's gradient is each one's own.
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         if self.hparams.check_finite and not torch.isfinite(loss):
-            self._raise_not_finite(batch, out.losses)
-        self._log_train(x, out, loss, warmup)
+            terms = {metric_key(k, name): v for (name, _), out in zip(self.named_saes(), outs)
+                     for k, v in out.losses.items()}
+            self._raise_not_finite(batch, terms)
+        self._log_train(x, outs, losses, warmup)
         return loss
 
     def _raise_not_finite(self, batch: Tensor, losses: dict[str, Tensor]) -> None:
@@ -117,30 +154,40 @@ class SAETrainingModule(pl.LightningModule):
         raise FloatingPointError(f"non-finite loss at step {self.global_step}: {where}; loss terms: {terms}")
 
     @torch.no_grad()
-    def _log_train(self, x: Tensor, out: Any, loss: Tensor, warmup: float) -> None:
+    def _log_train(self, x: Tensor, outs: list[TrainOutput], losses: list[Tensor], warmup: float) -> None:
         self.tokens_since_fired += x.shape[0]
-        self.tokens_since_fired.masked_fill_(out.fire_counts > 0, 0)
-        dead = (self.tokens_since_fired >= self.hparams.dead_window_tokens).float().mean()
-        metrics = {
-            "train/loss": loss.detach(),
-            "train/mse": out.losses["mse"].detach(),
-            "train/l0": out.l0,
-            "train/fvu": batch_fvu(x, out.x_hat),
-            "train/dead_frac": dead,
-            "train/sparsity_warmup": warmup,
-            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else 0.0,
-        }
-        coefficient = getattr(self.sae, "sparsity_coefficient", None)
-        if coefficient is not None:
-            metrics["train/lambda"] = warmup * coefficient
-        for name, value in out.losses.items():
-            metrics[f"train/loss_{name}"] = value.detach()
+        fired = torch.stack([out.fire_counts for out in outs]).view_as(self.tokens_since_fired) > 0
+        self.tokens_since_fired.masked_fill_(fired, 0)
+        dead = (self.tokens_since_fired >= self.hparams.dead_window_tokens).float().mean(-1).view(-1)
+        groups = self.trainer.optimizers[0].param_groups if self._trainer is not None else None
+        metrics: dict[str, Any] = {"train/sparsity_warmup": warmup}
+        for i, ((name, sae), out, loss) in enumerate(zip(self.named_saes(), outs, losses)):
+            mine = {
+                "train/loss": loss.detach(),
+                "train/mse": out.losses["mse"].detach(),
+                "train/l0": out.l0,
+                "train/fvu": batch_fvu(x, out.x_hat),
+                "train/dead_frac": dead[i],
+                "train/lr": groups[i]["lr"] if groups is not None else 0.0,
+            }
+            coefficient = getattr(sae, "sparsity_coefficient", None)
+            if coefficient is not None:
+                mine["train/lambda"] = warmup * coefficient
+            for term, value in out.losses.items():
+                mine[f"train/loss_{term}"] = value.detach()
+            metrics.update({metric_key(k, name): v for k, v in mine.items()})
+            if i == 0:  # the progress bar shows the first SAE of a sweep
+                self.log_dict({"l0": out.l0, "fvu": mine["train/fvu"]}, prog_bar=True, logger=False)
         self.log_dict(metrics, on_step=True, on_epoch=False)
-        self.log_dict({"l0": out.l0, "fvu": metrics["train/fvu"]}, prog_bar=True, logger=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # After DDP's all-reduce and before clipping: project out the parallel component.
         self.sae.before_optimizer_step()
+        clip = self.hparams.gradient_clip_norm
+        if clip is not None:
+            for name, sae in self.named_saes():
+                norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
+                self.log(metric_key("train/grad_norm", name), norm, on_step=True, on_epoch=False)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -150,12 +197,19 @@ class SAETrainingModule(pl.LightningModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         scale = self.input_scale.to(batch.dtype)
-        f = self.sae.encode(batch * scale)
-        # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
-        x_hat = self.sae.decode(f) / scale
-        self.val_fvu.update(batch, x_hat)
-        self.log("val/fvu", self.val_fvu, on_step=False, on_epoch=True, prog_bar=True)
-        self.val_l0.update((f != 0).sum(-1).float())
-        self.val_mse.update((x_hat - batch).pow(2).sum(-1))
-        self.log("val/l0", self.val_l0, on_step=False, on_epoch=True)
-        self.log("val/mse", self.val_mse, on_step=False, on_epoch=True)
+        for i, (name, sae) in enumerate(self.named_saes()):
+            val_fvu, val_l0, val_mse = (_item(m, i) for m in (self.val_fvu, self.val_l0, self.val_mse))
+            f = sae.encode(batch * scale)
+            # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
+            x_hat = sae.decode(f) / scale
+            val_fvu.update(batch, x_hat)
+            self.log(metric_key("val/fvu", name), val_fvu, on_step=False, on_epoch=True, prog_bar=i == 0)
+            val_l0.update((f != 0).sum(-1).float())
+            val_mse.update((x_hat - batch).pow(2).sum(-1))
+            self.log(metric_key("val/l0", name), val_l0, on_step=False, on_epoch=True)
+            self.log(metric_key("val/mse", name), val_mse, on_step=False, on_epoch=True)
+
+
+def _item(metrics: nn.Module, i: int) -> Any:
+    """The i-th SAE's metric: a sweep keeps one per SAE in a ModuleList."""
+    return metrics[i] if isinstance(metrics, nn.ModuleList) else metrics

@@ -69,13 +69,21 @@ class JumpReLUSAE(SAE):
         l0 = step(pre, self.threshold, self.bandwidth).sum(-1).mean()
         return {"l0_penalty": warmup * self.sparsity_coefficient * l0}
 
-    def training_output(self, x: Tensor, warmup: float = 1.0) -> TrainOutput:
-        if not (self.fused and self.training and torch.is_grad_enabled() and not x.requires_grad and x.dim() == 2):
-            return super().training_output(x, warmup)
+    def uses_fused(self, x: Tensor) -> bool:
+        """Whether a training step on ``x`` takes the fused path (it cannot give ``x`` a gradient)."""
+        return self.fused and self.training and torch.is_grad_enabled() and not x.requires_grad and x.dim() == 2
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the fused step's GEMMs run in: autocast's when enabled, else the weights'."""
         dev = x.device.type
-        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.W_enc.dtype
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.W_enc.dtype
+
+    def training_output(self, x: Tensor, warmup: float = 1.0) -> TrainOutput:
+        if not self.uses_fused(x):
+            return super().training_output(x, warmup)
         mse, l0, x_hat, counts = fused_jumprelu_loss(
-            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold, self.bandwidth, self._workspace, cd
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold, self.bandwidth, self._workspace,
+            self.compute_dtype(x),
         )
         losses = {"mse": mse, "l0_penalty": warmup * self.sparsity_coefficient * l0}
         return TrainOutput(x_hat, losses, l0.detach(), counts)
