@@ -6,13 +6,14 @@ Side by side in one process:
    cache warm, against one epoch of :class:`ShardedActivationDataModule` over the same
    files (checksums on and off; batches converted to float32 as training gets them);
 2. a harvest of the embedded model on the KJV (one site, bf16 shards) against a bare
-   forward pass of the whole model over the same contexts, both in tokens/s (model
-   loading excluded from both).
+   forward pass of the same model over the same contexts, cut at the same depth (the
+   harvest stops after the last layer it needs, so a full forward would flatter it), both
+   in tokens/s (model loading excluded from both).
 
 Ends with ``result: stream_vs_read <x>`` (DataModule GB/s in its second epoch, once every
 shard has passed its checksum and NaN check, over plain read GB/s) and ``result: harvest_vs_forward <x>``.
 
-Run: ``python benchmarks/stream.py [--tokens 524288 --d 384 --harvest_tokens 65536]``.
+Run: ``python benchmarks/stream.py [--tokens 524288 --d 384 --harvest_tokens 131072]``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _stream(folder: Path, verify: bool, batch_size: int) -> list[tuple[float, in
     for epoch in range(2):
         dm.load_state_dict({"epoch": epoch, "window": 0, "offset": 0, "seed": 0})
         start, rows = time.perf_counter(), 0
-        for batch in dm.stream():
+        for batch in dm.stream(as_float=False):  # as training gets them: float32 only on the device
             rows += batch.shape[0]
         epochs.append((time.perf_counter() - start, rows * dm.d_in * 2))  # bytes of bf16 acts delivered
     return epochs
@@ -82,34 +83,53 @@ def bench_stream(tokens: int, d: int, shard_tokens: int, batch_size: int, root: 
     return (rows[2][2] / rows[2][1]) / read_rate
 
 
-def bench_harvest(tokens: int, context_size: int, root: Path) -> float:
+def _bare_forward(model: torch.nn.Module, tokenizer, tokens: int, context_size: int, depth: int,
+                  batch: int) -> float:
+    """Tokens/s of the decoder stack cut to its first ``depth`` layers: no hooks, nothing kept."""
+    decoder = model.model
+    layers = decoder.layers
+    decoder.layers = layers[:depth]
+    try:
+        start, n = time.perf_counter(), 0
+        contexts = iter_contexts(iter_texts("kjv", split="train"), tokenizer, context_size)
+        with torch.no_grad():
+            while n < tokens and (group := list(islice(contexts, batch))):
+                ids = torch.stack(group)
+                decoder(input_ids=ids, use_cache=False)
+                n += int(content_mask(ids, tokenizer).sum())
+        return n / (time.perf_counter() - start)
+    finally:
+        decoder.layers = layers
+
+
+def bench_harvest(tokens: int, context_size: int, root: Path, layer: int = 1, batch: int = 16) -> float:
+    site = f"blocks.{layer}.hook_resid_post"
     model, tokenizer = load_language_model("gs-lightning/tiny-gemma2-kjv")
-    start = time.perf_counter()
-    n = 0
-    contexts = iter_contexts(iter_texts("kjv", split="train"), tokenizer, context_size)
-    with torch.no_grad():
-        while n < tokens and (group := list(islice(contexts, 16))):
-            ids = torch.stack(group)
-            model(input_ids=ids, use_cache=False)
-            n += int(content_mask(ids, tokenizer).sum())
-    forward = n / (time.perf_counter() - start)
+    _bare_forward(model, tokenizer, batch * context_size, context_size, layer + 1, batch)  # warm-up
+    forward = _bare_forward(model, tokenizer, tokens, context_size, layer + 1, batch)
     start = time.perf_counter()
     load_language_model("gs-lightning/tiny-gemma2-kjv")
     load = time.perf_counter() - start
-    config = HarvestConfig(output=str(root / "harvest"), sites=["blocks.1.hook_resid_post"],
-                           context_size=context_size, model_batch_size=16, max_tokens=tokens,
-                           shuffle_bucket_tokens=min(tokens, 1_048_576), shard_tokens=65536)
-    start = time.perf_counter()
-    harvest(config)
-    harvested = tokens / (time.perf_counter() - start - load)
-    print(f"\n{'embedded model, kjv, context ' + str(context_size):<36}{'tokens/s':>10}")
-    print(f"{'bare forward (all 4 layers)':<36}{forward:>10.0f}")
-    print(f"{'harvest (to layer 1, bf16 shards)':<36}{harvested:>10.0f}")
+
+    def run(output: str, n: int) -> float:
+        config = HarvestConfig(output=str(root / output), sites=[site], context_size=context_size,
+                               model_batch_size=batch, max_tokens=n,
+                               shuffle_bucket_tokens=min(n, 1_048_576), shard_tokens=65536)
+        start = time.perf_counter()
+        harvest(config)
+        return n / (time.perf_counter() - start - load)
+
+    run("warm-up", batch * context_size)  # the same one-time warm-up the bare forward had
+    harvested = run("harvest", tokens)
+    print(f"\n{'embedded model, kjv, context ' + str(context_size):<40}{'tokens/s':>10}")
+    print(f"{f'bare forward, layers 0..{layer} (no hooks)':<40}{forward:>10.0f}")
+    print(f"{f'harvest of {site}, bf16 shards':<40}{harvested:>10.0f}")
+    print(f"{'harvest / bare forward':<40}{harvested / forward:>10.3f}")
     return harvested / forward
 
 
 def main(tokens: int = 524288, d: int = 384, shard_tokens: int = 65536, batch_size: int = 4096,
-         harvest_tokens: int = 65536, context_size: int = 128) -> None:
+         harvest_tokens: int = 131072, context_size: int = 128) -> None:
     """Print the read and harvest tables and the two ratios.
 
     Args:

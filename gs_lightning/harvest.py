@@ -29,6 +29,7 @@ from gs_lightning.data.shard_format import (
     FORMAT_VERSION,
     MANIFEST,
     STORAGE_DTYPES,
+    all_finite,
     atomic_write,
     encode_shard,
     generator,
@@ -38,7 +39,7 @@ from gs_lightning.data.shard_format import (
     write_manifest,
 )
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm import ModelDtype, load_language_model, parse_dtype
+from gs_lightning.lm import ModelDtype, check_context_size, load_language_model, parse_dtype
 from gs_lightning.sites import ActivationExtractor, parse_site, site_dim
 from gs_lightning.text import content_mask, iter_contexts, iter_texts
 
@@ -126,6 +127,7 @@ def harvest(config: HarvestConfig, on_shard: Callable[[Path], None] | None = Non
     """
     config.validate()
     lm, tokenizer = load_language_model(config.model, revision=config.revision, dtype=config.model_dtype)
+    check_context_size(lm.config, config.context_size, config.model)
     sites = list(dict.fromkeys(config.sites))
     manifests = {site: _start_manifest(config, site, site_dim(lm, site)) for site in sites}
     folders = {site: site_folder(config.output, site) for site in sites}
@@ -216,7 +218,7 @@ def _buckets(
 def _content_rows(config: HarvestConfig, site: str, acts: torch.Tensor, mask: torch.Tensor,
                   storage: torch.dtype) -> torch.Tensor:
     rows = acts[mask]
-    if not bool(torch.isfinite(rows).all()):
+    if not all_finite(rows):
         raise ConfigError(
             f"model {config.model!r} produced NaN or Inf activations at site {site!r} "
             f"(model_dtype={config.model_dtype!r}; try float32)"

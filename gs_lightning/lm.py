@@ -115,6 +115,16 @@ def _wants_causal_head(config: PretrainedConfig) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
+def check_context_size(config: PretrainedConfig, context_size: int, model: str) -> None:
+    """A ConfigError when contexts are longer than the model's position embeddings reach."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and context_size > limit:
+        raise ConfigError(
+            f"context_size={context_size} is longer than model {model!r} accepts "
+            f"(max_position_embeddings={limit}); set context_size <= {limit}"
+        )
+
+
 def load_language_model(
     name_or_path: str,
     *,

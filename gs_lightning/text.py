@@ -100,6 +100,13 @@ def _hub_texts(name: str, split: str, column: str) -> Iterator[str]:
         yield row[column]
 
 
+def _bos_eos(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int | None]:
+    """The tokens that open a context and close a document: BOS/EOS, or an encoder's CLS/SEP."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
+    return bos, eos
+
+
 def iter_contexts(
     texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, context_size: int
 ) -> Iterator[torch.Tensor]:
@@ -110,7 +117,7 @@ def iter_contexts(
     without a BOS token get plain ``context_size``-token cuts). A final partial
     context is dropped.
     """
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos = _bos_eos(tokenizer)
     body = context_size - 1 if bos is not None else context_size
     if body < 1:
         raise ConfigError(f"context_size={context_size} leaves no room for tokens after BOS")
@@ -133,12 +140,8 @@ def iter_contexts(
 
 
 def content_mask(input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """True where the token is content; BOS, EOS and PAD are excluded (as in Gemma Scope)."""
-    special = [
-        t
-        for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        if t is not None
-    ]
+    """True where the token is content; BOS, EOS and PAD (CLS and SEP for encoders) are excluded (as in Gemma Scope)."""
+    special = [t for t in (*_bos_eos(tokenizer), tokenizer.pad_token_id) if t is not None]
     if not special:
         return torch.ones_like(input_ids, dtype=torch.bool)
     return ~torch.isin(input_ids, torch.tensor(special, device=input_ids.device))

