@@ -179,6 +179,26 @@ def test_same_seed_same_batches(dm, source):
     assert twin.input_scale == dm.input_scale
 
 
+def test_target_site_streams_aligned_pairs(dm, source):
+    model, text = source
+    pairs = LiveActivationDataModule(model=model, text=text, site=dm.site,
+                                     target_site="blocks.1.hook_mlp_out", **SMALL)
+    pairs.setup("fit")
+    batches = _first_batches(pairs, 3)
+    assert all(isinstance(b, tuple) and b[1].shape == (64, pairs.d_out) for b in batches)
+    # The input half is exactly the single-site stream: one buffer shuffles the pairs together.
+    assert all(torch.equal(x, single) for (x, _), single in zip(batches, _first_batches(dm, 3), strict=True))
+    assert pairs.input_scale == dm.input_scale and pairs.target_scale != dm.input_scale
+    val_x, val_y = next(iter(pairs.val_dataloader()))
+    assert torch.equal(val_x, next(iter(dm.val_dataloader())))
+    assert pairs.metadata["target_site"] == "blocks.1.hook_mlp_out"
+    # Each target row is its input row's token: the same site as target returns the input.
+    same = LiveActivationDataModule(model=model, text=text, site=dm.site, target_site=dm.site, **SMALL)
+    same.setup("fit")
+    x, y = _first_batches(same, 1)[0]
+    assert torch.equal(x, y)
+
+
 def test_metadata_and_state(dm, source):
     meta = dm.metadata
     assert meta["model"] == source[0] and meta["site"] == "blocks.1.hook_resid_post"

@@ -204,6 +204,12 @@ def test_two_sites_stream_as_aligned_pairs(folder, tmp_path) -> None:
     for x, y in dm.val_dataloader():
         assert torch.equal(y, 2 * x)
     assert dm.target_scale == pytest.approx(dm.input_scale / 2)
+    worker = ShardedActivationDataModule(str(folder), target_path=str(target), batch_size=64, window_tokens=1024,
+                                         num_workers=1)
+    worker.setup("fit")
+    through_worker = list(worker.stream())  # pairs stay tuples through a DataLoader worker
+    assert all(isinstance(p, tuple) and torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
+               for p, q in zip(through_worker, pairs, strict=True))
     assert dm.metadata["target_site"] == "blocks.0.hook_mlp_out"
 
 

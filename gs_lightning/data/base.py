@@ -7,6 +7,12 @@ from typing import Any
 import lightning.pytorch as pl
 
 
+def as_is(batch: Any) -> Any:
+    """A DataLoader ``collate_fn`` that keeps a batch unchanged (the default turns the
+    ``(input, target)`` tuples of paired sites into lists)."""
+    return batch
+
+
 class ActivationDataModule(pl.LightningDataModule):
     """A LightningDataModule whose batches are raw ``[batch_size, d_in]`` activations.
 

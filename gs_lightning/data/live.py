@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from gs_lightning.data.base import ActivationDataModule
+from gs_lightning.data.base import ActivationDataModule, as_is
 from gs_lightning.data.buffer import ShuffleBuffer
 from gs_lightning.data.shard_format import all_finite
 from gs_lightning.errors import ConfigError
@@ -39,7 +39,8 @@ class LiveActivationDataModule(ActivationDataModule):
     """Run a language model over a text and stream shuffled activations of one site.
 
     Batches are raw float32 ``[batch_size, d_in]`` activations of content tokens (BOS,
-    EOS and padding positions are dropped, as in Gemma Scope).
+    EOS and padding positions are dropped, as in Gemma Scope). With ``target_site``,
+    batches are ``(input, target)`` pairs of the same tokens (for transcoders).
 
     Args:
         model: Embedded model name, local directory or Hugging Face hub name.
@@ -59,6 +60,8 @@ class LiveActivationDataModule(ActivationDataModule):
         model_dtype: Dtype the language model runs in.
         revision: Hub revision (branch, tag or commit) of the model.
         seed: Seed of the shuffle buffer; the same seed gives the same batches.
+        target_site: A second site read in the same forward pass, e.g.
+            ``blocks.{L}.hook_mlp_out`` when ``site`` is the MLP input; batches become pairs.
 
     Resuming is approximate: the stream skips the tokens already read (without running
     the model on them) and starts with an empty buffer, so the activations that sat in
@@ -83,6 +86,7 @@ class LiveActivationDataModule(ActivationDataModule):
         model_dtype: ModelDtype = "float32",
         revision: str | None = None,
         seed: int = 0,
+        target_site: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,17 +96,20 @@ class LiveActivationDataModule(ActivationDataModule):
         self.model_batch_size, self.buffer_tokens = model_batch_size, buffer_tokens
         self.input_scaling, self.scale_estimate_tokens = input_scaling, scale_estimate_tokens
         self.val_tokens, self.model_dtype = val_tokens, model_dtype
-        self.revision, self.seed = revision, seed
+        self.revision, self.seed, self.target_site = revision, seed, target_site
         self._validate()
         self._config = load_model_config(model, revision)
         check_site_config(self._config, site)
+        if target_site is not None:
+            check_site_config(self._config, target_site)
         check_context_size(self._config, context_size, model)
         self._d_in: int | None = None
+        self._d_out: int | None = None
         self._lm: Any = None
         self._tokenizer: Any = None
         self._extractor: ActivationExtractor | None = None
-        self._input_scale: float | None = None
-        self._val: torch.Tensor | None = None
+        self._scales: list[float] | None = None
+        self._val: torch.Tensor | None = None  # [n, d_in (+ d_out)]: the sites side by side
         self._batches_yielded = 0
         self._tokens_read = 0
         self._resume_tokens = 0
@@ -138,11 +145,30 @@ class LiveActivationDataModule(ActivationDataModule):
         return self._d_in
 
     @property
+    def d_out(self) -> int:
+        """Width of ``target_site`` (``d_in`` without one)."""
+        if self.target_site is None:
+            return self.d_in
+        if self._d_out is None:
+            self._d_out = site_dim_from_config(self._config, self.target_site)
+        if self._d_out is None:
+            self._load()
+            self._d_out = site_dim(self._lm, self.target_site)
+        return self._d_out
+
+    @property
     def input_scale(self) -> float:
         """Scalar estimated in :meth:`setup` so that the scaled inputs satisfy ``input_scaling``."""
-        if self._input_scale is None:
+        if self._scales is None:
             raise RuntimeError("input_scale is estimated in setup(); call setup() first")
-        return self._input_scale
+        return self._scales[0]
+
+    @property
+    def target_scale(self) -> float:
+        """The same for ``target_site`` (``input_scale`` without one)."""
+        if self._scales is None:
+            raise RuntimeError("target_scale is estimated in setup(); call setup() first")
+        return self._scales[-1]
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -157,18 +183,22 @@ class LiveActivationDataModule(ActivationDataModule):
             "val_split": self.val_split,
             "text_column": self.text_column,
             "input_scaling": self.input_scaling,
-            "input_scale": self._input_scale,
+            "input_scale": None if self._scales is None else self._scales[0],
             "d_in": self.d_in,
+            **({} if self.target_site is None else {
+                "target_site": self.target_site, "d_out": self.d_out,
+                "target_scale": None if self._scales is None else self._scales[1]}),
         }
 
     def setup(self, stage: str | None = None) -> None:
         """Load the model, estimate the input scale and build the validation set (once)."""
         self._load()
         self._lm.to(self._device())
-        if self._input_scale is None:
+        if self._scales is None:
             train = iter_contexts(self._texts(self.text_split), self._tokenizer, self.context_size)
-            chunks = _limit(self._activations(train), self.scale_estimate_tokens)
-            self._input_scale = estimate_input_scale(chunks, self.input_scaling)
+            chunks = [self._split(c) for c in _limit(self._activations(train), self.scale_estimate_tokens)]
+            self._scales = [estimate_input_scale((c[i] for c in chunks), self.input_scaling)
+                            for i in range(len(chunks[0]) if chunks else 1)]
         if self._val is None:
             self._val = self._build_val_set()
 
@@ -178,15 +208,24 @@ class LiveActivationDataModule(ActivationDataModule):
             self._extractor.close()
             self._extractor = None
 
+    def _split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rows of the sites side by side, as one tensor per site."""
+        return (rows,) if self.target_site is None else tuple(rows.split([self.d_in, self.d_out], dim=1))
+
     def train_dataloader(self) -> DataLoader:
-        """An endless, seeded stream of shuffled ``[batch_size, d_in]`` batches."""
-        return DataLoader(_Stream(self._train_batches), batch_size=None, num_workers=0)
+        """An endless, seeded stream of shuffled ``[batch_size, d_in]`` batches (or pairs)."""
+        return DataLoader(_Stream(self._train_batches), batch_size=None, num_workers=0, collate_fn=as_is)
 
     def val_dataloader(self) -> DataLoader:
         """The fixed validation set, in order; the last batch may be smaller."""
         if self._val is None:
             raise RuntimeError("the validation set is built in setup(); call setup() first")
-        return DataLoader(list(self._val.split(self.batch_size)), batch_size=None, num_workers=0)
+        batches = [self._pair(b) for b in self._val.split(self.batch_size)]
+        return DataLoader(batches, batch_size=None, num_workers=0, collate_fn=as_is)
+
+    def _pair(self, rows: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        parts = self._split(rows)
+        return parts[0] if len(parts) == 1 else parts
 
     def state_dict(self) -> dict[str, Any]:
         """Seed and progress of the training stream (resume is approximate; see the class doc)."""
@@ -232,18 +271,22 @@ class LiveActivationDataModule(ActivationDataModule):
                 raise self._too_short(split)
 
     def _activations(self, contexts: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Content-token activations ``[n, d]``, float32 on the model's device, per forward."""
+        """Content-token activations ``[n, d_in (+ d_out)]``, float32 on the model's device, per
+        forward; with a target site its activations sit beside the input's, so one shuffle
+        buffer keeps each pair together."""
+        sites = [self.site] if self.target_site is None else [self.site, self.target_site]
         if self._extractor is None:
-            self._extractor = ActivationExtractor(self._lm, [self.site])
+            self._extractor = ActivationExtractor(self._lm, sites)
         device = next(self._lm.parameters()).device
         while group := list(islice(contexts, self.model_batch_size)):
             ids = torch.stack(group).to(device)
-            acts = self._extractor(ids, torch.ones_like(ids))[self.site]
-            rows = acts[content_mask(ids, self._tokenizer)].float()
+            acts = self._extractor(ids, torch.ones_like(ids))
+            mask = content_mask(ids, self._tokenizer)
+            rows = torch.cat([acts[site][mask].float() for site in sites], dim=1)
             if not all_finite(rows):
                 raise ConfigError(
                     f"model {self.model_name!r} produced NaN or Inf activations at "
-                    f"site {self.site!r} (model_dtype={self.model_dtype!r}; try float32)"
+                    f"site(s) {sites} (model_dtype={self.model_dtype!r}; try float32)"
                 )
             yield rows
 
@@ -255,7 +298,7 @@ class LiveActivationDataModule(ActivationDataModule):
         # Ranks share the text but take strided contexts, and mix with their own seed.
         buffer = ShuffleBuffer(
             self.buffer_tokens,
-            self.d_in,
+            self.d_in + (0 if self.target_site is None else self.d_out),
             self.batch_size,
             seed=self.seed * 65536 + rank,
             device=self._device(),
@@ -265,7 +308,7 @@ class LiveActivationDataModule(ActivationDataModule):
             buffer.add(rows)
             for batch in buffer.batches():
                 self._batches_yielded += 1
-                yield batch
+                yield self._pair(batch)
 
     def _build_val_set(self) -> torch.Tensor:
         contexts = iter_contexts(self._texts(self.val_split), self._tokenizer, self.context_size)

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from gs_lightning.data import files
-from gs_lightning.data.base import ActivationDataModule
+from gs_lightning.data.base import ActivationDataModule, as_is
 from gs_lightning.data.memory import OrderedBatches
 from gs_lightning.data.reader import Batch, Block, EpochPlan, WindowReader, blocks_per_window
 from gs_lightning.data.shard_format import MANIFEST, check_header, read_manifest, scale_from_statistics
@@ -62,7 +62,7 @@ class _EpochStream:
             batches: Any = dm.reader.batches(plan, self.rank)
         else:
             batches = DataLoader(_WorkerShare(dm.reader, plan, self.rank), batch_size=None,
-                                 num_workers=dm.num_workers, pin_memory=dm.reader.pin_memory)
+                                 num_workers=dm.num_workers, pin_memory=dm.reader.pin_memory, collate_fn=as_is)
         for batch in batches:
             yield _to_float(batch) if self.as_float else batch
 
