@@ -1,7 +1,8 @@
 """``python -m gs_lightning evaluate``: measure saved SAEs as the Gemma Scope report does.
 
-For each SAE folder (written by ``callbacks.SaveSAE``): L0, FVU (pooled, about the mean,
-on raw activations), dead fraction (latents that never fire on the evaluation tokens),
+For each SAE folder (written by ``callbacks.SaveSAE``): L0, FVU and explained variance
+(pooled, about the mean, on raw activations), dead fraction (latents that never fire on
+the evaluation tokens), dense fraction (latents firing on over 10% of them),
 and delta LM loss / KL / loss recovered with the SAE spliced into the model. The model,
 site and text come from each SAE's ``config.json``; results go to a CSV and a JSON table.
 """
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from gs_lightning.errors import ConfigError
 from gs_lightning.io import load_sae, load_sae_config
 from gs_lightning.lm import load_language_model
-from gs_lightning.metrics import PooledFVU
+from gs_lightning.metrics import FiringStatistics, PooledFVU, explained_variance
 from gs_lightning.plots import plot_density, plot_frontier
 from gs_lightning.saes import SAE
 from gs_lightning.sites import ActivationExtractor
@@ -30,17 +31,16 @@ from gs_lightning.text import content_mask, iter_contexts, iter_texts
 
 # A latent firing on more than this fraction of tokens counts as dense.
 DENSE_THRESHOLD = 0.1
-COLUMNS = ("sae", "site", "d_sae", "l0", "fvu", "dead_frac", "dense_frac", "delta_loss", "kl", "loss_recovered",
-           "ce_clean", "ce_spliced", "ce_zero_ablated", "tokens")
+COLUMNS = ("sae", "site", "d_sae", "l0", "fvu", "explained_variance", "dead_frac", "dense_frac", "delta_loss",
+           "kl", "loss_recovered", "ce_clean", "ce_spliced", "ce_zero_ablated", "tokens")
 
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, contexts: list[torch.Tensor],
-                           batch_size: int) -> dict[str, float]:
-    """Pooled L0, FVU, dead fraction and per-latent firing rate (``density``) of ``sae``
-    on the content tokens of ``contexts``."""
-    fvu, active_total, tokens = PooledFVU(sae.d_in), 0.0, 0
-    fires = torch.zeros(sae.d_sae, dtype=torch.float64)
+                           batch_size: int) -> dict[str, Any]:
+    """Pooled L0, FVU, explained variance, dead and dense fractions and per-latent firing
+    rate (``density``) of ``sae`` on the content tokens of ``contexts``."""
+    fvu, firing = PooledFVU(sae.d_in), FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
     device = next(model.parameters()).device
     with ActivationExtractor(model, [site]) as extract:
         for start in range(0, len(contexts), batch_size):
@@ -48,13 +48,12 @@ def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, cont
             x = extract(ids)[site][content_mask(ids, tokenizer)].float()
             f = sae.encode(x)
             fvu.update(x.cpu(), sae.decode(f).cpu())
-            active = (f != 0).cpu()
-            active_total += float(active.sum())
-            fires += active.sum(0)
-            tokens += x.shape[0]
-    density = fires / tokens
-    return {"l0": active_total / tokens, "fvu": float(fvu.compute()), "dead_frac": float((fires == 0).float().mean()),
-            "dense_frac": float((density > DENSE_THRESHOLD).float().mean()), "density": density}
+            firing.update(f.cpu())
+    stats = firing.compute()
+    pooled = float(fvu.compute())
+    return {"l0": float(stats["l0"]), "fvu": pooled, "explained_variance": explained_variance(pooled),
+            "dead_frac": float(stats["dead_frac"]), "dense_frac": float(stats["dense_frac"]),
+            "density": stats["density"], "tokens": int(firing.tokens)}
 
 
 def evaluate(

@@ -39,6 +39,42 @@ class PooledFVU(Metric):
         return (self.sse / total_var).float()
 
 
+class FiringStatistics(Metric):
+    """How often each latent fires, pooled over every update (and every rank).
+
+    ``compute`` returns L0 (mean active latents per token), the dead fraction (latents
+    that never fired on these tokens), the dense fraction (latents firing on more than
+    ``dense_threshold`` of tokens) and the per-latent firing rate (feature density).
+    """
+
+    full_state_update = False
+
+    def __init__(self, d_sae: int, dense_threshold: float = 0.1) -> None:
+        super().__init__()
+        self.dense_threshold = dense_threshold
+        self.add_state("fires", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, f: Tensor) -> None:  # type: ignore[override]
+        active = (f.detach() != 0).reshape(-1, f.shape[-1])
+        self.fires += active.sum(0, dtype=torch.float64)
+        self.tokens += active.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        density = self.fires / self.tokens
+        return {
+            "l0": self.fires.sum() / self.tokens,
+            "dead_frac": (self.fires == 0).double().mean(),
+            "dense_frac": (density > self.dense_threshold).double().mean(),
+            "density": density,
+        }
+
+
+def explained_variance(fvu: Tensor | float) -> Tensor | float:
+    """Explained variance, ``1 - FVU`` (both about the mean)."""
+    return 1 - fvu
+
+
 def batch_fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     """FVU of one batch about the batch mean (for training logs; eval uses :class:`PooledFVU`)."""
     x = x.detach().float()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gs_lightning.metrics import PooledFVU, batch_fvu
+from gs_lightning.metrics import FiringStatistics, PooledFVU, batch_fvu, explained_variance
 from gs_lightning.schedules import lr_factor, sparsity_warmup
 
 
@@ -68,3 +68,15 @@ def test_validation_metrics_pool_over_tokens_not_batches() -> None:
     module.validation_step(torch.tensor([[1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]]), 1)  # l0 1, 0, 0; mse 2 each
     assert module.val_l0.compute().item() == pytest.approx(3 / 4)  # per-batch mean of means would say 1.17
     assert module.val_mse.compute().item() == pytest.approx(2.0)
+
+
+def test_firing_statistics_by_hand() -> None:
+    stats = FiringStatistics(3, dense_threshold=0.5)
+    stats.update(torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]))
+    stats.update(torch.tensor([[0.0, 3.0, 0.0]]))
+    out = stats.compute()
+    assert float(out["l0"]) == pytest.approx(1.0)  # 3 activations over 3 tokens
+    assert float(out["dead_frac"]) == pytest.approx(1 / 3)  # latent 2 never fired
+    assert float(out["dense_frac"]) == pytest.approx(1 / 3)  # latent 1 fired on 2 of 3 tokens
+    torch.testing.assert_close(out["density"], torch.tensor([1 / 3, 2 / 3, 0.0], dtype=torch.float64))
+    assert explained_variance(0.25) == 0.75
