@@ -1,0 +1,92 @@
+"""Pictures of a run at the end of ``fit``: the sparsity-fidelity frontier and feature density."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from gs_lightning.metrics import FiringStatistics, PooledFVU
+from gs_lightning.plots import plot_density, plot_frontier
+
+
+class SavePlots(pl.Callback):
+    """Write ``frontier.png`` (L0 against FVU and delta LM loss, one point per SAE: one for a
+    single SAE, K for a packed sweep) and ``density.png`` (log10 firing rate per latent on
+    the validation set) into ``dirpath``; when a W&B logger is on, log both images and a
+    density histogram per SAE there too.
+
+    L0, FVU and density are measured on the validation set with the final weights; the
+    delta LM loss comes from the ``DeltaLMLoss`` callback when it ran on the final weights.
+
+    Args:
+        dirpath: Output folder; default ``<log_dir>/plots`` (``<default_root_dir>/plots``
+            without a logger).
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.paths: dict[str, Path] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.densities: dict[str, torch.Tensor] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated_at = trainer.global_step
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "plots")
+        folder.mkdir(parents=True, exist_ok=True)
+        saes = pl_module.named_saes()
+        stats = self._measure(trainer, pl_module, saes)
+        self.rows, self.densities = [], {}
+        for name, (firing, fvu) in stats.items():
+            figures = firing.compute()
+            row = {"sae": name, "l0": float(figures["l0"]), "fvu": float(fvu.compute())}
+            # delta LM loss only when the last validation saw the final weights.
+            key = "val/delta_loss" + ("" if name == "sae" else f"/{name}")
+            if key in trainer.callback_metrics and getattr(self, "_validated_at", None) == trainer.global_step:
+                row["delta_loss"] = float(trainer.callback_metrics[key])
+            self.rows.append(row)
+            self.densities[name] = figures["density"]
+        if self.rows:
+            self.paths["frontier"] = plot_frontier(self.rows, folder / "frontier.png")
+            self.paths["density"] = plot_density(self.densities, folder / "density.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                _to_wandb(logger, self.paths, self.densities, trainer.global_step)
+
+    @staticmethod
+    @torch.no_grad()
+    def _measure(trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 saes: list[tuple[str | None, Any]]) -> dict[str, tuple[FiringStatistics, PooledFVU]]:
+        """Firing statistics and pooled FVU of each SAE's final weights on the validation set."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            return {}
+        stats = {name or "sae": (FiringStatistics(sae.d_sae), PooledFVU(sae.d_in)) for name, sae in saes}
+        scale = pl_module.input_scale.float()
+        for batch in datamodule.val_dataloader():
+            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(pl_module.device).float()
+            for name, sae in saes:
+                f = sae.encode(x * scale)
+                firing, fvu = stats[name or "sae"]
+                firing.update(f.cpu())
+                fvu.update(x.cpu(), (sae.decode(f) / scale).cpu())
+        return {name: s for name, s in stats.items() if s[0].tokens > 0}
+
+
+def _to_wandb(logger: WandbLogger, paths: dict[str, Path], densities: dict[str, torch.Tensor], step: int) -> None:
+    import wandb
+
+    for key, path in paths.items():
+        logger.log_image(key=f"plots/{key}", images=[str(path)], step=step)
+    histograms = {}
+    for name, density in densities.items():
+        alive = density[density > 0].double().log10()
+        histograms[f"plots/log10_density/{name}"] = wandb.Histogram(alive.numpy())
+    logger.experiment.log({**histograms, "trainer/global_step": step})
