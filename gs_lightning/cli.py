@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.errors import ConfigError
 from gs_lightning.module import SAETrainingModule, check_widths
+from gs_lightning.record import RecordingSaveConfigCallback
 
 
 class GSLightningCLI(LightningCLI):
@@ -70,6 +71,7 @@ def main(args: list[str] | None = None) -> GSLightningCLI | None:
         model_class=SAETrainingModule,
         datamodule_class=ActivationDataModule,
         subclass_mode_data=True,
+        save_config_callback=RecordingSaveConfigCallback,  # config.yaml, run.json, metrics.json
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "prog": "python -m gs_lightning",

@@ -1,0 +1,52 @@
+"""Run records: resolved config, versions, code and data identity, final metrics; a recorded
+config re-runs to the same SAE."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+import yaml
+
+from gs_lightning.cli import main
+from gs_lightning.io import load_sae
+from tests.test_cli import _config
+from tests.test_shards import write_folder
+
+
+def _run(config: dict, root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    (run,) = (root / "run" / "lightning_logs").iterdir()
+    return run
+
+
+def test_run_directory_records_the_run_and_reruns_to_the_same_sae(tmp_path) -> None:
+    shards = write_folder(tmp_path / "shards", n_shards=6, rows=512)
+    config = _config(tmp_path / "first", **{"trainer.max_steps": 30, "trainer.val_check_interval": 15})
+    config["model"]["sae"]["init_args"]["d_in"] = 8
+    config["data"] = {"class_path": "gs_lightning.data.ShardedActivationDataModule",
+                      "init_args": {"path": str(shards), "batch_size": 128, "window_tokens": 1024}}
+    run = _run(config, tmp_path / "first")
+    record = json.loads((run / "run.json").read_text())
+    assert record["packages"]["torch"] == torch.__version__
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True).stdout.strip()
+    assert record["code"]["git_commit"] == head
+    manifest_sha = __import__("hashlib").sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    assert record["data"]["manifests"] == {str(shards): manifest_sha}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 30 and {"val/fvu", "val/l0", "train/loss"} <= set(metrics["metrics"])
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["seed_everything"] == 0 and resolved["model"]["lr"] == 2e-3  # every value, defaults too
+    assert resolved["model"]["adam_betas"] == [0.0, 0.999]
+    # Re-running the recorded config (elsewhere) reproduces the SAE bit for bit.
+    resolved["trainer"]["default_root_dir"] = str(tmp_path / "again" / "run")
+    rerun = _run(resolved, tmp_path / "again")
+    first, second = load_sae(run / "sae"), load_sae(rerun / "sae")
+    for (key, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
