@@ -5,8 +5,9 @@ gs_lightning is installed, not only from the repository root.
 """
 
 from callbacks.delta_lm_loss import DeltaLMLoss
+from callbacks.preemption import SaveOnSigterm
 from callbacks.plots import SavePlots
 from callbacks.save_sae import SaveSAE
 from callbacks.summary import FinalSummary
 
-__all__ = ["DeltaLMLoss", "SavePlots", "SaveSAE", "FinalSummary"]
+__all__ = ["DeltaLMLoss", "SavePlots", "SaveSAE", "FinalSummary", "SaveOnSigterm"]
