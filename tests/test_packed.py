@@ -77,6 +77,22 @@ def test_packed_fused_function_is_a_batch_of_single_calls() -> None:
             torch.testing.assert_close(a, b)
 
 
+def test_packed_fused_step_under_bf16_autocast_matches_the_single_step() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(32, D)
+    saes = [JumpReLUSAE(D, S, sparsity_coefficient=c, threshold_init=0.1, threshold_parameterization="raw")
+            for c in (0.1, 0.3)]
+    reference = [copy.deepcopy(s).train() for s in saes]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = PackedSAE(saes, ["a", "b"]).train().training_outputs(x)
+        expected = [ref.training_output(x) for ref in reference]
+    sum(sum(o.losses.values()) for o in outs + expected).backward()
+    for sae, ref, out, exp in zip(saes, reference, outs, expected):
+        torch.testing.assert_close(out.losses["mse"], exp.losses["mse"], rtol=1e-2, atol=1e-3)
+        assert sae.raw_threshold.grad.dtype == torch.float32 and sae.W_enc.grad.dtype == torch.float32
+        torch.testing.assert_close(sae.W_dec.grad, ref.W_dec.grad, rtol=2e-2, atol=2e-3)
+
+
 def _members(module: SAETrainingModule) -> list[SAE]:
     return [sae for _, sae in module.named_saes()]
 
