@@ -9,5 +9,6 @@ from callbacks.preemption import SaveOnSigterm
 from callbacks.plots import SavePlots
 from callbacks.save_sae import SaveSAE
 from callbacks.summary import FinalSummary
+from callbacks.throughput import Throughput
 
-__all__ = ["DeltaLMLoss", "SavePlots", "SaveSAE", "FinalSummary", "SaveOnSigterm"]
+__all__ = ["DeltaLMLoss", "SavePlots", "SaveSAE", "FinalSummary", "SaveOnSigterm", "Throughput"]
