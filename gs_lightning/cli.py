@@ -52,11 +52,13 @@ EXTRA_SUBCOMMANDS = {
     "harvest": "gs_lightning.harvest:harvest_main",
     "evaluate": "gs_lightning.evaluate:evaluate_main",
     "export": "gs_lightning.export:export_main",
+    "sweep": "gs_lightning.sweep:sweep_main",
 }
 DESCRIPTION = (
     "Train and validate sparse autoencoders on language-model activations. Also: "
     "'harvest' (write activation shards), 'evaluate' (L0, FVU, delta LM loss of saved SAEs), "
-    "'export' (Gemma Scope / SAELens layouts); each takes --help."
+    "'export' (Gemma Scope / SAELens layouts), 'sweep' (run a W&B sweep file offline); "
+    "each takes --help."
 )
 
 
