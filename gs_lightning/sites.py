@@ -3,6 +3,7 @@
 A site is a string, either a TransformerLens hook name as SAELens uses them::
 
     blocks.{L}.hook_resid_post   output of decoder layer L (== hidden_states[L+1])
+    blocks.{L}.hook_mlp_in       input of the MLP (after pre_feedforward_layernorm in Gemma 2)
     blocks.{L}.hook_mlp_out      output of post_feedforward_layernorm (Gemma 2) or of .mlp
     blocks.{L}.attn.hook_z       input of the attention output projection (heads concatenated)
 
@@ -26,10 +27,10 @@ from transformers import PretrainedConfig
 
 from gs_lightning.errors import ConfigError
 
-_TL_SITE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|attn\.hook_z)$")
+_TL_SITE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_in|hook_mlp_out|attn\.hook_z)$")
 _MODULE_SITE = re.compile(r"^([A-Za-z_][\w.]*):(input|output)$")
 _FORMS = (
-    "blocks.{L}.hook_resid_post, blocks.{L}.hook_mlp_out, blocks.{L}.attn.hook_z, "
+    "blocks.{L}.hook_resid_post, blocks.{L}.hook_mlp_in, blocks.{L}.hook_mlp_out, blocks.{L}.attn.hook_z, "
     "'<module.path>:output' or '<module.path>:input'"
 )
 
@@ -47,6 +48,7 @@ LAYER_LIST_PATHS = (
     "h",
 )
 _MLP_OUT_PATHS = ("post_feedforward_layernorm", "mlp")
+_MLP_PATHS = ("mlp",)  # its input is the MLP input (after the pre-MLP norm)
 _ATTN_OUT_PROJ_PATHS = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attn.out_proj")
 
 
@@ -55,7 +57,7 @@ class SiteSpec:
     """A parsed site: ``layer`` is set for TransformerLens names, ``path`` for module paths."""
 
     site: str
-    hook: Literal["resid_post", "mlp_out", "attn_z", "module"]
+    hook: Literal["resid_post", "mlp_in", "mlp_out", "attn_z", "module"]
     layer: int | None = None
     path: str | None = None
     io: Literal["input", "output"] = "output"
@@ -65,8 +67,9 @@ def parse_site(site: str) -> SiteSpec:
     """Parse a site string (syntax only; see :func:`resolve_site` for the module)."""
     m = _TL_SITE.match(site)
     if m:
-        hook = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "attn.hook_z": "attn_z"}
-        io = "input" if m.group(2) == "attn.hook_z" else "output"
+        hook = {"hook_resid_post": "resid_post", "hook_mlp_in": "mlp_in", "hook_mlp_out": "mlp_out",
+                "attn.hook_z": "attn_z"}
+        io = "input" if m.group(2) in ("attn.hook_z", "hook_mlp_in") else "output"
         return SiteSpec(site, hook[m.group(2)], layer=int(m.group(1)), io=io)
     m = _MODULE_SITE.match(site)
     if m:
@@ -157,6 +160,8 @@ def resolve_site(model: nn.Module, site: str) -> tuple[nn.Module, Literal["input
         return layer, "output"
     if spec.hook == "mlp_out":
         return _first_submodule(layer, _MLP_OUT_PATHS, site), "output"
+    if spec.hook == "mlp_in":
+        return _first_submodule(layer, _MLP_PATHS, site), "input"
     return _first_submodule(layer, _ATTN_OUT_PROJ_PATHS, site), "input"
 
 

@@ -86,6 +86,15 @@ def test_mlp_out_is_post_feedforward_layernorm(gemma, ids):
     torch.testing.assert_close(acts["blocks.1.hook_mlp_out"], ref)
 
 
+def test_mlp_in_is_pre_feedforward_layernorm_output(gemma, ids):
+    # The MLP sees the normed residual: the transcoder input Gemma Scope used.
+    ref = _reference(gemma, gemma.model.layers[1].pre_feedforward_layernorm, ids, "output")
+    acts = _extract(gemma, ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"], ids)
+    torch.testing.assert_close(acts["blocks.1.hook_mlp_in"], ref)
+    mlp_out = gemma.model.layers[1].post_feedforward_layernorm(gemma.model.layers[1].mlp(ref))
+    torch.testing.assert_close(acts["blocks.1.hook_mlp_out"], mlp_out)
+
+
 def test_hook_z_is_o_proj_input(gemma, ids):
     ref = _reference(gemma, gemma.model.layers[2].self_attn.o_proj, ids, "input")
     acts = _extract(gemma, ["blocks.2.attn.hook_z"], ids)
