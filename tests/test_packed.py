@@ -236,3 +236,17 @@ def test_cli_trains_a_packed_sweep_from_yaml(tmp_path: Path, capsys) -> None:
         assert meta["sweep_member"] == folder.parent.name and meta["global_step"] == 40
         assert 0 < meta["final_metrics"]["val/fvu"] < 1 and meta["final_metrics"]["val/l0"] > 0
         assert f"saved SAE to {folder}" in out and f"[{folder.parent.name}]" in out
+
+
+def test_sweep_checkpoint_restores_every_member(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    sweep = {"sparsity_coefficient": [1e-3, 1e-2], "lr": [1e-3, 3e-3]}
+    module = SAETrainingModule(JumpReLUSAE(D, S), lr_warmup_steps=2, sweep=sweep)
+    trainer = _fit(module, 5)
+    trainer.save_checkpoint(tmp_path / "sweep.ckpt")
+    restored = SAETrainingModule.load_from_checkpoint(tmp_path / "sweep.ckpt", sae=JumpReLUSAE(D, S))
+    assert restored.hparams.sweep == sweep and restored.sae.names == module.sae.names
+    for a, b in zip(_members(module), _members(restored)):
+        for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+            assert torch.equal(p, q)
+    assert torch.equal(restored.tokens_since_fired, module.tokens_since_fired)
