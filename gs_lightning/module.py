@@ -7,8 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from gs_lightning.errors import ConfigError
