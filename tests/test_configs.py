@@ -78,3 +78,27 @@ def test_small_config_runs(path: Path, tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "final (step 6): val/l0" in out
     assert list(tmp_path.rglob("sae/sae.safetensors"))
+
+
+OVERLAYS = sorted((Path(__file__).parent.parent / "configs" / "overlays").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: p.name)
+def test_overlay_parses_on_top_of_the_quickstart(path: Path, capsys) -> None:
+    """An overlay adds to a run's config (e.g. the W&B logger); its keys must be CLI options."""
+    root = Path(__file__).parent.parent
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(root / "configs" / "quickstart.yaml"), "--config", str(path), "--print_config"])
+    assert exit_.value.code in (0, None)
+    merged = yaml.safe_load(capsys.readouterr().out)
+    overlay = yaml.safe_load(path.read_text())
+    _assert_contains(merged, overlay, "")  # everything the overlay sets is in the merged config
+
+
+def _assert_contains(merged, overlay, where: str) -> None:
+    if isinstance(overlay, dict):
+        for key, value in overlay.items():
+            assert key in merged, f"{where}{key} missing"
+            _assert_contains(merged[key], value, f"{where}{key}.")
+    else:
+        assert merged == overlay, where
