@@ -47,9 +47,14 @@ def device_name(device: torch.device) -> str:
 
 
 def sae_flops_per_token(pl_module: pl.LightningModule) -> float:
-    """``12 * d_in * d_sae`` per SAE trained (encode, decode and their backward), summed over a sweep's K."""
+    """``12 * d_in * d_sae`` per SAE trained, summed over a sweep's K.
+
+    Forward and backward of encode and decode (2 + 4 FLOPs per weight each): ``6 * d_sae *
+    (d_in + d_out)``, which is ``12 * d_in * d_sae`` for an SAE (a transcoder's ``d_out``
+    may differ).
+    """
     named = pl_module.named_saes() if hasattr(pl_module, "named_saes") else [(None, pl_module.sae)]
-    return float(sum(12 * sae.d_in * sae.d_sae for _, sae in named))
+    return float(sum(6 * sae.d_sae * (sae.d_in + (getattr(sae, "d_out", None) or sae.d_in)) for _, sae in named))
 
 
 class Throughput(pl.Callback):

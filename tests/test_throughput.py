@@ -100,3 +100,15 @@ def test_tpu_name_from_the_accelerator_type(monkeypatch, accelerator: str, name:
 def test_flops_per_token_of_one_sae() -> None:
     module = SAETrainingModule(JumpReLUSAE(2304, 16384))
     assert sae_flops_per_token(module) == 12 * 2304 * 16384  # 452,984,832
+
+
+def test_flops_per_token_of_a_transcoder() -> None:
+    class Transcoder:  # only the widths matter
+        d_in, d_sae, d_out = 100, 1000, 300
+
+    class Module:
+        def named_saes(self):
+            return [(None, Transcoder())]
+
+    # Encoder 100 x 1000 and decoder 1000 x 300 weights, 6 FLOPs each a token.
+    assert sae_flops_per_token(Module()) == 6 * (100 * 1000 + 1000 * 300)
