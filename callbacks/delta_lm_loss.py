@@ -43,7 +43,8 @@ class DeltaLMLoss(pl.Callback):
             raise ConfigError(f"callbacks.DeltaLMLoss needs the data's {missing}; "
                               f"{type(trainer.datamodule).__name__} does not record them")
         model, tokenizer = load_language_model(meta["model"], revision=meta.get("revision"))
-        self._lm = (model.to(pl_module.device), tokenizer, meta["site"])
+        # A transcoder reads `site` and replaces `target_site`.
+        self._lm = (model.to(pl_module.device), tokenizer, meta["site"], meta.get("target_site"))
         texts = iter_texts(meta["text"], split=meta.get("val_split", "validation"),
                            column=meta.get("text_column", "text"))
         self._contexts = list(itertools.islice(iter_contexts(texts, tokenizer, meta["context_size"]), self.n_contexts))
@@ -51,10 +52,13 @@ class DeltaLMLoss(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self._lm is None:
             return
-        model, tokenizer, site = self._lm
+        model, tokenizer, site, target_site = self._lm
         named = pl_module.named_saes() if hasattr(pl_module, "named_saes") else [(None, pl_module.sae)]
         for name, sae in named:
-            result = delta_lm_loss(model, tokenizer, sae, site, self._contexts, self.batch_size,
-                                   input_scale=float(pl_module.input_scale))
+            target_scale = getattr(pl_module, "target_scale", None)
+            result = delta_lm_loss(model, tokenizer, sae, target_site or site, self._contexts, self.batch_size,
+                                   input_scale=float(pl_module.input_scale),
+                                   source_site=site if target_site else None,
+                                   target_scale=None if target_scale is None else float(target_scale))
             for key in ("delta_loss", "kl", "loss_recovered", "ce_clean"):
                 pl_module.log(metric_key(f"val/{key}", name), result[key], on_epoch=True)

@@ -68,15 +68,18 @@ class SavePlots(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             return {}
-        stats = {name or "sae": (FiringStatistics(sae.d_sae), PooledFVU(sae.d_in)) for name, sae in saes}
+        stats = {name or "sae": (FiringStatistics(sae.d_sae), PooledFVU(sae.out_width)) for name, sae in saes}
         scale = pl_module.input_scale.float()
+        out_scale = getattr(pl_module, "target_scale", pl_module.input_scale).float()
         for batch in datamodule.val_dataloader():
-            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(pl_module.device).float()
+            pair = isinstance(batch, (tuple, list))
+            x = (batch[0] if pair else batch).to(pl_module.device).float()
+            y = batch[1].to(pl_module.device).float() if pair else x  # a transcoder's target
             for name, sae in saes:
                 f = sae.encode(x * scale)
                 firing, fvu = stats[name or "sae"]
                 firing.update(f.cpu())
-                fvu.update(x.cpu(), (sae.decode(f) / scale).cpu())
+                fvu.update(y.cpu(), (sae.decode(f) / out_scale).cpu())
         return {name: s for name, s in stats.items() if s[0].tokens > 0}
 
 

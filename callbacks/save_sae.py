@@ -38,7 +38,9 @@ class SaveSAE(pl.Callback):
             if name is not None:
                 metadata["sweep_member"] = name
             target = path if name is None else path.parent / name / path.name
-            self.saved_paths[name] = save_sae(sae, target, float(pl_module.input_scale), metadata)
+            target_scale = getattr(pl_module, "target_scale", None)
+            self.saved_paths[name] = save_sae(sae, target, float(pl_module.input_scale), metadata,
+                                              None if target_scale is None else float(target_scale))
             print(f"saved SAE to {self.saved_paths[name]}", flush=True)
         self.saved_path = next(iter(self.saved_paths.values()))
 

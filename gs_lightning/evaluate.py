@@ -37,17 +37,22 @@ COLUMNS = ("sae", "site", "d_sae", "l0", "fvu", "explained_variance", "dead_frac
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, contexts: list[torch.Tensor],
-                           batch_size: int) -> dict[str, Any]:
+                           batch_size: int, target_site: str | None = None) -> dict[str, Any]:
     """Pooled L0, FVU, explained variance, dead and dense fractions and per-latent firing
-    rate (``density``) of ``sae`` on the content tokens of ``contexts``."""
-    fvu, firing = PooledFVU(sae.d_in), FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
+    rate (``density``) of ``sae`` on the content tokens of ``contexts``; a transcoder reads
+    ``site`` and is scored on ``target_site``."""
+    fvu, firing = PooledFVU(sae.out_width), FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
     device = next(model.parameters()).device
-    with ActivationExtractor(model, [site]) as extract:
+    sites = [site] if target_site is None else [site, target_site]
+    with ActivationExtractor(model, sites) as extract:
         for start in range(0, len(contexts), batch_size):
             ids = torch.stack(contexts[start : start + batch_size]).to(device)
-            x = extract(ids)[site][content_mask(ids, tokenizer)].float()
+            acts = extract(ids)
+            mask = content_mask(ids, tokenizer)
+            x = acts[site][mask].float()
+            y = acts[sites[-1]][mask].float()
             f = sae.encode(x)
-            fvu.update(x.cpu(), sae.decode(f).cpu())
+            fvu.update(y.cpu(), sae.decode(f).cpu())
             firing.update(f.cpu())
     stats = firing.compute()
     pooled = float(fvu.compute())
@@ -85,10 +90,13 @@ def evaluate(
         contexts = list(itertools.islice(iter_contexts(texts, tokenizer, context_size or meta["context_size"]),
                                          n_contexts))
         sae = load_sae(path)
-        row: dict[str, Any] = {"sae": str(path), "site": meta["site"], "d_sae": sae.d_sae}
-        row.update(reconstruction_metrics(sae, model, tokenizer, meta["site"], contexts, batch_size))
+        target_site = meta.get("target_site")  # a transcoder reads site, replaces target_site
+        row: dict[str, Any] = {"sae": str(path), "site": meta["site"] if target_site is None
+                               else f"{meta['site']} -> {target_site}", "d_sae": sae.d_sae}
+        row.update(reconstruction_metrics(sae, model, tokenizer, meta["site"], contexts, batch_size, target_site))
         densities[str(path)] = row.pop("density")
-        spliced = delta_lm_loss(model, tokenizer, sae, meta["site"], contexts, batch_size)
+        spliced = delta_lm_loss(model, tokenizer, sae, target_site or meta["site"], contexts, batch_size,
+                                source_site=meta["site"] if target_site else None)
         row.update({k: spliced[k] for k in COLUMNS if k in spliced})
         rows.append(row)
     _write_table(rows, Path(output))

@@ -94,7 +94,9 @@ def load_gemma_scope(path: str | Path) -> JumpReLUSAE:
 def _build_jumprelu(tensors: dict[str, Tensor], source: Path) -> JumpReLUSAE:
     _check_shapes(tensors, source)
     d_in, d_sae = tensors["W_enc"].shape
-    sae = JumpReLUSAE(d_in, d_sae, threshold_parameterization="raw", fused=False)
+    d_out = tensors["W_dec"].shape[1]  # a transcoder (e.g. Gemma Scope's MLP transcoders) may differ
+    sae = JumpReLUSAE(d_in, d_sae, threshold_parameterization="raw", fused=False,
+                      d_out=None if d_out == d_in else d_out)
     sae.load_canonical_state_dict(tensors)
     return sae.eval()
 
@@ -103,7 +105,9 @@ def _check_shapes(tensors: dict[str, Tensor], source: Path) -> None:
     if tensors["W_enc"].dim() != 2:
         raise ConfigError(f"{source}: W_enc must be 2-D [d_in, d_sae], got {list(tensors['W_enc'].shape)}")
     d_in, d_sae = tensors["W_enc"].shape
-    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
+    # b_dec sets the output width: d_in for an SAE, the target site's for a transcoder.
+    d_out = tensors["b_dec"].shape[0] if tensors["b_dec"].dim() == 1 else d_in
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,),
                 "threshold": (d_sae,)}
     for key, shape in expected.items():
         if key in tensors and tuple(tensors[key].shape) != shape:
@@ -114,6 +118,11 @@ def export_saelens(
     sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None, feature_density: Tensor | None = None
 ) -> Path:
     """Write an SAELens folder; ``metadata`` uses gs_lightning's keys (model, site, ...)."""
+    if sae.is_transcoder:
+        raise ConfigError(
+            f"a transcoder ({sae.d_in} -> {sae.d_out}) has no SAELens SAE layout here; "
+            "export it in the Gemma Scope layout (params.npz), which holds transcoders too"
+        )
     architecture = "standard" if isinstance(sae, ReLUSAE) else "jumprelu"
     tensors = jumprelu_tensors(sae)
     if architecture == "standard":

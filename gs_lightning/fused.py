@@ -70,6 +70,7 @@ class FusedJumpReLULoss(torch.autograd.Function):
         bandwidth: float,
         workspace: Workspace,
         compute_dtype: torch.dtype,
+        target: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):  # casts are explicit here
             B, S, cd, dev = x.shape[0], W_enc.shape[1], compute_dtype, x.device
@@ -90,7 +91,8 @@ class FusedJumpReLULoss(torch.autograd.Function):
             l0 = fire_counts.sum() / B
             f = pre.mul_(mask)  # the pre-activation buffer now holds f
             x_hat = torch.addmm(b_dec.to(cd), f, W_dec.to(cd)).float()
-            err = x_hat - x.float()
+            # A transcoder reconstructs another site's activations of the same tokens.
+            err = x_hat - (x if target is None else target).float()
             mse = err.pow(2).sum() / B
         workspace.generation += 1
         ctx.generation = workspace.generation
@@ -135,6 +137,7 @@ class FusedJumpReLULoss(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -148,10 +151,11 @@ def fused_jumprelu_loss(
     bandwidth: float,
     workspace: Workspace,
     compute_dtype: torch.dtype | None = None,
+    target: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Functional entry point of :class:`FusedJumpReLULoss` (see its docstring)."""
     return FusedJumpReLULoss.apply(
-        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype
+        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype, target
     )
 
 
@@ -180,6 +184,7 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
         bandwidth: Tensor,
         workspace: Workspace,
         compute_dtype: torch.dtype,
+        target: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):  # casts are explicit here
             (K, d, S), B, cd, dev = W_enc.shape, x.shape[0], compute_dtype, x.device
@@ -201,12 +206,13 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
             fire_counts = mask.sum(1, dtype=torch.float32)
             l0 = fire_counts.sum(1) / B
             f = pre.mul_(mask)  # the pre-activation buffer now holds f
-            x_hat = torch.empty(K, B, d, dtype=cd, device=dev)
+            x_hat = torch.empty(K, B, W_dec.shape[2], dtype=cd, device=dev)  # d_out for a transcoder
             W_dec_c, b_dec_c = W_dec.to(cd), b_dec.to(cd)
             for k in range(K):
                 torch.addmm(b_dec_c[k], f[k], W_dec_c[k], out=x_hat[k])
             x_hat = x_hat.float()
-            err = x_hat - x.float()
+            # A transcoder reconstructs another site's activations of the same tokens.
+            err = x_hat - (x if target is None else target).float()
             mse = err.pow(2).sum((1, 2)) / B
         workspace.generation += 1
         ctx.generation = workspace.generation
@@ -231,7 +237,7 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
         near = ws.get("near", (K, B, S), cd, dev)
         g = (err * (2.0 * grad_mse.view(K, 1, 1) / B)).to(cd)
         grad_b_dec = g.float().sum(1)
-        grad_W_dec = torch.empty(K, S, d, dtype=cd, device=dev)
+        grad_W_dec = torch.empty(K, S, W_dec.shape[2], dtype=cd, device=dev)  # d_out for a transcoder
         g_f = ws.get("g_f", (K, B, S), cd, dev)
         W_dec_c = W_dec.to(cd)
         for k in range(K):
@@ -258,6 +264,7 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -271,8 +278,9 @@ def fused_packed_jumprelu_loss(
     bandwidth: Tensor,
     workspace: Workspace,
     compute_dtype: torch.dtype | None = None,
+    target: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Functional entry point of :class:`FusedPackedJumpReLULoss` (see its docstring)."""
     return FusedPackedJumpReLULoss.apply(
-        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype
+        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype, target
     )

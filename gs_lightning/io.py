@@ -28,19 +28,22 @@ CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 
 
-def save_sae(sae: SAE, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
-    """Save ``sae`` so that it takes raw activations (``input_scale`` folded in).
+def save_sae(sae: SAE, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None,
+             target_scale: float | None = None) -> Path:
+    """Save ``sae`` so that it takes raw activations (``input_scale`` folded in) and, for a
+    transcoder, reconstructs raw target activations (``target_scale`` folded in).
 
     ``sae`` itself is left untouched; a folded copy is written.
     """
     path = Path(path)
     folded = copy.deepcopy(sae).cpu().float()
-    folded.fold_input_scale(float(input_scale))
+    folded.fold_input_scale(float(input_scale), None if target_scale is None else float(target_scale))
     config = {
         "format_version": FORMAT_VERSION,
         "class_path": f"{type(sae).__module__}.{type(sae).__qualname__}",
         "init_args": folded.init_args(),
         "input_scale_folded": float(input_scale),
+        **({} if target_scale is None else {"target_scale_folded": float(target_scale)}),
         "metadata": metadata or {},
     }
     return write_folder(path, {WEIGHTS_FILE: folded.canonical_state_dict(), CONFIG_FILE: config})

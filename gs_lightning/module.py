@@ -18,11 +18,29 @@ from gs_lightning.schedules import lr_factor, sparsity_warmup
 
 
 def check_widths(sae: SAE | PackedSAE, datamodule: Any) -> None:
-    """Raise a ConfigError naming both widths when the SAE's ``d_in`` differs from the data's."""
+    """Raise a ConfigError naming both widths when the SAE's ``d_in`` (or a transcoder's
+    ``d_out``) differs from the data's, or when only one of them has a target site."""
+    name = type(datamodule).__name__
     if datamodule.d_in != sae.d_in:
         raise ConfigError(
-            f"model.sae.init_args.d_in={sae.d_in} but {type(datamodule).__name__} yields "
+            f"model.sae.init_args.d_in={sae.d_in} but {name} yields "
             f"activations of width {datamodule.d_in}; set model.sae.init_args.d_in: {datamodule.d_in}"
+        )
+    paired = bool(getattr(datamodule, "paired", False))
+    if paired and sae.d_out is None:
+        raise ConfigError(
+            f"{name} streams (input, target) pairs but model.sae.init_args.d_out is not set; "
+            f"set d_out: {datamodule.d_out} to train a transcoder, or drop the data's target"
+        )
+    if sae.d_out is not None and not paired:
+        raise ConfigError(
+            f"model.sae.init_args.d_out={sae.d_out} makes a transcoder, but {name} has no target site; "
+            "set data.init_args.target_site (live) or target_path (shards), or drop d_out"
+        )
+    if paired and sae.d_out != datamodule.d_out:
+        raise ConfigError(
+            f"model.sae.init_args.d_out={sae.d_out} but the target site has width {datamodule.d_out}; "
+            f"set d_out: {datamodule.d_out}"
         )
 
 
@@ -77,14 +95,16 @@ class SAETrainingModule(pl.LightningModule):
         if sweep is not None:
             self.sae, self._lrs = build_packed(sae, sweep)
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float64))
+        if sae.d_out is not None:  # a transcoder: its target site has its own scale
+            self.register_buffer("target_scale", torch.ones((), dtype=torch.float64))
         # Tokens since each latent last fired; float64 counts exactly up to 2^53 tokens.
         shape = (sae.d_sae,) if sweep is None else (len(self._lrs), sae.d_sae)
         self.register_buffer("tokens_since_fired", torch.zeros(shape, dtype=torch.float64))
         # torchmetrics states: pooled over every validation token and summed across ranks.
         if sweep is None:
-            self.val_fvu, self.val_l0, self.val_mse = PooledFVU(sae.d_in), MeanMetric(), MeanMetric()
+            self.val_fvu, self.val_l0, self.val_mse = PooledFVU(sae.out_width), MeanMetric(), MeanMetric()
         else:
-            self.val_fvu = nn.ModuleList([PooledFVU(sae.d_in) for _ in self._lrs])
+            self.val_fvu = nn.ModuleList([PooledFVU(sae.out_width) for _ in self._lrs])
             self.val_l0 = nn.ModuleList([MeanMetric() for _ in self._lrs])
             self.val_mse = nn.ModuleList([MeanMetric() for _ in self._lrs])
 
@@ -110,6 +130,8 @@ class SAETrainingModule(pl.LightningModule):
         check_widths(self.sae, datamodule)
         # A checkpoint restored after setup overwrites this with the scale it trained on.
         self.input_scale.fill_(float(datamodule.input_scale))
+        if hasattr(self, "target_scale"):
+            self.target_scale.fill_(float(datamodule.target_scale))
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -129,21 +151,29 @@ class SAETrainingModule(pl.LightningModule):
 
     # -- training ----------------------------------------------------------------------
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        x = batch * self.input_scale.to(batch.dtype)
+    def _scaled(self, batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Raw input, scaled input and (for a transcoder) scaled target of a batch."""
+        raw, target = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        x = raw * self.input_scale.to(raw.dtype)
+        if target is not None:
+            target = target * self.target_scale.to(target.dtype)
+        return raw, x, target
+
+    def training_step(self, batch: Tensor | tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        raw, x, target = self._scaled(batch)
         warmup = sparsity_warmup(self.global_step, self.hparams.sparsity_warmup_steps)
         if isinstance(self.sae, PackedSAE):
-            outs = self.sae.training_outputs(x, warmup)
+            outs = self.sae.training_outputs(x, warmup, target)
         else:
-            outs = [self.sae.training_output(x, warmup)]
+            outs = [self.sae.training_output(x, warmup, target)]
         losses = [torch.stack(list(out.losses.values())).sum() for out in outs]
         # The members' losses share no parameters: the sum's gradient is each one's own.
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         if self.hparams.check_finite and not torch.isfinite(loss):
             terms = {metric_key(k, name): v for (name, _), out in zip(self.named_saes(), outs)
                      for k, v in out.losses.items()}
-            self._raise_not_finite(batch, terms)
-        self._log_train(x, outs, losses, warmup)
+            self._raise_not_finite(raw, terms)
+        self._log_train(x if target is None else target, outs, losses, warmup)
         return loss
 
     def _raise_not_finite(self, batch: Tensor, losses: dict[str, Tensor]) -> None:
@@ -154,6 +184,7 @@ class SAETrainingModule(pl.LightningModule):
 
     @torch.no_grad()
     def _log_train(self, x: Tensor, outs: list[TrainOutput], losses: list[Tensor], warmup: float) -> None:
+        """``x`` is what the SAEs reconstruct (the scaled input, or a transcoder's target)."""
         self.tokens_since_fired += x.shape[0]
         fired = torch.stack([out.fire_counts for out in outs]).view_as(self.tokens_since_fired) > 0
         self.tokens_since_fired.masked_fill_(fired, 0)
@@ -194,17 +225,20 @@ class SAETrainingModule(pl.LightningModule):
 
     # -- validation --------------------------------------------------------------------
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        scale = self.input_scale.to(batch.dtype)
+    def validation_step(self, batch: Tensor | tuple[Tensor, Tensor], batch_idx: int) -> None:
+        raw, x, _ = self._scaled(batch)
+        # What is reconstructed, in raw units: the input, or a transcoder's target site.
+        target = batch[1] if isinstance(batch, (tuple, list)) else raw
+        out_scale = getattr(self, "target_scale", self.input_scale).to(target.dtype)
         for i, (name, sae) in enumerate(self.named_saes()):
             val_fvu, val_l0, val_mse = (_item(m, i) for m in (self.val_fvu, self.val_l0, self.val_mse))
-            f = sae.encode(batch * scale)
+            f = sae.encode(x)
             # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
-            x_hat = sae.decode(f) / scale
-            val_fvu.update(batch, x_hat)
+            x_hat = sae.decode(f) / out_scale
+            val_fvu.update(target, x_hat)
             self.log(metric_key("val/fvu", name), val_fvu, on_step=False, on_epoch=True, prog_bar=i == 0)
             val_l0.update((f != 0).sum(-1).float())
-            val_mse.update((x_hat - batch).pow(2).sum(-1))
+            val_mse.update((x_hat - target).pow(2).sum(-1))
             self.log(metric_key("val/l0", name), val_l0, on_step=False, on_epoch=True)
             self.log(metric_key("val/mse", name), val_mse, on_step=False, on_epoch=True)
 

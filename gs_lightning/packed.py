@@ -59,31 +59,32 @@ class PackedSAE(nn.Module):
         super().__init__()
         if len(members) != len(names) or len(set(names)) != len(names):
             raise ConfigError(f"packed SAEs need one unique name each, got {names}")
-        shapes = {(type(m), m.d_in, m.d_sae) for m in members}
+        shapes = {(type(m), m.d_in, m.d_sae, m.d_out) for m in members}
         if len(shapes) != 1:
             raise ConfigError(f"packed SAEs must share class, d_in and d_sae, got {sorted(map(str, shapes))}")
         self.members = nn.ModuleList(members)
         self.names = list(names)
-        self.d_in, self.d_sae = members[0].d_in, members[0].d_sae
+        self.d_in, self.d_sae, self.d_out = members[0].d_in, members[0].d_sae, members[0].d_out
         self._workspace = Workspace()
 
     def named_members(self) -> list[tuple[str, SAE]]:
         """``(name, sae)`` for every member, in order."""
         return list(zip(self.names, self.members))
 
-    def training_outputs(self, x: Tensor, warmup: float = 1.0) -> list[TrainOutput]:
-        """Each member's :meth:`SAE.training_output` on the shared batch ``x``."""
+    def training_outputs(self, x: Tensor, warmup: float = 1.0, target: Tensor | None = None) -> list[TrainOutput]:
+        """Each member's :meth:`SAE.training_output` on the shared batch ``x`` (and ``target``,
+        for transcoders)."""
         if all(isinstance(m, JumpReLUSAE) and m.uses_fused(x) for m in self.members):
-            return self._fused_jumprelu_outputs(x, warmup)
-        return [m.training_output(x, warmup) for m in self.members]
+            return self._fused_jumprelu_outputs(x, warmup, target)
+        return [m.training_output(x, warmup, target) for m in self.members]
 
-    def _fused_jumprelu_outputs(self, x: Tensor, warmup: float) -> list[TrainOutput]:
+    def _fused_jumprelu_outputs(self, x: Tensor, warmup: float, target: Tensor | None) -> list[TrainOutput]:
         members: list[JumpReLUSAE] = list(self.members)  # type: ignore[arg-type]
         stacked = [torch.stack([getattr(m, name) for m in members]) for name in ("W_enc", "b_enc", "W_dec", "b_dec")]
         threshold = torch.stack([m.threshold for m in members])
         bandwidth = torch.tensor([m.bandwidth for m in members], device=x.device)
         mse, l0, x_hat, counts = fused_packed_jumprelu_loss(
-            x, *stacked, threshold, bandwidth, self._workspace, members[0].compute_dtype(x)
+            x, *stacked, threshold, bandwidth, self._workspace, members[0].compute_dtype(x), target
         )
         return [
             TrainOutput(x_hat[k], {"mse": mse[k], "l0_penalty": warmup * m.sparsity_coefficient * l0[k]},

@@ -7,6 +7,9 @@ keep their clean activation, and only predictions made from content positions co
 * ``delta_loss = CE(spliced) - CE(clean)`` (Gemma Scope's delta LM loss)
 * ``kl = KL(clean || spliced)`` per token
 * ``loss_recovered = (CE(zero) - CE(spliced)) / (CE(zero) - CE(clean))``
+
+A transcoder reads ``source_site`` and its output replaces ``site`` (e.g. the MLP input
+in, the MLP output replaced): the source is captured earlier in the same forward pass.
 """
 
 from __future__ import annotations
@@ -57,6 +60,26 @@ class _Splice:
         self.handle.remove()
 
 
+class _Capture:
+    """A hook that keeps the latest activation of a site (a transcoder's input)."""
+
+    def __init__(self, model: nn.Module, site: str) -> None:
+        module, io = resolve_site(model, site)
+        self.value: Tensor | None = None
+        if io == "output":
+            self.handle = module.register_forward_hook(lambda _m, _a, out: self._keep(out))
+        else:
+            self.handle = module.register_forward_pre_hook(
+                lambda _m, args, kwargs: self._keep(args[0] if args else next(iter(kwargs.values()))),
+                with_kwargs=True)
+
+    def _keep(self, value: Any) -> None:
+        self.value = (value[0] if isinstance(value, tuple) else value).float()
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
 def _next_token_stats(logits: Tensor, ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy over kept positions, and the log-probs of those positions."""
     logp = logits[:, :-1].float().log_softmax(-1)[keep]
@@ -67,16 +90,25 @@ def _next_token_stats(logits: Tensor, ids: Tensor, keep: Tensor) -> tuple[Tensor
 @torch.no_grad()
 def delta_lm_loss(
     model: nn.Module, tokenizer: Any, sae: SAE, site: str, contexts: Iterable[Tensor], batch_size: int = 8,
-    input_scale: float = 1.0,
+    input_scale: float = 1.0, source_site: str | None = None, target_scale: float | None = None,
 ) -> dict[str, float]:
     """Clean, spliced and zero-ablated cross-entropy over ``contexts`` (``[T]`` token tensors).
 
     ``sae`` reads ``input_scale * x`` and its reconstruction is divided by ``input_scale``
-    (1.0 for an SAE saved with the scale folded in).
+    (1.0 for an SAE saved with the scale folded in). A transcoder reads ``source_site``
+    (scaled by ``input_scale``) and replaces ``site`` (divided by ``target_scale``).
     """
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
+    capture = _Capture(model, source_site) if source_site is not None else None
     splice = _Splice(model, site)
+    out_scale = input_scale if target_scale is None else target_scale
+    if capture is None:
+        def reconstruct(x: Tensor) -> Tensor:
+            return sae(x * input_scale) / out_scale
+    else:
+        def reconstruct(x: Tensor) -> Tensor:
+            return sae(capture.value * input_scale) / out_scale
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     tokens = 0
     try:
@@ -85,10 +117,12 @@ def delta_lm_loss(
             if context is not None:
                 batch.append(context)
             if batch and (context is None or len(batch) == batch_size):
-                tokens += _accumulate(model, tokenizer, sae, splice, torch.stack(batch).to(device), input_scale, sums)
+                tokens += _accumulate(model, tokenizer, reconstruct, splice, torch.stack(batch).to(device), sums)
                 batch = []
     finally:
         splice.close()
+        if capture is not None:
+            capture.close()
     if tokens == 0:
         raise ValueError("no content tokens to evaluate")
     clean, spliced, zero = (sums[k] / tokens for k in ("clean", "spliced", "zero"))
@@ -98,12 +132,12 @@ def delta_lm_loss(
     }
 
 
-def _accumulate(model: nn.Module, tokenizer: Any, sae: SAE, splice: _Splice, ids: Tensor, scale: float,
-                sums: dict[str, float]) -> int:
+def _accumulate(model: nn.Module, tokenizer: Any, reconstruct: Callable[[Tensor], Tensor], splice: _Splice,
+                ids: Tensor, sums: dict[str, float]) -> int:
     content = content_mask(ids, tokenizer)
     keep = content[:, :-1]  # a prediction counts when it is made from a content position
     splice.mask = content
-    runs = {"clean": None, "spliced": lambda x: sae(x * scale) / scale, "zero": torch.zeros_like}
+    runs = {"clean": None, "spliced": reconstruct, "zero": torch.zeros_like}
     logps = {}
     for name, fn in runs.items():
         splice.fn = fn

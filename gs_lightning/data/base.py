@@ -26,6 +26,11 @@ class ActivationDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     @property
+    def paired(self) -> bool:
+        """Whether batches are ``(input, target)`` pairs of two sites (for transcoders)."""
+        return False
+
+    @property
     def input_scale(self) -> float:
         """Scalar applied to every activation before the SAE sees it (valid after ``setup``)."""
         raise NotImplementedError

@@ -164,6 +164,11 @@ class LiveActivationDataModule(ActivationDataModule):
         return self._scales[0]
 
     @property
+    def paired(self) -> bool:
+        """Whether a ``target_site`` makes batches ``(input, target)`` pairs."""
+        return self.target_site is not None
+
+    @property
     def target_scale(self) -> float:
         """The same for ``target_site`` (``input_scale`` without one)."""
         if self._scales is None:

@@ -189,6 +189,11 @@ class ShardedActivationDataModule(ActivationDataModule):
         return self._scales[0]
 
     @property
+    def paired(self) -> bool:
+        """Whether a ``target_path`` makes batches ``(input, target)`` pairs."""
+        return bool(self.target_paths)
+
+    @property
     def target_scale(self) -> float:
         """Scale of the target site by the same scheme (``input_scale`` without a target)."""
         if self._scales is None:

@@ -40,31 +40,50 @@ class SAE(nn.Module):
         normalize_decoder: Keep decoder rows at unit norm: the gradient component
             parallel to each row is removed before the optimizer step and rows are
             renormalised after it.
+        d_out: Width of the reconstruction target; set for a transcoder (which reads one
+            site and reconstructs another), default ``d_in`` (an SAE).
     """
 
     training_buffers: tuple[str, ...] = ()
     """Buffers that only training needs (e.g. dead-latent counters): checkpointed with the
     module, left out of the exported weights, and kept as they are when weights are loaded."""
 
-    def __init__(self, d_in: int, d_sae: int, normalize_decoder: bool = True) -> None:
+    def __init__(self, d_in: int, d_sae: int, normalize_decoder: bool = True, d_out: int | None = None) -> None:
         super().__init__()
-        if d_in <= 0 or d_sae <= 0:
-            raise ValueError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}")
+        if d_in <= 0 or d_sae <= 0 or (d_out is not None and d_out <= 0):
+            raise ValueError(f"d_in, d_sae and d_out must be positive, got d_in={d_in}, d_sae={d_sae}, d_out={d_out}")
         self.d_in = d_in
         self.d_sae = d_sae
         self.normalize_decoder = normalize_decoder
+        self.d_out = d_out
+        width = self.out_width
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, width))
+        self.b_dec = nn.Parameter(torch.zeros(width))
         self.reset_parameters()
+
+    @property
+    def out_width(self) -> int:
+        """Width of the reconstruction: ``d_out`` for a transcoder, else ``d_in``."""
+        return self.d_in if self.d_out is None else self.d_out
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether this reconstructs another site than it reads (``d_out`` was given)."""
+        return self.d_out is not None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Decoder rows: random unit directions; ``W_enc = W_dec^T``; biases zero."""
+        """Decoder rows: random unit directions; ``W_enc = W_dec^T`` (a transcoder, whose
+        shapes differ, gets random unit encoder columns); biases zero."""
         self.W_dec.copy_(torch.randn_like(self.W_dec))
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec.t())
+        if self.W_enc.shape == self.W_dec.t().shape and not self.is_transcoder:
+            self.W_enc.copy_(self.W_dec.t())
+        else:
+            self.W_enc.copy_(torch.randn_like(self.W_enc))
+            self.W_enc.div_(self.W_enc.norm(dim=0, keepdim=True))
         self.b_enc.zero_()
         self.b_dec.zero_()
 
@@ -79,7 +98,8 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
-        """Named, weighted terms that need the input or the reconstruction; none by default."""
+        """Named, weighted terms that need the reconstruction target ``x`` (the input for an
+        SAE, the other site for a transcoder) or the reconstruction; none by default."""
         return {}
 
     def update_statistics(self, pre: Tensor, f: Tensor) -> None:
@@ -103,14 +123,16 @@ class SAE(nn.Module):
         """Reconstruction of ``x``."""
         return self.decode(self.encode(x))
 
-    def training_output(self, x: Tensor, warmup: float = 1.0) -> TrainOutput:
-        """Reconstruction, weighted loss terms and sparsity statistics for a batch ``x``."""
+    def training_output(self, x: Tensor, warmup: float = 1.0, target: Tensor | None = None) -> TrainOutput:
+        """Reconstruction, weighted loss terms and sparsity statistics for a batch ``x``;
+        a transcoder reconstructs ``target`` (the other site's activations of the same tokens)."""
+        target = x if target is None else target
         pre = self.pre_activation(x)
         f = self.activation(pre)
         x_hat = self.decode(f)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
+        mse = (x_hat - target).pow(2).sum(-1).mean()
         losses = {"mse": mse, **self.sparsity_losses(pre, f, warmup)}
-        losses.update(self.auxiliary_losses(x, pre, f, x_hat, warmup))
+        losses.update(self.auxiliary_losses(target, pre, f, x_hat, warmup))
         if self.training:
             # After the losses: a statistic (e.g. which latents are dead) describes the
             # batches before this one when this batch's loss uses it.
@@ -140,15 +162,17 @@ class SAE(nn.Module):
     # -- saving ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
+    def fold_input_scale(self, scale: float, target_scale: float | None = None) -> None:
         """Make this SAE take raw activations ``x`` where it was trained on ``scale * x``.
 
         ``pre`` is unchanged (so are thresholds), and the reconstruction comes out in raw
-        units: ``W_enc *= scale``, ``W_dec /= scale``, ``b_dec /= scale``.
+        units: ``W_enc *= scale``, ``W_dec /= target_scale``, ``b_dec /= target_scale``
+        (``target_scale`` is the target site's scale for a transcoder, else ``scale``).
         """
+        out = scale if target_scale is None else target_scale
         self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
+        self.W_dec.div_(out)
+        self.b_dec.div_(out)
 
     def init_args(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this SAE, read from same-named attributes."""

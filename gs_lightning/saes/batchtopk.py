@@ -25,6 +25,8 @@ class BatchTopKSAE(TopKSAE):
         aux_coefficient: Weight of the AuxK loss.
         dead_steps_threshold: A latent that has not fired for this many training steps is dead.
         threshold_decay: Decay of the moving average that estimates the inference threshold.
+        d_out: Width of the reconstruction target; set for a transcoder (which reads one
+            site and reconstructs another), default ``d_in`` (an SAE).
     """
 
     def __init__(
@@ -36,10 +38,11 @@ class BatchTopKSAE(TopKSAE):
         aux_coefficient: float = 1 / 32,
         dead_steps_threshold: int = 1000,
         threshold_decay: float = 0.99,
+        d_out: int | None = None,
     ) -> None:
         if not 0 <= threshold_decay < 1:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold)
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, d_out)
         self.threshold_decay = threshold_decay
         # -1 marks "no batch seen yet"; float32 like every threshold (see DESIGN.md).
         self.register_buffer("threshold", torch.tensor(-1.0))

@@ -26,12 +26,14 @@ class GatedSAE(SAE):
         d_in: Width of the activations the SAE reads.
         d_sae: Number of latents (dictionary size).
         sparsity_coefficient: lambda, the weight of the norm-weighted L1 of ``relu(pi_gate)``.
+        d_out: Width of the reconstruction target; set for a transcoder (which reads one
+            site and reconstructs another), default ``d_in`` (an SAE).
     """
 
-    def __init__(self, d_in: int, d_sae: int, sparsity_coefficient: float = 1.0) -> None:
+    def __init__(self, d_in: int, d_sae: int, sparsity_coefficient: float = 1.0, d_out: int | None = None) -> None:
         # Unit-norm decoder rows, as in peer implementations: left free, rows shrank towards
         # zero in our quickstart (norm 0.002), making their weighted L1 cheap while L0 rose.
-        super().__init__(d_in, d_sae, normalize_decoder=True)
+        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out)
         self.sparsity_coefficient = sparsity_coefficient
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))

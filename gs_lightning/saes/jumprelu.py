@@ -26,6 +26,8 @@ class JumpReLUSAE(SAE):
             ``raw`` trains the threshold itself, clamped at >= 0 (moves faster on short runs).
         fused: Use the fused forward/backward step while training (same numbers, less
             memory traffic); falls back to autograd when gradients to the input are needed.
+        d_out: Width of the reconstruction target; set for a transcoder (which reads one
+            site and reconstructs another), default ``d_in`` (an SAE).
     """
 
     def __init__(
@@ -37,12 +39,13 @@ class JumpReLUSAE(SAE):
         threshold_init: float = 0.001,
         threshold_parameterization: Literal["log", "raw"] = "log",
         fused: bool = True,
+        d_out: int | None = None,
     ) -> None:
         if threshold_parameterization not in ("log", "raw"):
             raise ValueError(f"threshold_parameterization must be 'log' or 'raw', not {threshold_parameterization!r}")
         if bandwidth <= 0 or threshold_init <= 0:
             raise ValueError(f"bandwidth and threshold_init must be > 0, got {bandwidth}, {threshold_init}")
-        super().__init__(d_in, d_sae, normalize_decoder=True)
+        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out)
         self.sparsity_coefficient = sparsity_coefficient
         self.bandwidth = bandwidth
         self.threshold_init = threshold_init
@@ -78,12 +81,12 @@ class JumpReLUSAE(SAE):
         dev = x.device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.W_enc.dtype
 
-    def training_output(self, x: Tensor, warmup: float = 1.0) -> TrainOutput:
+    def training_output(self, x: Tensor, warmup: float = 1.0, target: Tensor | None = None) -> TrainOutput:
         if not self.uses_fused(x):
-            return super().training_output(x, warmup)
+            return super().training_output(x, warmup, target)
         mse, l0, x_hat, counts = fused_jumprelu_loss(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold, self.bandwidth, self._workspace,
-            self.compute_dtype(x),
+            self.compute_dtype(x), target,
         )
         losses = {"mse": mse, "l0_penalty": warmup * self.sparsity_coefficient * l0}
         return TrainOutput(x_hat, losses, l0.detach(), counts)

@@ -32,6 +32,8 @@ class JumpReLU2025SAE(JumpReLUSAE):
         bandwidth: eps, the width of the rectangle kernel of the pseudo-derivatives.
         threshold_init: Initial threshold of every latent.
         threshold_parameterization: ``log`` trains log(threshold); ``raw`` the threshold, clamped at >= 0.
+        d_out: Width of the reconstruction target; set for a transcoder (which reads one
+            site and reconstructs another), default ``d_in`` (an SAE).
     """
 
     def __init__(
@@ -44,9 +46,10 @@ class JumpReLU2025SAE(JumpReLUSAE):
         bandwidth: float = 2.0,
         threshold_init: float = 0.1,
         threshold_parameterization: Literal["log", "raw"] = "log",
+        d_out: int | None = None,
     ) -> None:
         super().__init__(d_in, d_sae, sparsity_coefficient, bandwidth, threshold_init, threshold_parameterization,
-                         fused=False)
+                         fused=False, d_out=d_out)
         self.normalize_decoder = False
         self.pre_act_coefficient = pre_act_coefficient
         self.tanh_scale = tanh_scale

@@ -23,6 +23,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         aux_coefficient: Weight of the AuxK loss.
         dead_steps_threshold: A latent that has not fired for this many training steps is dead.
         threshold_decay: Decay of the moving average that estimates the inference threshold.
+        d_out: Width of the reconstruction target; set for a transcoder (which reads one
+            site and reconstructs another), default ``d_in`` (an SAE).
     """
 
     def __init__(
@@ -35,11 +37,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         aux_coefficient: float = 1 / 32,
         dead_steps_threshold: int = 1000,
         threshold_decay: float = 0.99,
+        d_out: int | None = None,
     ) -> None:
         prefixes = [int(m) for m in prefixes]
         if not prefixes or prefixes != sorted(set(prefixes)) or not 0 < prefixes[0] or prefixes[-1] >= d_sae:
             raise ValueError(f"prefixes must increase strictly within 1..d_sae-1={d_sae - 1}, got {prefixes}")
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, threshold_decay)
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, threshold_decay, d_out)
         self.prefixes = prefixes
 
     def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:

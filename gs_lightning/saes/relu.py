@@ -17,10 +17,12 @@ class ReLUSAE(SAE):
         d_in: Width of the activations the SAE reads.
         d_sae: Number of latents (dictionary size).
         sparsity_coefficient: lambda, the weight of the norm-weighted L1 term.
+        d_out: Width of the reconstruction target; set for a transcoder (which reads one
+            site and reconstructs another), default ``d_in`` (an SAE).
     """
 
-    def __init__(self, d_in: int, d_sae: int, sparsity_coefficient: float = 5.0) -> None:
-        super().__init__(d_in, d_sae, normalize_decoder=False)
+    def __init__(self, d_in: int, d_sae: int, sparsity_coefficient: float = 5.0, d_out: int | None = None) -> None:
+        super().__init__(d_in, d_sae, normalize_decoder=False, d_out=d_out)
         self.sparsity_coefficient = sparsity_coefficient
 
     def activation(self, pre: Tensor) -> Tensor:

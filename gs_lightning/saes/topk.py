@@ -22,6 +22,8 @@ class TopKSAE(SAE):
         aux_k: Dead latents used by the AuxK reconstruction (Gao et al.: 512).
         aux_coefficient: Weight of the AuxK loss (Gao et al.: 1/32).
         dead_steps_threshold: A latent that has not fired for this many training steps is dead.
+        d_out: Width of the reconstruction target; set for a transcoder (which reads one
+            site and reconstructs another), default ``d_in`` (an SAE).
     """
 
     training_buffers = ("steps_since_fired",)
@@ -34,12 +36,13 @@ class TopKSAE(SAE):
         aux_k: int = 512,
         aux_coefficient: float = 1 / 32,
         dead_steps_threshold: int = 1000,
+        d_out: int | None = None,
     ) -> None:
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
         if aux_k < 0 or dead_steps_threshold <= 0:
             raise ValueError(f"aux_k must be >= 0 and dead_steps_threshold > 0, got {aux_k}, {dead_steps_threshold}")
-        super().__init__(d_in, d_sae, normalize_decoder=True)
+        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out)
         self.k = k
         self.aux_k = aux_k
         self.aux_coefficient = aux_coefficient
