@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.saes import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE
+from gs_lightning.saes import (
+    SAE,
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLU2025SAE,
+    JumpReLUSAE,
+    MatryoshkaBatchTopKSAE,
+    ReLUSAE,
+)
 
 D_IN, D_SAE = 32, 128
 
@@ -46,12 +54,22 @@ def test_batchtopk_threshold_gives_about_k_at_inference() -> None:
     assert 0.7 * 8 < l0 < 1.3 * 8, l0
 
 
+@pytest.mark.slow
+def test_matryoshka_threshold_gives_about_k_at_inference() -> None:
+    # Nested prefixes change the loss, not the selection: about k latents a token still.
+    l0 = _fit(MatryoshkaBatchTopKSAE(D_IN, D_SAE, k=8, prefixes=[16, 64], threshold_decay=0.9))
+    assert 0.7 * 8 < l0 < 1.3 * 8, l0
+
+
 # variant -> (SAE with a given coefficient, low and high coefficient)
 PENALTY_VARIANTS = {
     "JumpReLU": (lambda c: JumpReLUSAE(D_IN, D_SAE, sparsity_coefficient=c, threshold_parameterization="raw"),
                  1e-4, 3e-2),
     "ReLU": (lambda c: ReLUSAE(D_IN, D_SAE, sparsity_coefficient=c), 1e-2, 0.3),
     "Gated": (lambda c: GatedSAE(D_IN, D_SAE, sparsity_coefficient=c), 1e-2, 0.3),
+    # eps and the threshold scaled to E||x||^2 = 1 inputs (the recipe's 2.0 and 0.1 assume larger ones).
+    "JumpReLU2025": (lambda c: JumpReLU2025SAE(D_IN, D_SAE, sparsity_coefficient=c, bandwidth=0.05,
+                                               threshold_init=0.05, threshold_parameterization="raw"), 1e-3, 1e-1),
 }
 
 
