@@ -8,7 +8,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from gs_lightning.metrics import FiringStatistics, PooledFVU
 from gs_lightning.plots import plot_density, plot_frontier
@@ -37,9 +36,12 @@ class SavePlots(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validated_at = trainer.global_step
 
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "plots")
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, before the rank check
+        if trainer.is_global_zero:
+            self._draw(trainer, pl_module, Path(self.dirpath or Path(log_dir or trainer.default_root_dir) / "plots"))
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         saes = pl_module.named_saes()
         stats = self._measure(trainer, pl_module, saes)

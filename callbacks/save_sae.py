@@ -26,9 +26,10 @@ class SaveSAE(pl.Callback):
         self.saved_paths: dict[str | None, Path] = {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, before the rank check
         if not trainer.is_global_zero:
             return
-        path = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "sae"
+        path = Path(self.dirpath) if self.dirpath else Path(log_dir or trainer.default_root_dir) / "sae"
         datamodule = getattr(trainer, "datamodule", None)
         named = pl_module.named_saes() if hasattr(pl_module, "named_saes") else [(None, pl_module.sae)]
         for name, sae in named:

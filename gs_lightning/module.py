@@ -141,7 +141,9 @@ class SAETrainingModule(pl.LightningModule):
             params = [{"params": m.parameters(), "lr": hp.lr if lr is None else lr}
                       for m, lr in zip(self.sae.members, self._lrs)]
         # fused Adam: one kernel for all parameters instead of a dozen temporaries each.
-        optimizer = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.adam_betas), eps=hp.adam_eps, fused=True)
+        # Fused Adam exists on CPU and CUDA only (not XLA).
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.sae.parameters())
+        optimizer = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.adam_betas), eps=hp.adam_eps, fused=fused)
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
         schedule = functools.partial(
             lr_factor, warmup_steps=hp.lr_warmup_steps, total_steps=total, decay_fraction=hp.lr_decay_fraction
@@ -185,8 +187,14 @@ class SAETrainingModule(pl.LightningModule):
     @torch.no_grad()
     def _log_train(self, x: Tensor, outs: list[TrainOutput], losses: list[Tensor], warmup: float) -> None:
         """``x`` is what the SAEs reconstruct (the scaled input, or a transcoder's target)."""
-        self.tokens_since_fired += x.shape[0]
-        fired = torch.stack([out.fire_counts for out in outs]).view_as(self.tokens_since_fired) > 0
+        counts = torch.stack([out.fire_counts for out in outs]).view_as(self.tokens_since_fired)
+        tokens = torch.tensor(float(x.shape[0]), device=counts.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Dead latents are judged on the global batch: a latent that fired on any rank fired.
+            counts = self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        self.tokens_since_fired += tokens.to(self.tokens_since_fired.dtype)
+        fired = counts > 0
         self.tokens_since_fired.masked_fill_(fired, 0)
         dead = (self.tokens_since_fired >= self.hparams.dead_window_tokens).float().mean(-1).view(-1)
         groups = self.trainer.optimizers[0].param_groups if self._trainer is not None else None
@@ -206,9 +214,16 @@ class SAETrainingModule(pl.LightningModule):
             for term, value in out.losses.items():
                 mine[f"train/loss_{term}"] = value.detach()
             metrics.update({metric_key(k, name): v for k, v in mine.items()})
-            if i == 0:  # the progress bar shows the first SAE of a sweep
+            if i == 0 and self._show_progress():  # the progress bar shows the first SAE of a sweep
                 self.log_dict({"l0": out.l0, "fvu": mine["train/fvu"]}, prog_bar=True, logger=False)
         self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def _show_progress(self) -> bool:
+        """Progress-bar values cost a device-to-host copy each: only when a bar is shown,
+        and only on logging steps."""
+        if self._trainer is None or self.trainer.progress_bar_callback is None:
+            return False
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # After DDP's all-reduce and before clipping: project out the parallel component.

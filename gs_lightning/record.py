@@ -91,19 +91,26 @@ class RecordingSaveConfigCallback(SaveConfigCallback):
     """LightningCLI's config saver that also writes ``run.json`` and ``metrics.json`` and,
     with a W&B (or any) logger, logs the resolved config and the record as hyperparameters."""
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # trainer.log_dir is a broadcast: read it on every rank here, never inside
+        # save_config, which Lightning calls on rank 0 only (a DDP run would hang).
+        self._log_dir = trainer.log_dir
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         record = run_record(trainer)
-        if trainer.log_dir is not None:
-            _write_json(Path(trainer.log_dir) / "run.json", record)
+        if self._log_dir is not None:
+            _write_json(Path(self._log_dir) / "run.json", record)
         config = self.parser.dump(self.config, skip_none=False, format="json")
         for logger in trainer.loggers:
             if isinstance(logger, Logger) and type(logger).__name__ == "WandbLogger":
                 logger.log_hyperparams({"config": json.loads(config), "run": record})
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and trainer.log_dir is not None:
+        log_dir = trainer.log_dir  # a broadcast: every rank must take part
+        if trainer.is_global_zero and log_dir is not None:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-            _write_json(Path(trainer.log_dir) / "metrics.json", {"step": trainer.global_step, "metrics": metrics})
+            _write_json(Path(log_dir) / "metrics.json", {"step": trainer.global_step, "metrics": metrics})
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:

@@ -7,9 +7,9 @@ and rank 1 rows [sB + B/2, (s+1)B): together exactly the rows that one process r
 step s with batch B. Every loss term is a mean over tokens, so DDP's averaged gradient is
 the gradient of the global batch and the weights agree up to float rounding.
 
-Per-latent statistics are another matter (xfail tests below): they are updated from the
-local batch only, and DDP's default ``broadcast_buffers`` then overwrites every rank's
-buffers with rank 0's at each forward, so a run keeps rank 0's half of the picture.
+Per-latent statistics: the module's dead-latent counter sums firing counts over ranks
+(tested equal to one process); BatchTopK's selection and threshold estimate are still
+per rank (xfail below): each rank keeps the top k*B/W of its own batch.
 """
 
 from __future__ import annotations
@@ -49,8 +49,7 @@ class SaveFinalState(pl.Callback):
 def train(root: Path, shards: Path, sae: str, devices: int) -> None:
     """Fit ``sae`` on ``devices`` CPU processes at a global batch of ``BATCH``; states land in ``root``.
 
-    The Trainer is built directly rather than through ``python -m gs_lightning``: the CLI
-    deadlocks under DDP for now (see the report on gs_lightning/record.py).
+    The Trainer is built directly, so the test controls every option of the two runs.
     """
     from gs_lightning.data import ShardedActivationDataModule
     from gs_lightning.module import SAETrainingModule
@@ -114,9 +113,8 @@ def test_ddp_weights_match_one_process(runs) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="tokens_since_fired counts the local batch (B/2 a step) and local "
-                   "firing only; DDP then broadcasts rank 0's buffer (see the report's fix for module.py)")
 def test_dead_latent_counter_matches_one_process(runs) -> None:
+    # The module sums firing counts and tokens over ranks before updating the counter.
     ddp, one = runs["jumprelu"]["rank0"], runs["jumprelu"]["one"]
     # Guard: the statistic is not trivially zero (latents went unfired for some steps).
     assert (one["tokens_since_fired"] > 0).sum() > 50

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -50,3 +52,22 @@ def test_run_directory_records_the_run_and_reruns_to_the_same_sae(tmp_path) -> N
     first, second = load_sae(run / "sae"), load_sae(rerun / "sae")
     for (key, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), key
+
+
+@pytest.mark.slow
+def test_cli_runs_ddp_and_records_once(tmp_path) -> None:
+    """Two gloo processes through `python -m gs_lightning fit`: the record is written by rank 0
+    without deadlocking the other rank (log_dir is a collective)."""
+    config = _config(tmp_path, **{"trainer.max_steps": 6, "trainer.val_check_interval": 6,
+                                  "trainer.devices": 2, "trainer.strategy": "ddp"})
+    config["trainer"]["callbacks"] = [{"class_path": "callbacks.SaveSAE"}]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    repo = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-m", "gs_lightning", "fit", "--config", str(path)], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = (tmp_path / "run" / "lightning_logs").iterdir()
+    record = json.loads((run / "run.json").read_text())
+    assert record["world_size"] == 2
+    assert json.loads((run / "metrics.json").read_text())["step"] == 6
