@@ -155,6 +155,9 @@ def sweep(spec: str, output: str = "runs/sweep", count: int | None = None, seed:
     runs = suggestions(parsed, count, seed)
     base = base_args(parsed, spec)
     root = Path(output)
+    if root.is_dir() and any(root.iterdir()):
+        # Its runs would be mixed into this sweep's table: never overwrite, never mix.
+        raise ConfigError(f"--output {root} already holds a sweep; choose another folder or remove it")
     names = {key: packed_name(key) for key in parsed["parameters"]}
     if pack and len(runs) > 1 and all(names.values()):
         members = {names[k]: [run[k] for run in runs] for k in parsed["parameters"]}

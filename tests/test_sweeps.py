@@ -116,3 +116,5 @@ def test_offline_sweep_of_three_lambdas_is_one_packed_run(tmp_path, capsys) -> N
     table = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["sae"] for r in table] == [r["sae"] for r in rows]
     assert (tmp_path / "out" / "results_frontier.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="already holds a sweep"):
+        sweep(str(path), output=str(tmp_path / "out"))
