@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,9 @@ def sweep(spec: str, output: str = "runs/sweep", count: int | None = None, seed:
         plan = [(f"run_{i:03d}", base + run_args(run)) for i, run in enumerate(runs)]
     for name, args in plan:
         print(f"sweep: {name}: python -m gs_lightning fit {' '.join(args)}", flush=True)
-        main(["fit", *args, f"--trainer.default_root_dir={root / name}"])
+        with warnings.catch_warnings():  # LightningCLI warns when called with args under another command
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            main(["fit", *args, f"--trainer.default_root_dir={root / name}"])
     saved = sorted(str(p.parent) for p in root.glob("*/lightning_logs/*/**/sae.safetensors"))
     return _table(saved, root, evaluate, n_contexts)
 
