@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.metrics import PooledFVU, batch_fvu
+from gs_lightning.optim import OPTIMIZERS, OptimizerName, build_optimizer
 from gs_lightning.packed import PackedSAE, build_packed, metric_key
 from gs_lightning.saes import SAE, TrainOutput
 from gs_lightning.schedules import lr_factor, sparsity_warmup
@@ -72,6 +73,9 @@ class SAETrainingModule(pl.LightningModule):
         sweep: Train K SAEs from one read of the data: a swept name per key (a constructor
             argument of the SAE, ``seed`` or ``lr``), one value per SAE, e.g.
             ``{sparsity_coefficient: [1.0e-4, 3.0e-4, 1.0e-3]}``.
+        optimizer: ``adam`` (torch, fused where it can be) or ``adam8bit`` (bitsandbytes:
+            8-bit moments for the matrices, float32 for the threshold and biases; needs
+            the ``bnb`` extra). Same lr, betas, eps and parameter groups either way.
     """
 
     def __init__(
@@ -87,8 +91,11 @@ class SAETrainingModule(pl.LightningModule):
         check_finite: bool = True,
         gradient_clip_norm: float | None = None,
         sweep: dict[str, list[int | float | str]] | None = None,
+        optimizer: OptimizerName = "adam",
     ) -> None:
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"model.optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         self.save_hyperparameters(ignore=["sae"])
         self.sae: SAE | PackedSAE = sae
         self._lrs: list[float | None] = [None]
@@ -143,7 +150,8 @@ class SAETrainingModule(pl.LightningModule):
         # fused Adam: one kernel for all parameters instead of a dozen temporaries each.
         # Fused Adam exists on CPU and CUDA only (not XLA).
         fused = all(p.device.type in ("cpu", "cuda") for p in self.sae.parameters())
-        optimizer = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.adam_betas), eps=hp.adam_eps, fused=fused)
+        optimizer = build_optimizer(hp.get("optimizer", "adam"), params, lr=hp.lr, betas=tuple(hp.adam_betas),
+                                    eps=hp.adam_eps, fused=fused)
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
         schedule = functools.partial(
             lr_factor, warmup_steps=hp.lr_warmup_steps, total_steps=total, decay_fraction=hp.lr_decay_fraction
