@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from gs_lightning import parallel
 from gs_lightning.errors import ConfigError
 from gs_lightning.metrics import PooledFVU, batch_fvu
 from gs_lightning.optim import OPTIMIZERS, OptimizerName, build_optimizer
@@ -76,6 +77,9 @@ class SAETrainingModule(pl.LightningModule):
         optimizer: ``adam`` (torch, fused where it can be) or ``adam8bit`` (bitsandbytes:
             8-bit moments for the matrices, float32 for the threshold and biases; needs
             the ``bnb`` extra). Same lr, betas, eps and parameter groups either way.
+        latent_parallel: Shard the SAE's latents across the ranks of
+            ``ModelParallelStrategy`` (:mod:`gs_lightning.parallel`; JumpReLU only): every
+            rank reads the same batch and holds ``d_sae / W`` latents.
     """
 
     def __init__(
@@ -92,12 +96,19 @@ class SAETrainingModule(pl.LightningModule):
         gradient_clip_norm: float | None = None,
         sweep: dict[str, list[int | float | str]] | None = None,
         optimizer: OptimizerName = "adam",
+        latent_parallel: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         self.save_hyperparameters(ignore=["sae"])
         self.sae: SAE | PackedSAE = sae
+        if latent_parallel:
+            if sweep is not None:
+                raise ConfigError("model.latent_parallel shards one SAE; it cannot be combined with model.sweep")
+            parallel.check_supported(sae)
+            if optimizer != "adam":  # bitsandbytes' kernels take plain tensors, not DTensor shards
+                raise ConfigError("model.latent_parallel trains with model.optimizer: adam only")
         self._lrs: list[float | None] = [None]
         if sweep is not None:
             self.sae, self._lrs = build_packed(sae, sweep)
@@ -135,10 +146,16 @@ class SAETrainingModule(pl.LightningModule):
         if datamodule is None or not hasattr(datamodule, "d_in"):
             return
         check_widths(self.sae, datamodule)
+        if self.hparams.get("latent_parallel"):
+            parallel.check_data(datamodule)
         # A checkpoint restored after setup overwrites this with the scale it trained on.
         self.input_scale.fill_(float(datamodule.input_scale))
         if hasattr(self, "target_scale"):
             self.target_scale.fill_(float(datamodule.target_scale))
+
+    def configure_model(self) -> None:
+        if self.hparams.get("latent_parallel") and not parallel.is_sharded(self.sae):
+            parallel.shard_for_strategy(self.sae, self.trainer.strategy)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -174,6 +191,8 @@ class SAETrainingModule(pl.LightningModule):
         warmup = sparsity_warmup(self.global_step, self.hparams.sparsity_warmup_steps)
         if isinstance(self.sae, PackedSAE):
             outs = self.sae.training_outputs(x, warmup, target)
+        elif self.hparams.get("latent_parallel"):
+            outs = [parallel.sharded_training_output(self.sae, x, warmup, target)]
         else:
             outs = [self.sae.training_output(x, warmup, target)]
         losses = [torch.stack(list(out.losses.values())).sum() for out in outs]
@@ -197,7 +216,8 @@ class SAETrainingModule(pl.LightningModule):
         """``x`` is what the SAEs reconstruct (the scaled input, or a transcoder's target)."""
         counts = torch.stack([out.fire_counts for out in outs]).view_as(self.tokens_since_fired)
         tokens = torch.tensor(float(x.shape[0]), device=counts.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
+        # Latent-parallel ranks already hold the global counts of the one shared batch.
+        if self._trainer is not None and self.trainer.world_size > 1 and not self.hparams.get("latent_parallel"):
             # Dead latents are judged on the global batch: a latent that fired on any rank fired.
             counts = self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
@@ -255,12 +275,16 @@ class SAETrainingModule(pl.LightningModule):
         out_scale = getattr(self, "target_scale", self.input_scale).to(target.dtype)
         for i, (name, sae) in enumerate(self.named_saes()):
             val_fvu, val_l0, val_mse = (_item(m, i) for m in (self.val_fvu, self.val_l0, self.val_mse))
-            f = sae.encode(x)
+            if self.hparams.get("latent_parallel"):
+                x_hat, l0 = parallel.sharded_reconstruction(sae, x)
+            else:
+                f = sae.encode(x)
+                x_hat, l0 = sae.decode(f), (f != 0).sum(-1).float()
             # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
-            x_hat = sae.decode(f) / out_scale
+            x_hat = x_hat / out_scale
             val_fvu.update(target, x_hat)
             self.log(metric_key("val/fvu", name), val_fvu, on_step=False, on_epoch=True, prog_bar=i == 0)
-            val_l0.update((f != 0).sum(-1).float())
+            val_l0.update(l0)
             val_mse.update((x_hat - target).pow(2).sum(-1))
             self.log(metric_key("val/l0", name), val_l0, on_step=False, on_epoch=True)
             self.log(metric_key("val/mse", name), val_mse, on_step=False, on_epoch=True)

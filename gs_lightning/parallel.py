@@ -1,0 +1,181 @@
+"""Latent-sharded model parallelism: one SAE's dictionary split across ranks by latent.
+
+With W ranks, rank r holds latents ``[r S/W, (r+1) S/W)``: the columns ``W_enc[:, shard]``,
+``b_enc[shard]``, ``threshold[shard]`` and the rows ``W_dec[shard, :]``; ``b_dec`` is
+replicated. Every rank reads the same full batch, computes its own latents and a partial
+reconstruction ``f_r @ W_dec[r]``, and the partials are summed across ranks. Parameters
+are DTensors (``Shard(1)``, ``Shard(0)``, ``Replicate()``) on Lightning's
+``ModelParallelStrategy`` device mesh, so ``full_tensor()`` gathers a weight and the
+strategy's distributed checkpoint saves each shard; the maths runs on the local tensors.
+
+Gradients: the loss is replicated (every rank computes the same value from the same
+reconstruction), so the sum of partials passes its gradient through unchanged to each
+rank's partial (an all-reduce in forward, identity in backward); a rank's parameters then
+receive exactly their slice of the single-process gradient, with no gradient
+communication. The decoder-row projection and renormalisation are per row, hence local.
+
+Supported: :class:`~gs_lightning.saes.JumpReLUSAE` (either threshold parameterisation,
+SAE or transcoder) through the autograd path. Variants whose activation selects across
+all latents (TopK, BatchTopK, Matryoshka) would need a global top-k and are refused, as
+are packed sweeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from gs_lightning.errors import ConfigError
+from gs_lightning.functional import jumprelu, step
+from gs_lightning.saes import JumpReLUSAE, TrainOutput
+
+# Placement of each parameter along the latent dimension; everything else is replicated.
+LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "log_threshold": 0, "raw_threshold": 0}
+
+
+def check_supported(sae: Any) -> None:
+    """Raise a ConfigError unless ``sae`` can be sharded by latent."""
+    if type(sae) is not JumpReLUSAE:
+        raise ConfigError(
+            f"model.latent_parallel supports JumpReLUSAE only, not {type(sae).__name__}: TopK-style "
+            "activations select across all latents (a global top-k would need a gather of every rank's "
+            "pre-activations), and other variants are not implemented; set model.latent_parallel: false"
+        )
+
+
+def shard_latents(sae: JumpReLUSAE, mesh: DeviceMesh) -> None:
+    """Replace ``sae``'s parameters with DTensors sharded by latent over the 1-D ``mesh``.
+
+    Every rank must hold the same full weights when this is called (same seed); each keeps
+    its own slice. ``d_sae`` must be divisible by the mesh size (equal shards keep the
+    gathered weights in the single-process order).
+    """
+    check_supported(sae)
+    if sae.d_sae % mesh.size() != 0:
+        raise ConfigError(f"model.latent_parallel: d_sae={sae.d_sae} is not divisible by {mesh.size()} ranks")
+    for name, param in list(sae.named_parameters(recurse=False)):
+        dim = LATENT_DIM.get(name)
+        placement = Replicate() if dim is None else Shard(dim)
+        sharded = distribute_tensor(param.detach(), mesh, [placement])
+        setattr(sae, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+
+def is_sharded(sae: nn.Module) -> bool:
+    """Whether :func:`shard_latents` has been applied to ``sae``."""
+    return isinstance(getattr(sae, "W_enc", None), DTensor)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) in forward; identity in backward.
+
+    The upstream gradient is already the same on every rank (the loss is replicated), and
+    it is the gradient of each rank's own summand, so it must not be summed again.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, partial: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        total = partial.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def sum_over_ranks(partial: Tensor, group: Any = None) -> Tensor:
+    """Sum of ``partial`` over the ranks of ``group``, differentiable as described above."""
+    return _SumOverRanks.apply(partial, group)
+
+
+def _local(sae: JumpReLUSAE) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Any]:
+    """The local shards ``W_enc, b_enc, W_dec, b_dec, threshold`` (differentiable) and the group."""
+    W_enc, b_enc, W_dec, b_dec = (p.to_local() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    if sae.threshold_parameterization == "log":
+        threshold = sae.log_threshold.to_local().float().exp()
+    else:
+        threshold = sae.raw_threshold.to_local().float()
+    return W_enc, b_enc, W_dec, b_dec, threshold, sae.W_enc.device_mesh.get_group()
+
+
+def _gather_counts(counts: Tensor, group: Any) -> Tensor:
+    """Concatenate each rank's ``[d_sae / W]`` firing counts into the full ``[d_sae]``, in rank order."""
+    parts = [torch.empty_like(counts) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, counts.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def sharded_training_output(sae: JumpReLUSAE, x: Tensor, warmup: float, target: Tensor | None = None) -> TrainOutput:
+    """:meth:`JumpReLUSAE.training_output` of a latent-sharded SAE: the same losses and
+    statistics (``l0`` and ``fire_counts`` over all ``d_sae`` latents) on every rank."""
+    target = x if target is None else target
+    W_enc, b_enc, W_dec, b_dec, threshold, group = _local(sae)
+    pre = x @ W_enc + b_enc
+    f = jumprelu(pre, threshold, sae.bandwidth)
+    x_hat = sum_over_ranks(f @ W_dec, group) + b_dec
+    mse = (x_hat - target).pow(2).sum(-1).mean()
+    # Each rank's share of the L0 is a sum over its latents; the total is their sum.
+    l0 = sum_over_ranks(step(pre, threshold, sae.bandwidth).sum(-1).mean(), group)
+    losses = {"mse": mse, "l0_penalty": warmup * sae.sparsity_coefficient * l0}
+    with torch.no_grad():
+        fire_counts = _gather_counts((f != 0).sum(0), group)
+    return TrainOutput(x_hat, losses, fire_counts.sum().float() / x.shape[0], fire_counts)
+
+
+@torch.no_grad()
+def sharded_reconstruction(sae: JumpReLUSAE, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x_hat, l0 per token)`` of a latent-sharded SAE, the same on every rank."""
+    W_enc, b_enc, W_dec, b_dec, threshold, group = _local(sae)
+    f = jumprelu(x @ W_enc + b_enc, threshold, sae.bandwidth)
+    x_hat = sum_over_ranks(f @ W_dec, group) + b_dec
+    return x_hat, sum_over_ranks((f != 0).sum(-1).float(), group)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """``module.state_dict()`` with every DTensor gathered into its full tensor (a collective:
+    call it on every rank)."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in module.state_dict().items()}
+
+
+def check_data(datamodule: Any) -> None:
+    """Raise a ConfigError for data that gives each rank different batches.
+
+    Latent sharding needs every rank to read the same batch. The shard and live data
+    modules cut their stream by ``trainer.global_rank`` (that is how DDP splits the batch);
+    in-memory and synthetic data go through Lightning's sampler, which the model-parallel
+    strategy leaves whole on every rank of a one-node mesh.
+    """
+    from gs_lightning.data import LiveActivationDataModule, ShardedActivationDataModule
+
+    if isinstance(datamodule, (LiveActivationDataModule, ShardedActivationDataModule)):
+        raise ConfigError(
+            f"model.latent_parallel needs every rank to read the same batches, but {type(datamodule).__name__} "
+            "gives rank r every W-th batch; use TensorActivationDataModule/SyntheticActivationDataModule, "
+            "or DDP (model.latent_parallel: false)"
+        )
+
+
+def shard_for_strategy(sae: JumpReLUSAE, strategy: Any) -> None:
+    """Shard ``sae`` over the tensor-parallel dimension of a ``ModelParallelStrategy``'s mesh,
+    or raise a ConfigError for any other strategy or a data-parallel dimension above 1."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy):
+        raise ConfigError(
+            f"model.latent_parallel needs trainer.strategy: lightning.pytorch.strategies.ModelParallelStrategy, "
+            f"not {type(strategy).__name__}"
+        )
+    mesh = strategy.device_mesh
+    if mesh["data_parallel"].size() != 1:
+        # Replicas of a sharded SAE would also need their gradients averaged: not implemented.
+        raise ConfigError(
+            f"model.latent_parallel shards over one node's ranks only; the mesh has data_parallel size "
+            f"{mesh['data_parallel'].size()} (set ModelParallelStrategy's data_parallel_size: 1)"
+        )
+    shard_latents(sae, mesh["tensor_parallel"])
