@@ -142,12 +142,13 @@ class SAETrainingModule(pl.LightningModule):
                 f"trainer.precision={self.trainer.precision!r} would store the SAE threshold in half "
                 "precision; use bf16-mixed (matmuls in bf16, weights and threshold in fp32)"
             )
+        if self._trainer is not None and self.hparams.get("latent_parallel"):
+            parallel.check_callbacks(self.trainer.callbacks)
+            parallel.check_data(getattr(self.trainer, "datamodule", None))
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "d_in"):
             return
         check_widths(self.sae, datamodule)
-        if self.hparams.get("latent_parallel"):
-            parallel.check_data(datamodule)
         # A checkpoint restored after setup overwrites this with the scale it trained on.
         self.input_scale.fill_(float(datamodule.input_scale))
         if hasattr(self, "target_scale"):

@@ -179,3 +179,17 @@ def shard_for_strategy(sae: JumpReLUSAE, strategy: Any) -> None:
             f"{mesh['data_parallel'].size()} (set ModelParallelStrategy's data_parallel_size: 1)"
         )
     shard_latents(sae, mesh["tensor_parallel"])
+
+
+def check_callbacks(callbacks: list[Any]) -> None:
+    """Raise a ConfigError for callbacks that cannot handle a latent-sharded SAE, before training
+    rather than after it: ``SaveSAE`` writes the SAE from rank 0 alone, which holds one shard."""
+    try:
+        from callbacks import SaveSAE
+    except ImportError:  # the callbacks package is not importable: nothing of it is in use
+        return
+    if any(isinstance(cb, SaveSAE) for cb in callbacks):
+        raise ConfigError(
+            "model.latent_parallel: callbacks.SaveSAE cannot export a latent-sharded SAE yet (rank 0 holds "
+            "one shard); drop it from trainer.callbacks and keep the run's distributed checkpoints"
+        )

@@ -155,5 +155,18 @@ def test_needs_model_parallel_strategy(tmp_path) -> None:
         trainer.fit(module, datamodule=data)
 
 
+def test_refuses_save_sae_before_training(tmp_path) -> None:
+    from callbacks import SaveSAE
+    from gs_lightning.data import SyntheticActivationDataModule
+
+    module = SAETrainingModule(JumpReLUSAE(8, 32), latent_parallel=True)
+    data = SyntheticActivationDataModule(d_in=8, n_features=16, active_features=2, n_tokens=256, batch_size=64)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[SaveSAE()])
+    with pytest.raises(ConfigError, match="callbacks.SaveSAE cannot export a latent-sharded SAE"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+
 if __name__ == "__main__":  # the sharded run: python -m tests.test_latent_parallel ROOT
     train(Path(sys.argv[1]), devices=2)
