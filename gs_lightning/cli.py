@@ -11,11 +11,14 @@ docstring; ``--print_config`` shows a full, runnable YAML.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
 
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.errors import ConfigError
@@ -33,6 +36,23 @@ class GSLightningCLI(LightningCLI):
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
             "validate": {"model", "dataloaders", "datamodule"},
         }
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer; a W&B-only logger config gets a CSVLogger in front of it.
+
+        ``trainer.log_dir`` (where the run record, the saved SAEs and the plots go) is the
+        first logger's folder; for a WandbLogger that is one fixed ``save_dir`` shared by
+        every run, so a second run would overwrite the first one's SAE. With a CSVLogger
+        first, each run keeps Lightning's ``<default_root_dir>/lightning_logs/version_N``
+        and W&B still receives everything.
+        """
+        config = self._get(self.config_init, "trainer", default={})
+        logger = config.get("logger")
+        loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger] if isinstance(logger, Logger) else []
+        if loggers and all(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            root = config.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = [CSVLogger(root), *loggers]
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         self._check_widths()

@@ -174,8 +174,18 @@ def sweep(spec: str, output: str = "runs/sweep", count: int | None = None, seed:
         with warnings.catch_warnings():  # LightningCLI warns when called with args under another command
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             main(["fit", *args, f"--trainer.default_root_dir={root / name}"])
-    saved = sorted(str(p.parent) for p in root.glob("*/lightning_logs/*/**/sae.safetensors"))
+        _finish_wandb_run()
+    saved = sorted(str(p.parent) for p in root.glob("**/sae.safetensors"))
     return _table(saved, root, evaluate, n_contexts)
+
+
+def _finish_wandb_run() -> None:
+    """Close the W&B run a fit opened, if any: runs in one process would share it otherwise."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def _table(saved: list[str], root: Path, evaluate: bool, n_contexts: int) -> list[dict[str, Any]]:

@@ -71,3 +71,23 @@ def test_cli_runs_ddp_and_records_once(tmp_path) -> None:
     record = json.loads((run / "run.json").read_text())
     assert record["world_size"] == 2
     assert json.loads((run / "metrics.json").read_text())["step"] == 6
+
+
+def test_wandb_overlay_keeps_versioned_run_folders(tmp_path, monkeypatch) -> None:
+    """With only a WandbLogger configured, trainer.log_dir would be W&B's one save_dir for every
+    run (a second run overwriting the first one's SAE): the CLI puts a CSVLogger first."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = _config(tmp_path, **{"trainer.max_steps": 4, "trainer.val_check_interval": 4})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    overlay = str(Path(__file__).parents[1] / "configs" / "overlays" / "wandb.yaml")
+    dirs = []
+    for _ in range(2):
+        cli = main(["fit", "--config", str(path), "--config", overlay, f"--trainer.logger.init_args.save_dir={tmp_path}/wb"])
+        assert [type(lg).__name__ for lg in cli.trainer.loggers] == ["CSVLogger", "WandbLogger"]
+        dirs.append(Path(cli.trainer.log_dir))
+        cli.trainer.loggers[1].experiment.finish()
+    assert dirs == [tmp_path / "run" / "lightning_logs" / f"version_{i}" for i in (0, 1)]
+    assert all((d / "sae" / "sae.safetensors").is_file() and (d / "run.json").is_file() for d in dirs)
+    assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 2
