@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gs_lightning.saes.topk import TopKSAE
+from gs_lightning.saes.topk import TopKSAE, data_parallel_world
 
 
 class BatchTopKSAE(TopKSAE):
@@ -51,9 +51,25 @@ class BatchTopKSAE(TopKSAE):
         if not self.training:
             # Before any training batch there is no estimate: behave as a ReLU.
             return pre * (pre.float() > self.threshold.clamp(min=0.0)).to(pre.dtype)
+        world = data_parallel_world()
+        if world > 1:
+            return self._global_batch_topk(pre.relu(), world)
         flat = pre.relu().flatten()
         values, indices = flat.topk(min(self.k * flat.numel() // self.d_sae, flat.numel()))
         return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+
+    def _global_batch_topk(self, relu: Tensor, world: int) -> Tensor:
+        """Top ``k * B`` over the *global* batch of ``world`` data-parallel ranks (equal
+        local batches): each rank offers its own largest candidates, every rank finds the
+        same cut-off value, and keeps its activations at or above it."""
+        flat = relu.flatten()
+        total = self.k * (flat.numel() // self.d_sae) * world
+        with torch.no_grad():
+            local = flat.topk(min(total, flat.numel())).values.contiguous()
+            gathered = [torch.empty_like(local) for _ in range(world)]
+            torch.distributed.all_gather(gathered, local)
+            cut = torch.cat(gathered).topk(min(total, local.numel() * world)).values[-1]
+        return relu * (relu >= cut).to(relu.dtype)
 
     def update_statistics(self, pre: Tensor, f: Tensor) -> None:
         super().update_statistics(pre, f)
@@ -79,3 +95,4 @@ class BatchTopKSAE(TopKSAE):
             raise RuntimeError("BatchTopKSAE loads one global threshold; the saved thresholds differ per latent")
         tensors["threshold"] = threshold[0].clone()
         super().load_canonical_state_dict(tensors)
+

@@ -80,4 +80,14 @@ class TopKSAE(SAE):
 
     def update_statistics(self, pre: Tensor, f: Tensor) -> None:
         fired = (f != 0).reshape(-1, self.d_sae).any(0)
+        if data_parallel_world() > 1:  # dead means unfired on every rank's share of the batch
+            fired = fired.to(torch.int32)
+            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+            fired = fired.bool()
         self.steps_since_fired.add_(1).masked_fill_(fired, 0)
+
+
+def data_parallel_world() -> int:
+    """Ranks sharing a batch through data parallelism (1 outside torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
