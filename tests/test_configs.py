@@ -14,6 +14,8 @@ HARVEST_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("harvest_")]
 CONFIGS = [p for p in ALL_CONFIGS if p not in HARVEST_CONFIGS]
 # Configs that need the Hugging Face hub are parsed but not instantiated.
 NEEDS_HUB = {"gemma2_2b_resid_l12.yaml"}
+# Configs for several devices or hosts: parsed, but a run would start processes.
+MULTI_PROCESS = {"gpu_ddp.yaml", "multinode.yaml"}
 
 
 def test_configs_exist() -> None:
@@ -66,7 +68,7 @@ def _harvest_small(root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name not in NEEDS_HUB], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name not in NEEDS_HUB | MULTI_PROCESS], ids=lambda p: p.name)
 def test_small_config_runs(path: Path, tmp_path: Path, capsys) -> None:
     source = yaml.safe_load(path.read_text())["data"]["class_path"].split(".")[-1]
     data_args = [arg for key, value in SMALL_DATA[source].items()
