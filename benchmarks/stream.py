@@ -9,7 +9,7 @@ Side by side in one process:
    forward pass of the same model over the same contexts, cut at the same depth (the
    harvest stops after the last layer it needs, so a full forward would flatter it), both
    in tokens/s (model loading excluded from both). The harvest writes four shuffle
-   buckets, as a long harvest writes many: a bucket is written while the next is computed.
+   buckets, as a long harvest writes many.
 
 Ends with ``result: stream_vs_read <x>`` (DataModule GB/s in its second epoch, once every
 shard has passed its checksum and NaN check, over plain read GB/s) and ``result: harvest_vs_forward <x>``.
