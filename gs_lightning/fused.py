@@ -187,7 +187,7 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
         target: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):  # casts are explicit here
-            (K, d, S), B, cd, dev = W_enc.shape, x.shape[0], compute_dtype, x.device
+            (K, _, S), B, cd, dev = W_enc.shape, x.shape[0], compute_dtype, x.device
             xc = x.to(cd)
             pre = workspace.get("pre", (K, B, S), cd, dev)
             W_enc_c, b_enc_c = W_enc.to(cd), b_enc.to(cd)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from callbacks import FinalSummary, SaveSAE
+from callbacks import FinalSummary
 from gs_lightning.cli import main
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.errors import ConfigError

@@ -3,7 +3,6 @@ threshold parameterisations (peers' trackers report L0 that never falls)."""
 
 import lightning.pytorch as pl
 import pytest
-import torch
 
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.module import SAETrainingModule

@@ -201,9 +201,12 @@ class LiveActivationDataModule(ActivationDataModule):
         self._lm.to(self._device())
         if self._scales is None:
             train = iter_contexts(self._texts(self.text_split), self._tokenizer, self.context_size)
-            chunks = [self._split(c) for c in _limit(self._activations(train), self.scale_estimate_tokens)]
-            self._scales = [estimate_input_scale((c[i] for c in chunks), self.input_scaling)
-                            for i in range(len(chunks[0]) if chunks else 1)]
+            chunks = _limit(self._activations(train), self.scale_estimate_tokens)
+            if self.target_site is None:  # one site: stream the estimate, nothing held
+                self._scales = [estimate_input_scale(chunks, self.input_scaling)]
+            else:  # two sites side by side: one scale each from the same tokens
+                pairs = [self._split(c) for c in chunks]
+                self._scales = [estimate_input_scale((p[i] for p in pairs), self.input_scaling) for i in (0, 1)]
         if self._val is None:
             self._val = self._build_val_set()
 

@@ -17,6 +17,7 @@ as one harvest writes them) are read together and batched as a tuple.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -198,11 +199,8 @@ class WindowReader:
 
 
 def _cumulative(sizes: list[int]) -> list[int]:
-    starts, total = [], 0
-    for size in sizes:
-        starts.append(total)
-        total += size
-    return starts
+    """Start of each part: ``[0, s0, s0 + s1, ...]`` without the total."""
+    return list(itertools.accumulate(sizes, initial=0))[:-1]
 
 
 def blocks_per_window(blocks: list[Block], window_tokens: int) -> int:
