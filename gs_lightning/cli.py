@@ -101,7 +101,23 @@ def main(args: list[str] | None = None) -> GSLightningCLI | None:
         },
         args=args,
     )
-    return _reporting_config_errors(lambda: GSLightningCLI(**cli_kwargs))
+    try:
+        return _reporting_config_errors(lambda: GSLightningCLI(**cli_kwargs))
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the default process group, if a multi-process run created one.
+
+    Lightning's strategies leave it alive; a gloo group still alive when the interpreter
+    shuts down can abort the process (SIGABRT, "terminate called without an active
+    exception") after a run that finished, turning its exit status into a failure.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _reporting_config_errors(run: Callable[..., Any], *args: Any) -> Any:

@@ -209,3 +209,17 @@ def test_true_half_precision_is_refused(tmp_path, capsys) -> None:
         main(["fit", "--config", _write(tmp_path, config)])
     assert exit_info.value.code == 2
     assert "bf16-mixed" in capsys.readouterr().err
+
+
+def test_close_process_group_destroys_a_live_group(tmp_path) -> None:
+    # A gloo group left alive at interpreter exit can abort a finished multi-process run.
+    import torch.distributed as dist
+
+    from gs_lightning.cli import close_process_group
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()
+    close_process_group()  # nothing to close: a no-op, not an error

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from gs_lightning.cli import close_process_group
 from gs_lightning.errors import ConfigError
 from gs_lightning.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE, TopKSAE
@@ -170,3 +171,4 @@ def test_refuses_save_sae_before_training(tmp_path) -> None:
 
 if __name__ == "__main__":  # the sharded run: python -m tests.test_latent_parallel ROOT
     train(Path(sys.argv[1]), devices=2)
+    close_process_group()  # else gloo may abort the exit (see its docstring)
