@@ -211,15 +211,26 @@ def test_true_half_precision_is_refused(tmp_path, capsys) -> None:
     assert "bf16-mixed" in capsys.readouterr().err
 
 
-def test_close_process_group_destroys_a_live_group(tmp_path) -> None:
-    # A gloo group left alive at interpreter exit can abort a finished multi-process run.
+def test_close_process_group_stops_gloo_threads(tmp_path) -> None:
+    # Gloo threads still running at interpreter exit abort a finished multi-process run
+    # (SIGABRT); a DeviceMesh (the model-parallel strategy's) keeps its groups referenced.
+    import os
+
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
     from gs_lightning.cli import close_process_group
 
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    assert dist.is_initialized()
+    def gloo_threads() -> int:
+        names = [(Path("/proc/self/task") / t / "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+        return sum(name.startswith(("pt_gloo", "gloo")) for name in names)
+
+    before = gloo_threads()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tensor_parallel",))
+    assert mesh.get_group().size() == 1
+    assert gloo_threads() > before
     close_process_group()
     assert not dist.is_initialized()
+    assert gloo_threads() == before
     close_process_group()  # nothing to close: a no-op, not an error
