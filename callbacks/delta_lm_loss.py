@@ -37,6 +37,11 @@ class DeltaLMLoss(pl.Callback):
         self._contexts: list[torch.Tensor] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if getattr(pl_module, "hparams", {}).get("latent_parallel"):
+            # Refused before the model loads, rather than failing at the first validation.
+            raise ConfigError("model.latent_parallel: callbacks.DeltaLMLoss cannot splice a latent-sharded SAE "
+                              "into the model; drop it from trainer.callbacks and measure the saved SAE with "
+                              "`python -m gs_lightning evaluate`")
         meta = dict(getattr(trainer.datamodule, "metadata", {}) or {})
         missing = [k for k in ("model", "site", "text", "context_size") if not meta.get(k)]
         if missing:

@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from gs_lightning.io import save_sae
+from gs_lightning.parallel import gathered_sae, is_sharded
 
 
 class SaveSAE(pl.Callback):
@@ -15,6 +16,7 @@ class SaveSAE(pl.Callback):
 
     A packed sweep writes one such folder per SAE, named after it: ``dirpath`` with the
     SAE's name inserted before its last part, e.g. ``<log_dir>/sparsity_coefficient=0.0003/sae``.
+    A latent-sharded SAE (``model.latent_parallel``) is gathered and written whole by rank 0.
 
     Args:
         dirpath: Output folder; default ``<log_dir>/sae`` of the run.
@@ -27,11 +29,13 @@ class SaveSAE(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, before the rank check
+        named = pl_module.named_saes() if hasattr(pl_module, "named_saes") else [(None, pl_module.sae)]
+        if is_sharded(pl_module.sae):  # latent-sharded: every rank takes part in the gather
+            named = [(None, gathered_sae(pl_module.sae))]
         if not trainer.is_global_zero:
             return
         path = Path(self.dirpath) if self.dirpath else Path(log_dir or trainer.default_root_dir) / "sae"
         datamodule = getattr(trainer, "datamodule", None)
-        named = pl_module.named_saes() if hasattr(pl_module, "named_saes") else [(None, pl_module.sae)]
         for name, sae in named:
             metadata = dict(getattr(datamodule, "metadata", {}) or {})
             metadata["global_step"] = trainer.global_step

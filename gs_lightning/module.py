@@ -142,9 +142,6 @@ class SAETrainingModule(pl.LightningModule):
                 f"trainer.precision={self.trainer.precision!r} would store the SAE threshold in half "
                 "precision; use bf16-mixed (matmuls in bf16, weights and threshold in fp32)"
             )
-        if self._trainer is not None and self.hparams.get("latent_parallel"):
-            parallel.check_callbacks(self.trainer.callbacks)
-            parallel.check_data(getattr(self.trainer, "datamodule", None))
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "d_in"):
             return

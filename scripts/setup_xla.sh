@@ -10,7 +10,7 @@
 # Cost: about 4 GB of downloads. torch 2.9 on PyPI is the CUDA build; it imports only with
 # the nvidia-* libraries it links (about 3 GB), even on a CPU host where CUDA is never used
 # (without them: "ValueError: libcublas.so.*[0-9] not found"). The CPU-only torch 2.9 wheel
-# is not on PyPI. triton (170 MB, only used by torch.compile on GPUs) is left out.
+# is not on PyPI.
 # On a TPU VM add libtpu: `.venv-xla/bin/pip install "torch-xla[tpu]==2.9.0"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 
 # packaging evaluates requirement markers below; tomli reads pyproject.toml before 3.11.
 "${PIP[@]}" packaging 'tomli; python_version < "3.11"'
-# torch and torch-xla without their dependencies, then theirs minus triton.
+# torch and torch-xla without their dependencies, then theirs.
 "${PIP[@]}" --no-deps "torch==$TORCH_VERSION" "torch-xla==$TORCH_VERSION"
 mapfile -t DEPS < <("$VENV/bin/python" - <<'PY'
 from importlib.metadata import requires
@@ -32,7 +32,7 @@ from packaging.requirements import Requirement
 for name in ("torch", "torch-xla"):
     for line in requires(name) or []:
         req = Requirement(line)
-        if req.name != "triton" and (req.marker is None or req.marker.evaluate({"extra": ""})):
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
             print(str(req).split(";")[0])
 PY
 )

@@ -13,6 +13,22 @@ def as_is(batch: Any) -> Any:
     return batch
 
 
+def data_parallel_rank(trainer: pl.Trainer | None) -> tuple[int, int]:
+    """``(rank, ranks)`` among the replicas that read different batches.
+
+    Under DDP that is the global rank and world size. Under a strategy that shards the
+    model (Lightning's ``ModelParallelStrategy``, used for ``model.latent_parallel``) the
+    ranks that hold parts of one replica must read the same batches, so it is the position
+    on the data-parallel dimension: the strategy's own ``distributed_sampler_kwargs``.
+    """
+    if trainer is None:
+        return 0, 1
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+    if kwargs:
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
+    return trainer.global_rank, trainer.world_size
+
+
 class ActivationDataModule(pl.LightningDataModule):
     """A LightningDataModule whose batches are raw ``[batch_size, d_in]`` activations.
 

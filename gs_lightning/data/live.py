@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from gs_lightning.data.base import ActivationDataModule, as_is
+from gs_lightning.data.base import ActivationDataModule, as_is, data_parallel_rank
 from gs_lightning.data.buffer import ShuffleBuffer
 from gs_lightning.data.shard_format import all_finite
 from gs_lightning.errors import ConfigError
@@ -262,8 +262,7 @@ class LiveActivationDataModule(ActivationDataModule):
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return data_parallel_rank(self.trainer)
 
     def _texts(self, split: str) -> Iterator[str]:
         return iter_texts(self.text, split=split, column=self.text_column)

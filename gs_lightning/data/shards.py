@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from gs_lightning.data import files
-from gs_lightning.data.base import ActivationDataModule, as_is
+from gs_lightning.data.base import ActivationDataModule, as_is, data_parallel_rank
 from gs_lightning.data.memory import OrderedBatches
 from gs_lightning.data.reader import Batch, Block, EpochPlan, WindowReader, blocks_per_window
 from gs_lightning.data.shard_format import MANIFEST, check_header, read_manifest, scale_from_statistics
@@ -258,7 +258,7 @@ class ShardedActivationDataModule(ActivationDataModule):
 
     def train_dataloader(self) -> _EpochStream:
         """This rank's batches for one epoch, from the current (restored) position."""
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        rank, world = data_parallel_rank(self.trainer)
         return _EpochStream(self, rank, world, track=True, as_float=False)
 
     def val_dataloader(self) -> OrderedBatches:
