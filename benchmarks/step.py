@@ -14,7 +14,15 @@ Measured side by side in one process at one shape (default B=4096, d_in=384, d_s
 peak. DESIGN.md counts 12 B d d_sae "model FLOPs" per step (as if the input gradient
 were computed); that figure is printed too, for comparison with the numbers quoted there.
 
-Run: ``python benchmarks/step.py [--batch 4096 --d_in 384 --d_sae 16384 --device cpu]``.
+On CUDA (the default device when one is present) the table gains an MFU column: 12 B d
+d_sae per step against the GPU's dense bf16 peak from its data sheet
+(``callbacks.throughput.PEAK_FLOPS``), the Trainer.fit row is repeated in ``bf16-mixed``,
+and the script ends with ``result: mfu_bf16_step`` and ``result: mfu_bf16_fit``. The
+Gemma Scope shape (their MFU figure is about 50% on TPUv3):
+
+    python benchmarks/step.py --d_in 2304 --d_sae 131072 --device cuda
+
+Run: ``python benchmarks/step.py [--batch 4096 --d_in 384 --d_sae 16384 --device auto]``.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import CLI
 
+from callbacks.throughput import device_name, peak_flops_for
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
@@ -105,7 +114,7 @@ class _StepTimer(pl.Callback):
         self.starts.append(time.perf_counter())
 
 
-def fit_step_seconds(B: int, d: int, S: int, device: torch.device, steps: int) -> float:
+def fit_step_seconds(B: int, d: int, S: int, device: torch.device, steps: int, precision: str = "32-true") -> float:
     """Median seconds per step of ``Trainer.fit`` on in-memory data (after 3 warm-up steps)."""
     data = SyntheticActivationDataModule(d_in=d, n_features=1024, active_features=16,
                                          n_tokens=B * (steps + 1), batch_size=B, val_fraction=0.0)
@@ -113,6 +122,7 @@ def fit_step_seconds(B: int, d: int, S: int, device: torch.device, steps: int) -
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(max_steps=steps, accelerator=device.type, devices=1, default_root_dir=root,
+                             precision=precision,
                              log_every_n_steps=10, callbacks=[timer], enable_checkpointing=False,
                              limit_val_batches=0, enable_model_summary=False)
         trainer.fit(module, datamodule=data)
@@ -120,7 +130,7 @@ def fit_step_seconds(B: int, d: int, S: int, device: torch.device, steps: int) -
     return statistics.median(gaps[3:])
 
 
-def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "cpu", repeats: int = 8,
+def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "auto", repeats: int = 8,
          fit_steps: int = 14, autograd: bool = True) -> None:
     """Print a table of step throughputs and the headline ratios.
 
@@ -128,17 +138,22 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "
         batch: Activations per step.
         d_in: Activation width.
         d_sae: Number of latents.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, or ``auto`` (CUDA when present, else the CPU).
         repeats: Timed steps per configuration (the median is reported).
         fit_steps: Steps of the Lightning fit (the first 3 are warm-up).
         autograd: Also time the unfused autograd step (slow on CPU).
     """
-    dev = torch.device(device)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     B, d, S = batch, d_in, d_sae
     gemm_flops, model_flops = 10 * B * d * S, 12 * B * d * S
-    print(f"JumpReLU step, B={B} d_in={d} d_sae={S}, {dev}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    nominal = peak_flops_for(device_name(dev)) if dev.type == "cuda" else None
+    print(f"JumpReLU step, B={B} d_in={d} d_sae={S}, {device_name(dev)}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}"
+          + (f", data-sheet bf16 peak {nominal / 1e12:.0f} TFLOP/s" if nominal else ""))
     peak = gemm_peak(B, d, S, dev, torch.float32)
     rows = [("fp32 GEMM peak (step shapes)", None, peak)]
+    if dev.type == "cuda":
+        rows.append(("bf16 GEMM peak (step shapes)", None, gemm_peak(B, d, S, dev, torch.bfloat16)))
     fused = bare_step_seconds(B, d, S, dev, fused=True, bf16=False, repeats=repeats)
     rows.append(("fused step fp32", fused, gemm_flops / fused))
     if autograd:
@@ -148,12 +163,17 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "
     rows.append(("fused step bf16 autocast", bf16, gemm_flops / bf16))
     fit = fit_step_seconds(B, d, S, dev, fit_steps)
     rows.append(("Trainer.fit fp32 (in-memory data)", fit, gemm_flops / fit))
+    if dev.type == "cuda":
+        fit_bf16 = fit_step_seconds(B, d, S, dev, fit_steps, precision="bf16-mixed")
+        rows.append(("Trainer.fit bf16-mixed", fit_bf16, gemm_flops / fit_bf16))
 
-    print(f"\n{'configuration':36s} {'ms/step':>9s} {'tokens/s':>10s} {'GFLOP/s':>9s} {'of fp32 peak':>13s}")
+    mfu_head = f" {'MFU':>6s}" if nominal else ""
+    print(f"\n{'configuration':36s} {'ms/step':>9s} {'tokens/s':>10s} {'GFLOP/s':>9s} {'of fp32 peak':>13s}{mfu_head}")
     for name, seconds, flops in rows:
         ms = f"{seconds * 1e3:9.1f}" if seconds else f"{'':9s}"
         tps = f"{B / seconds:10.0f}" if seconds else f"{'':10s}"
-        print(f"{name:36s} {ms} {tps} {flops / 1e9:9.1f} {flops / peak:13.2f}")
+        mfu = (f" {model_flops / seconds / nominal:6.3f}" if seconds else f" {'':6s}") if nominal else ""
+        print(f"{name:36s} {ms} {tps} {flops / 1e9:9.1f} {flops / peak:13.2f}{mfu}")
     fraction = gemm_flops / fused / peak
     print(f"\nmodel FLOPs (12 B d d_sae, DESIGN.md's count) of the fused step: "
           f"{model_flops / fused / 1e9:.1f} GFLOP/s = {model_flops / fused / peak:.2f} of peak")
@@ -162,6 +182,12 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "
     print(f"bf16 autocast vs fp32 fused step: {fused / bf16:.2f}x")
     print(f"result: step_peak_fraction {fraction:.3f}")
     print(f"result: fit_vs_step {fused / fit:.3f}")
+    print(f"result: bf16_vs_fp32_step {fused / bf16:.3f}")
+    if nominal:
+        print(f"result: mfu_bf16_step {model_flops / bf16 / nominal:.3f}")
+        print(f"result: mfu_bf16_fit {model_flops / fit_bf16 / nominal:.3f}")
+    elif dev.type == "cuda":
+        print(f"(no data-sheet peak for {device_name(dev)!r}: MFU not reported; see callbacks.throughput.PEAK_FLOPS)")
 
 
 if __name__ == "__main__":
