@@ -66,7 +66,7 @@ class Throughput(pl.Callback):
     (local batch x world size, no communication). MFU is
     ``flops_per_token * tokens_per_s / (peak_flops * world_size)`` with
     ``flops_per_token = 12 * d_in * d_sae`` times the number of SAEs a packed sweep
-    trains. On CUDA the window's end waits for the device so that queued work is counted.
+    trains. On CUDA and XLA the window's end waits for the device so that queued work is counted.
 
     Args:
         peak_flops: Peak FLOP/s of one device. Default: looked up from the device name in
@@ -133,8 +133,15 @@ class Throughput(pl.Callback):
         self._reset()
 
     def _now(self, pl_module: pl.LightningModule) -> float:
+        # Device work is asynchronous: without a wait the window would time the host's
+        # dispatch, not the device. Once a window (every_n_steps) is cheap.
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+        elif pl_module.device.type == "xla":
+            import torch_xla.core.xla_model as xm
+
+            # Waits for the graphs already dispatched; reads nothing back, compiles nothing.
+            xm.wait_device_ops()
         return self._clock()
 
 

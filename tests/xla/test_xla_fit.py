@@ -20,6 +20,7 @@ import torch_xla.debug.metrics as met  # noqa: E402
 from lightning.pytorch.accelerators import XLAAccelerator  # noqa: E402
 from torch_xla import runtime as xr  # noqa: E402
 
+from callbacks import Throughput  # noqa: E402
 from gs_lightning.data import SyntheticActivationDataModule  # noqa: E402
 from gs_lightning.module import SAETrainingModule  # noqa: E402
 from gs_lightning.saes import JumpReLUSAE  # noqa: E402
@@ -89,10 +90,12 @@ def test_steps_after_warmup_neither_compile_nor_sync(tmp_path, progress_bar: boo
     module = SAETrainingModule(JumpReLUSAE(32, 128, threshold_parameterization="raw"), lr=1e-3,
                                lr_warmup_steps=2, sparsity_warmup_steps=2, check_finite=False)
     probe = Probe()
+    # Throughput waits for the device at each window's end (every 2 steps): no read-back.
+    throughput = Throughput(peak_flops=1e12, every_n_steps=2)
     trainer = pl.Trainer(accelerator=PJRTAccelerator(), devices=1, max_steps=STEPS, logger=False,
                          enable_checkpointing=False, enable_progress_bar=progress_bar, enable_model_summary=False,
                          limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10_000,
-                         callbacks=[probe], default_root_dir=tmp_path)
+                         callbacks=[throughput, probe], default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     assert probe.devices == {"xla"}  # (Lightning moves the module back to the CPU at the end)
     assert trainer.global_step == STEPS
@@ -103,6 +106,9 @@ def test_steps_after_warmup_neither_compile_nor_sync(tmp_path, progress_bar: boo
     assert delta["transfer_from_device"] == 0, delta  # nothing waits for the device
     assert delta["local_scalar_dense"] == 0, delta
     assert delta["execute"] >= STEPS - WARMUP, delta  # the steps did run on the device
+    rates = throughput.last_metrics
+    assert rates["perf/tokens_per_s"] > 0 and rates["perf/mfu"] == pytest.approx(
+        12 * 32 * 128 * rates["perf/tokens_per_s"] / 1e12), rates
     # And training happened on the device: the weights moved and are finite.
     w = module.sae.W_enc.detach().cpu()
     assert torch.isfinite(w).all()
