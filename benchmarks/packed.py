@@ -10,9 +10,13 @@ Measured side by side in one process at one shape (default B=4096, d_in=384, d_s
 2. the wall time of K sequential ``Trainer.fit`` runs (one per lambda) against one packed
    ``Trainer.fit`` of the K SAEs, a few steps each, all reading the same small set of
    synthetic bf16 shards through :class:`ShardedActivationDataModule` (data set-up, scale
-   and checksums included, as a user pays them).
+   and checksums included, as a user pays them); and, from the same runs, the steady
+   per-step time (the median step after the first), which decides a long run: the
+   packed run's first step is much slower than its later ones (K sets of Adam state and
+   K-fold activation buffers touched for the first time).
 
-Ends with ``result: packed_per_sae <x>`` and ``result: sequential_vs_packed_wall <x>``.
+Ends with ``result: packed_per_sae <x>``, ``result: sequential_vs_packed_wall <x>`` and
+``result: sequential_vs_packed_per_step <x>``.
 
 Run: ``python benchmarks/packed.py [--batch 4096 --d_in 384 --d_sae 16384 --k 8 --fit_steps 3]``.
 """
@@ -20,6 +24,7 @@ Run: ``python benchmarks/packed.py [--batch 4096 --d_in 384 --d_sae 16384 --k 8 
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 import tempfile
 import time
@@ -104,20 +109,37 @@ def _write_shards(folder: Path, shards: int, shard_tokens: int, d: int) -> None:
     write_manifest(folder, manifest)
 
 
+class _StepStarts(pl.Callback):
+    """Times at which each training batch starts, and the end of training."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.times.append(time.perf_counter())
+
+    def on_train_end(self, *args: object) -> None:
+        self.times.append(time.perf_counter())
+
+
 def _fit_seconds(folder: Path, d: int, S: int, B: int, steps: int, device: str, sweep: list[float] | None,
-                 coefficient: float = 1e-3) -> float:
-    """Wall seconds of one ``Trainer.fit`` from building the DataModule to the end of fit."""
+                 coefficient: float = 1e-3) -> tuple[float, float]:
+    """Wall seconds of one ``Trainer.fit`` from building the DataModule to the end of fit, and
+    the median seconds of its steps after the first (CPU timings: no device sync needed)."""
     start = time.perf_counter()
+    starts = _StepStarts()
     data = ShardedActivationDataModule(str(folder), batch_size=B, val_shards=0)
     sae = JumpReLUSAE(d, S, sparsity_coefficient=coefficient)
     module = SAETrainingModule(sae, sweep={"sparsity_coefficient": sweep} if sweep else None)
     trainer = pl.Trainer(max_steps=steps, accelerator=device, devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[starts])
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
     del trainer, module, data, sae
     gc.collect()
-    return seconds
+    gaps = [b - a for a, b in zip(starts.times, starts.times[1:])]
+    return seconds, statistics.median(gaps[1:] or gaps)
 
 
 def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, k: int = 8, device: str = "cpu",
@@ -148,15 +170,17 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, k: int = 8, dev
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "shards"
         _write_shards(folder, shards=fit_steps + 1, shard_tokens=B, d=d)
-        sequential = sum(_fit_seconds(folder, d, S, B, fit_steps, device, None, c) for c in _lambdas(k))
-        together = _fit_seconds(folder, d, S, B, fit_steps, device, _lambdas(k))
+        runs = [_fit_seconds(folder, d, S, B, fit_steps, device, None, c) for c in _lambdas(k)]
+        sequential, sequential_step = sum(r[0] for r in runs), sum(r[1] for r in runs)
+        together, together_step = _fit_seconds(folder, d, S, B, fit_steps, device, _lambdas(k))
     wall = sequential / together
-    print(f"\n{f'Trainer.fit, {fit_steps} steps, bf16 shards':34s} {'wall s':>8s}")
-    print(f"{f'{k} sequential runs (one per lambda)':34s} {sequential:8.1f}")
-    print(f"{f'1 packed run of {k} SAEs':34s} {together:8.1f}")
+    print(f"\n{f'Trainer.fit, {fit_steps} steps, bf16 shards':34s} {'wall s':>8s} {'s/step after 1st':>17s}")
+    print(f"{f'{k} sequential runs (one per lambda)':34s} {sequential:8.1f} {sequential_step:17.2f}")
+    print(f"{f'1 packed run of {k} SAEs':34s} {together:8.1f} {together_step:17.2f}")
     print(f"\nlambdas: {_lambdas(k)}")
     print(f"result: packed_per_sae {per_sae:.3f}")
     print(f"result: sequential_vs_packed_wall {wall:.3f}")
+    print(f"result: sequential_vs_packed_per_step {sequential_step / together_step:.3f}")
 
 
 if __name__ == "__main__":
