@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from gs_lightning.metrics import FiringStatistics, PooledFVU
+from gs_lightning.parallel import gathered_sae, is_sharded
 from gs_lightning.plots import plot_density, plot_frontier
 
 
@@ -19,8 +20,9 @@ class SavePlots(pl.Callback):
     the validation set) into ``dirpath``; when a W&B logger is on, log both images and a
     density histogram per SAE there too.
 
-    L0, FVU and density are measured on the validation set with the final weights; the
-    delta LM loss comes from the ``DeltaLMLoss`` callback when it ran on the final weights.
+    L0, FVU and density are measured on the validation set with the final weights (a
+    latent-sharded SAE is gathered to rank 0 first); the delta LM loss comes from the
+    ``DeltaLMLoss`` callback when it ran on the final weights.
 
     Args:
         dirpath: Output folder; default ``<log_dir>/plots`` (``<default_root_dir>/plots``
@@ -38,12 +40,16 @@ class SavePlots(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, before the rank check
-        if trainer.is_global_zero:
-            self._draw(trainer, pl_module, Path(self.dirpath or Path(log_dir or trainer.default_root_dir) / "plots"))
-
-    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         saes = pl_module.named_saes()
+        if is_sharded(pl_module.sae):  # latent-sharded: every rank takes part in the gather
+            saes = [(saes[0][0], gathered_sae(pl_module.sae))]
+        if trainer.is_global_zero:
+            folder = Path(self.dirpath or Path(log_dir or trainer.default_root_dir) / "plots")
+            self._draw(trainer, pl_module, folder, saes)
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, folder: Path,
+              saes: list[tuple[str | None, Any]]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
         stats = self._measure(trainer, pl_module, saes)
         self.rows, self.densities = [], {}
         for name, (firing, fvu) in stats.items():
@@ -70,13 +76,19 @@ class SavePlots(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             return {}
-        stats = {name or "sae": (FiringStatistics(sae.d_sae), PooledFVU(sae.out_width)) for name, sae in saes}
+        # Rank 0 measures the whole validation set alone: its metrics must not wait for the
+        # other ranks at compute() (torchmetrics syncs by default whenever a group is up).
+        stats = {name or "sae": (FiringStatistics(sae.d_sae, sync_on_compute=False),
+                                 PooledFVU(sae.out_width, sync_on_compute=False)) for name, sae in saes}
         scale = pl_module.input_scale.float()
         out_scale = getattr(pl_module, "target_scale", pl_module.input_scale).float()
+        # A gathered latent-sharded SAE lives on the CPU, not on the module's device.
+        device = next(saes[0][1].parameters()).device if saes else pl_module.device
+        scale, out_scale = scale.to(device), out_scale.to(device)
         for batch in datamodule.val_dataloader():
             pair = isinstance(batch, (tuple, list))
-            x = (batch[0] if pair else batch).to(pl_module.device).float()
-            y = batch[1].to(pl_module.device).float() if pair else x  # a transcoder's target
+            x = (batch[0] if pair else batch).to(device).float()
+            y = batch[1].to(device).float() if pair else x  # a transcoder's target
             for name, sae in saes:
                 f = sae.encode(x * scale)
                 firing, fvu = stats[name or "sae"]

@@ -8,6 +8,8 @@ any SAE look good on activations with a large mean).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -19,8 +21,9 @@ class PooledFVU(Metric):
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, d_in: int) -> None:
-        super().__init__()
+    def __init__(self, d_in: int, **kwargs: Any) -> None:
+        """``kwargs`` go to torchmetrics' ``Metric`` (e.g. ``sync_on_compute=False``)."""
+        super().__init__(**kwargs)
         # float64: sums of squares over millions of tokens lose digits in float32.
         self.add_state("sse", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("sum_x", torch.zeros(d_in, dtype=torch.float64), dist_reduce_fx="sum")
@@ -49,8 +52,9 @@ class FiringStatistics(Metric):
 
     full_state_update = False
 
-    def __init__(self, d_sae: int, dense_threshold: float = 0.1) -> None:
-        super().__init__()
+    def __init__(self, d_sae: int, dense_threshold: float = 0.1, **kwargs: Any) -> None:
+        """``kwargs`` go to torchmetrics' ``Metric`` (e.g. ``sync_on_compute=False``)."""
+        super().__init__(**kwargs)
         self.dense_threshold = dense_threshold
         self.add_state("fires", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")

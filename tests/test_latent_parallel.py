@@ -16,7 +16,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import SaveSAE
+from callbacks import SavePlots, SaveSAE
 from gs_lightning.cli import close_process_group
 from gs_lightning.data.shard_format import encode_shard, shard_entry, shard_name, write_manifest
 from gs_lightning.errors import ConfigError
@@ -78,7 +78,9 @@ class SaveGathered(pl.Callback):
 
         local = {k: tuple((p.to_local() if isinstance(p, DTensor) else p).shape)
                  for k, p in pl_module.named_parameters()}
+        plots = next((cb for cb in trainer.callbacks if isinstance(cb, SavePlots)), None)
         out = {"state": full_state_dict(pl_module), "local_shapes": local, "grads": self.first_grads,
+               "plot_rows": plots.rows if plots is not None else [],
                "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}
         torch.save(out, Path(self.dirpath) / f"{prefix}rank{trainer.global_rank}.pt")
 
@@ -105,7 +107,8 @@ def train(root: Path, shards: Path, devices: int, max_steps: int = STEPS, ckpt_p
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=devices, strategy=strategy,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, val_check_interval=KILLED_AT, default_root_dir=root,
-                         callbacks=[saver, SaveGathered(str(root)), SaveSAE(str(root / "sae"))])
+                         callbacks=[saver, SavePlots(str(root / "plots")), SaveGathered(str(root)),
+                                    SaveSAE(str(root / "sae"))])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
 
@@ -226,6 +229,16 @@ def test_resume_from_distributed_checkpoint_is_exact(runs) -> None:
         assert torch.equal(resumed[key], full[key]), key
     # The resume had work to do: the killed run's weights are far from the final ones.
     assert (killed["sae.W_enc"] - full["sae.W_enc"]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_save_plots_measures_the_gathered_sae(runs) -> None:
+    # Rank 0 measures the whole dictionary on the validation shard: the one-process figures.
+    (sharded,), (one,) = runs["rank0"]["plot_rows"], runs["one"]["plot_rows"]
+    assert sharded["l0"] == pytest.approx(one["l0"], rel=1e-4) and one["l0"] > 0
+    assert sharded["fvu"] == pytest.approx(one["fvu"], rel=1e-4)
+    assert (runs["root"] / "sharded" / "plots" / "frontier.png").stat().st_size > 0
+    assert runs["rank1"]["plot_rows"] == []  # only rank 0 draws
 
 
 def test_refuses_delta_lm_loss_before_training(tmp_path) -> None:

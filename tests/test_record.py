@@ -60,7 +60,9 @@ def test_cli_runs_ddp_and_records_once(tmp_path) -> None:
     without deadlocking the other rank (log_dir is a collective)."""
     config = _config(tmp_path, **{"trainer.max_steps": 6, "trainer.val_check_interval": 6,
                                   "trainer.devices": 2, "trainer.strategy": "ddp"})
-    config["trainer"]["callbacks"] = [{"class_path": "callbacks.SaveSAE"}]
+    # SavePlots measures on rank 0 alone: its metrics once waited at compute() for rank 1,
+    # which had left fit, and the run hung.
+    config["trainer"]["callbacks"] = [{"class_path": "callbacks.SaveSAE"}, {"class_path": "callbacks.SavePlots"}]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     repo = Path(__file__).parents[1]
@@ -71,6 +73,7 @@ def test_cli_runs_ddp_and_records_once(tmp_path) -> None:
     record = json.loads((run / "run.json").read_text())
     assert record["world_size"] == 2
     assert json.loads((run / "metrics.json").read_text())["step"] == 6
+    assert (run / "plots" / "frontier.png").stat().st_size > 0
 
 
 def test_wandb_overlay_keeps_versioned_run_folders(tmp_path, monkeypatch) -> None:
