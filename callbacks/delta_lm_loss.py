@@ -66,4 +66,6 @@ class DeltaLMLoss(pl.Callback):
                                    source_site=site if target_site else None,
                                    target_scale=None if target_scale is None else float(target_scale))
             for key in ("delta_loss", "kl", "loss_recovered", "ce_clean"):
-                pl_module.log(metric_key(f"val/{key}", name), result[key], on_epoch=True)
+                # Every rank measures the same contexts: the mean over ranks is that value, and
+                # sync_dist keeps epoch-level logging consistent under DDP.
+                pl_module.log(metric_key(f"val/{key}", name), result[key], on_epoch=True, sync_dist=True)
