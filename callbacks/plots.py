@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from gs_lightning.metrics import FiringStatistics, PooledFVU
-from gs_lightning.parallel import gathered_sae, is_sharded
+from gs_lightning.parallel import whole_saes
 from gs_lightning.plots import plot_density, plot_frontier
 
 
@@ -40,9 +40,7 @@ class SavePlots(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, before the rank check
-        saes = pl_module.named_saes()
-        if is_sharded(pl_module.sae):  # latent-sharded: every rank takes part in the gather
-            saes = [(saes[0][0], gathered_sae(pl_module.sae))]
+        saes = whole_saes(pl_module)  # a collective for a latent-sharded SAE: before the rank check
         if trainer.is_global_zero:
             folder = Path(self.dirpath or Path(log_dir or trainer.default_root_dir) / "plots")
             self._draw(trainer, pl_module, folder, saes)

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from gs_lightning.io import save_sae
-from gs_lightning.parallel import gathered_sae, is_sharded
+from gs_lightning.parallel import whole_saes
 
 
 class SaveSAE(pl.Callback):
@@ -29,9 +29,7 @@ class SaveSAE(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, before the rank check
-        named = pl_module.named_saes() if hasattr(pl_module, "named_saes") else [(None, pl_module.sae)]
-        if is_sharded(pl_module.sae):  # latent-sharded: every rank takes part in the gather
-            named = [(None, gathered_sae(pl_module.sae))]
+        named = whole_saes(pl_module)  # a collective for a latent-sharded SAE: before the rank check
         if not trainer.is_global_zero:
             return
         path = Path(self.dirpath) if self.dirpath else Path(log_dir or trainer.default_root_dir) / "sae"

@@ -184,3 +184,13 @@ def gathered_sae(sae: JumpReLUSAE) -> JumpReLUSAE | None:
         plain = type(sae)(**sae.init_args())
     plain.load_state_dict(state, strict=True, assign=True)
     return plain
+
+
+def whole_saes(module: nn.Module) -> list[tuple[str | None, Any]]:
+    """``module``'s SAEs as ``(name, sae)`` pairs (a packed sweep's members, else ``(None, sae)``),
+    a latent-sharded SAE gathered whole by :func:`gathered_sae`: rank 0 gets the plain copy,
+    the other ranks ``None``. A collective when the SAE is sharded: call it on every rank."""
+    named = module.named_saes() if hasattr(module, "named_saes") else [(None, module.sae)]
+    if is_sharded(module.sae):
+        return [(named[0][0], gathered_sae(module.sae))]
+    return named
