@@ -19,6 +19,8 @@ Gradients (``err = x_hat - x``, ``g = 2 err / B``, ``mask = pre > t``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -162,37 +164,42 @@ def fused_jumprelu_loss(
 class FusedPackedJumpReLULoss(torch.autograd.Function):
     """:class:`FusedJumpReLULoss` for K JumpReLU SAEs of one shape reading the same batch.
 
-    Weights carry a leading K dimension (``W_enc [K, d, S]``, ``b_enc [K, S]``,
-    ``W_dec [K, S, d]``, ``b_dec [K, d]``, ``threshold [K, S]``, ``bandwidth [K]``);
-    ``x [B, d]`` is shared. Returns ``mse [K]``, ``l0 [K]``, ``x_hat [K, B, d]`` and
-    ``fire_counts [K, S]``, member k's numbers being exactly what the single fused step
-    returns for SAE k. The ``[K, B, S]`` buffers live in the :class:`Workspace` as the single
-    step's do; element-wise passes and reductions run once over all K, and each GEMM is the
-    single step's GEMM, written into member k's slice (on CPU, ``torch.bmm`` at these shapes
-    runs 1.3-1.5x slower than K ``mm`` calls).
+    The matrices come as K separate tensors (each member's own ``W_enc [d, S]`` and
+    ``W_dec [S, d]``, passed after ``K`` as ``*W_encs, *W_decs``), the vectors stacked with
+    a leading K dimension (``b_enc [K, S]``, ``b_dec [K, d]``, ``threshold [K, S]``,
+    ``bandwidth [K]``); ``x [B, d]`` is shared. Returns ``mse [K]``, ``l0 [K]``, ``x_hat
+    [K, B, d]`` and ``fire_counts [K, S]``, member k's numbers being exactly what the single
+    fused step returns for SAE k. The ``[K, B, S]`` buffers live in the :class:`Workspace`
+    as the single step's do; element-wise passes and reductions run once over all K, and
+    each GEMM is the single step's GEMM on member k's own matrices, written into member
+    k's slice (on CPU, ``torch.bmm`` at these shapes runs 1.3-1.5x slower than K ``mm``
+    calls). The matrices are not stacked: a stack would copy them every step, and on the
+    CPU each ``[K, d, S]`` copy or gradient is a fresh mapping of hundreds of MB whose
+    pages fault in every time.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         x: Tensor,
-        W_enc: Tensor,
         b_enc: Tensor,
-        W_dec: Tensor,
         b_dec: Tensor,
         threshold: Tensor,
         bandwidth: Tensor,
         workspace: Workspace,
         compute_dtype: torch.dtype,
-        target: Tensor | None = None,
+        target: Tensor | None,
+        K: int,
+        *weights: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        W_encs, W_decs = weights[:K], weights[K:]
         with torch.autocast(x.device.type, enabled=False):  # casts are explicit here
-            (K, _, S), B, cd, dev = W_enc.shape, x.shape[0], compute_dtype, x.device
+            (_, S), B, cd, dev = W_encs[0].shape, x.shape[0], compute_dtype, x.device
             xc = x.to(cd)
             pre = workspace.get("pre", (K, B, S), cd, dev)
-            W_enc_c, b_enc_c = W_enc.to(cd), b_enc.to(cd)
+            b_enc_c = b_enc.to(cd)
             for k in range(K):
-                torch.addmm(b_enc_c[k], xc, W_enc_c[k], out=pre[k])
+                torch.addmm(b_enc_c[k], xc, W_encs[k].to(cd), out=pre[k])
             t = threshold.float().unsqueeze(1)  # [K, 1, S]
             half = (bandwidth.float() / 2).view(K, 1, 1)
             # 0/1 masks in the compute dtype, as in the single step (bool arithmetic copies).
@@ -206,18 +213,19 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
             fire_counts = mask.sum(1, dtype=torch.float32)
             l0 = fire_counts.sum(1) / B
             f = pre.mul_(mask)  # the pre-activation buffer now holds f
-            x_hat = torch.empty(K, B, W_dec.shape[2], dtype=cd, device=dev)  # d_out for a transcoder
-            W_dec_c, b_dec_c = W_dec.to(cd), b_dec.to(cd)
+            x_hat = torch.empty(K, B, W_decs[0].shape[1], dtype=cd, device=dev)  # d_out for a transcoder
+            b_dec_c = b_dec.to(cd)
             for k in range(K):
-                torch.addmm(b_dec_c[k], f[k], W_dec_c[k], out=x_hat[k])
+                torch.addmm(b_dec_c[k], f[k], W_decs[k].to(cd), out=x_hat[k])
             x_hat = x_hat.float()
             # A transcoder reconstructs another site's activations of the same tokens.
             err = x_hat - (x if target is None else target).float()
             mse = err.pow(2).sum((1, 2)) / B
         workspace.generation += 1
         ctx.generation = workspace.generation
-        ctx.workspace, ctx.compute_dtype = workspace, cd
-        ctx.save_for_backward(x, W_enc, W_dec, threshold, bandwidth, err)
+        ctx.workspace, ctx.compute_dtype, ctx.K = workspace, cd, K
+        ctx.weight_dtypes = (W_encs[0].dtype, W_decs[0].dtype)
+        ctx.save_for_backward(x, threshold, bandwidth, err, *W_decs)
         ctx.mark_non_differentiable(x_hat, fire_counts)
         return mse, l0, x_hat, fire_counts
 
@@ -229,20 +237,21 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
                 "packed fused JumpReLU step: another forward pass reused the workspace before "
                 "this backward ran; call backward after each forward"
             )
-        x, W_enc, W_dec, threshold, bandwidth, err = ctx.saved_tensors
-        (K, d, S), B, cd, dev = W_enc.shape, x.shape[0], ctx.compute_dtype, x.device
+        x, threshold, bandwidth, err, *W_decs = ctx.saved_tensors
+        K, cd, dev = ctx.K, ctx.compute_dtype, x.device
+        (S, _), B = W_decs[0].shape, x.shape[0]
+        enc_dtype, dec_dtype = ctx.weight_dtypes
         eps = bandwidth.float().view(K, 1)
         f = ws.get("pre", (K, B, S), cd, dev)
         mask = ws.get("mask", (K, B, S), cd, dev)
         near = ws.get("near", (K, B, S), cd, dev)
         g = (err * (2.0 * grad_mse.view(K, 1, 1) / B)).to(cd)
         grad_b_dec = g.float().sum(1)
-        grad_W_dec = torch.empty(K, S, W_dec.shape[2], dtype=cd, device=dev)  # d_out for a transcoder
         g_f = ws.get("g_f", (K, B, S), cd, dev)
-        W_dec_c = W_dec.to(cd)
+        grad_W_decs = []
         for k in range(K):
-            torch.mm(f[k].t(), g[k], out=grad_W_dec[k])
-            torch.mm(g[k], W_dec_c[k].t(), out=g_f[k])
+            grad_W_decs.append(torch.mm(f[k].t(), g[k]).to(dec_dtype))
+            torch.mm(g[k], W_decs[k].to(cd).t(), out=g_f[k])
         # f is no longer needed: reuse its buffer for near * g_f.
         near_g = torch.mul(g_f, near, out=f).sum(1, dtype=torch.float32)
         near_count = near.sum(1, dtype=torch.float32)
@@ -250,29 +259,28 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
         grad_t = -(t / eps) * near_g - (grad_l0.float().view(K, 1) / (B * eps)) * near_count
         g_pre = g_f.mul_(mask)
         grad_b_enc = g_pre.sum(1, dtype=torch.float32)
-        grad_W_enc = torch.empty(K, d, S, dtype=cd, device=dev)
         xt = x.to(cd).t()
-        for k in range(K):
-            torch.mm(xt, g_pre[k], out=grad_W_enc[k])
+        grad_W_encs = [torch.mm(xt, g_pre[k]).to(enc_dtype) for k in range(K)]
         return (
             None,
-            grad_W_enc.to(W_enc.dtype),
-            grad_b_enc.to(W_enc.dtype),
-            grad_W_dec.to(W_dec.dtype),
-            grad_b_dec.to(W_dec.dtype),
+            grad_b_enc.to(enc_dtype),
+            grad_b_dec.to(dec_dtype),
             grad_t.to(threshold.dtype),
             None,
             None,
             None,
             None,
+            None,
+            *grad_W_encs,
+            *grad_W_decs,
         )
 
 
 def fused_packed_jumprelu_loss(
     x: Tensor,
-    W_enc: Tensor,
+    W_enc: Tensor | Sequence[Tensor],
     b_enc: Tensor,
-    W_dec: Tensor,
+    W_dec: Tensor | Sequence[Tensor],
     b_dec: Tensor,
     threshold: Tensor,
     bandwidth: Tensor,
@@ -280,7 +288,16 @@ def fused_packed_jumprelu_loss(
     compute_dtype: torch.dtype | None = None,
     target: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Functional entry point of :class:`FusedPackedJumpReLULoss` (see its docstring)."""
+    """Functional entry point of :class:`FusedPackedJumpReLULoss` (see its docstring).
+
+    ``W_enc`` and ``W_dec`` are K members' matrices: a sequence of K tensors, or one tensor
+    with a leading K dimension (unbound into K views, gradients flowing back to it).
+    """
+    W_encs = list(W_enc.unbind(0) if isinstance(W_enc, Tensor) else W_enc)
+    W_decs = list(W_dec.unbind(0) if isinstance(W_dec, Tensor) else W_dec)
+    if len(W_encs) != len(W_decs):
+        raise ValueError(f"{len(W_encs)} encoder matrices but {len(W_decs)} decoder matrices")
     return FusedPackedJumpReLULoss.apply(
-        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype, target
+        x, b_enc, b_dec, threshold, bandwidth, workspace, compute_dtype or W_encs[0].dtype, target,
+        len(W_encs), *W_encs, *W_decs,
     )

@@ -2,9 +2,9 @@
 
 Each member stays an ordinary :class:`~gs_lightning.saes.SAE` with its own parameters, so
 it gets its own Adam parameter group, its own gradient clipping and its own saved folder.
-Only the compute is packed: JumpReLU members are stacked at each step (``torch.stack`` is
-differentiable, and the copy is small next to the GEMMs) and run through one batched fused
-step; other variants run their own ``training_output`` one after another on the shared batch.
+Only the compute is packed: JumpReLU members run through one batched fused step (their
+vectors stacked at each step, their matrices used in place); other variants run their
+own ``training_output`` one after another on the shared batch.
 
 A sweep is a mapping from a swept name to one value per member, e.g.
 ``{"sparsity_coefficient": [1e-4, 3e-4, 1e-3]}``. Names are constructor arguments of the
@@ -80,11 +80,13 @@ class PackedSAE(nn.Module):
 
     def _fused_jumprelu_outputs(self, x: Tensor, warmup: float, target: Tensor | None) -> list[TrainOutput]:
         members: list[JumpReLUSAE] = list(self.members)  # type: ignore[arg-type]
-        stacked = [torch.stack([getattr(m, name) for m in members]) for name in ("W_enc", "b_enc", "W_dec", "b_dec")]
-        threshold = torch.stack([m.threshold for m in members])
+        # Vectors are stacked (a small copy); the matrices go in as the members' own tensors.
+        b_enc, b_dec, threshold = (torch.stack([getattr(m, name) for m in members])
+                                   for name in ("b_enc", "b_dec", "threshold"))
         bandwidth = torch.tensor([m.bandwidth for m in members], device=x.device)
         mse, l0, x_hat, counts = fused_packed_jumprelu_loss(
-            x, *stacked, threshold, bandwidth, self._workspace, members[0].compute_dtype(x), target
+            x, [m.W_enc for m in members], b_enc, [m.W_dec for m in members], b_dec, threshold, bandwidth,
+            self._workspace, members[0].compute_dtype(x), target
         )
         return [
             TrainOutput(x_hat[k], {"mse": mse[k], "l0_penalty": warmup * m.sparsity_coefficient * l0[k]},
