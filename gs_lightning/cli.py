@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.errors import ConfigError
 from gs_lightning.module import SAETrainingModule, check_widths
+from gs_lightning.parallel import close_process_group
 from gs_lightning.record import RecordingSaveConfigCallback
 
 
@@ -105,33 +106,6 @@ def main(args: list[str] | None = None) -> GSLightningCLI | None:
         return _reporting_config_errors(lambda: GSLightningCLI(**cli_kwargs))
     finally:
         close_process_group()
-
-
-def close_process_group() -> None:
-    """Destroy the process groups of a multi-process run, and let their threads go.
-
-    Lightning's strategies leave the default group alive, and a gloo group whose worker
-    threads are still running when the interpreter shuts down aborts the process (SIGABRT,
-    "terminate called without an active exception") after a run that finished, turning its
-    exit status into a failure. ``destroy_process_group`` alone is not enough under the
-    model-parallel strategy: each ``DeviceMesh`` keeps its groups in a registry, and meshes
-    outlive the run in DTensor's caches, so the groups would still be freed (and their
-    threads stopped) only during interpreter shutdown.
-    """
-    import gc
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    dist.destroy_process_group()
-    from torch.distributed.device_mesh import DeviceMesh
-
-    for obj in gc.get_objects():
-        # A type check, not isinstance: some torch objects warn when isinstance probes them.
-        if issubclass(type(obj), DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
-            obj._pg_registry.clear()
-    gc.collect()
 
 
 def _reporting_config_errors(run: Callable[..., Any], *args: Any) -> Any:

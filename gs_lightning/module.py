@@ -142,6 +142,8 @@ class SAETrainingModule(pl.LightningModule):
                 f"trainer.precision={self.trainer.precision!r} would store the SAE threshold in half "
                 "precision; use bf16-mixed (matmuls in bf16, weights and threshold in fp32)"
             )
+        if self._trainer is not None and self.trainer.world_size > 1:
+            parallel.close_process_group_at_exit()  # else gloo may abort a finished run's exit
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "d_in"):
             return

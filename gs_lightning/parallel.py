@@ -22,6 +22,8 @@ are packed sweeps.
 
 from __future__ import annotations
 
+import atexit
+import gc
 from typing import Any
 
 import torch
@@ -194,3 +196,40 @@ def whole_saes(module: nn.Module) -> list[tuple[str | None, Any]]:
     if is_sharded(module.sae):
         return [(named[0][0], gathered_sae(module.sae))]
     return named
+
+
+def close_process_group() -> None:
+    """Destroy the process groups of a multi-process run, and let their threads go.
+
+    Lightning's strategies leave the default group alive, and a gloo group whose worker
+    threads are still running when the interpreter shuts down aborts the process (SIGABRT,
+    "terminate called without an active exception") after a run that finished, turning its
+    exit status into a failure. ``destroy_process_group`` alone is not enough under the
+    model-parallel strategy: each ``DeviceMesh`` keeps its groups in a registry, and meshes
+    outlive the run in DTensor's caches, so the groups would still be freed (and their
+    threads stopped) only during interpreter shutdown.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    for obj in gc.get_objects():
+        # A type check, not isinstance: some torch objects warn when isinstance probes them.
+        if issubclass(type(obj), DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
+    gc.collect()
+
+
+_closing_at_exit = False
+
+
+def close_process_group_at_exit() -> None:
+    """Run :func:`close_process_group` when the interpreter exits (registered once).
+
+    ``atexit`` handlers run while the interpreter is still whole, so a script that builds
+    its own multi-process ``Trainer`` (not through the CLI, which closes the group itself)
+    exits cleanly too.
+    """
+    global _closing_at_exit
+    if not _closing_at_exit:
+        atexit.register(close_process_group)
+        _closing_at_exit = True

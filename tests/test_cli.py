@@ -219,7 +219,7 @@ def test_close_process_group_stops_gloo_threads(tmp_path) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from gs_lightning.cli import close_process_group
+    from gs_lightning.parallel import close_process_group
 
     def gloo_threads() -> int:
         names = [(Path("/proc/self/task") / t / "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
@@ -234,3 +234,15 @@ def test_close_process_group_stops_gloo_threads(tmp_path) -> None:
     assert not dist.is_initialized()
     assert gloo_threads() == before
     close_process_group()  # nothing to close: a no-op, not an error
+
+
+def test_close_process_group_is_registered_at_exit_once(monkeypatch) -> None:
+    # Multi-process runs built without the CLI close their groups through atexit.
+    from gs_lightning import parallel
+
+    registered = []
+    monkeypatch.setattr(parallel.atexit, "register", registered.append)
+    monkeypatch.setattr(parallel, "_closing_at_exit", False)
+    parallel.close_process_group_at_exit()
+    parallel.close_process_group_at_exit()
+    assert registered == [parallel.close_process_group]

@@ -23,8 +23,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from gs_lightning.cli import close_process_group
-
 REPO = Path(__file__).resolve().parent.parent
 STEPS, BATCH = 12, 128
 SAES = ("jumprelu", "batchtopk")
@@ -138,4 +136,3 @@ def test_batchtopk_matches_one_process(runs) -> None:
 
 if __name__ == "__main__":  # the DDP run: python -m tests.test_ddp ROOT SHARDS SAE
     train(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], devices=2)
-    close_process_group()  # else gloo may abort the exit (see its docstring)

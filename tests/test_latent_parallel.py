@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import SavePlots, SaveSAE
-from gs_lightning.cli import close_process_group
 from gs_lightning.data.shard_format import encode_shard, shard_entry, shard_name, write_manifest
 from gs_lightning.errors import ConfigError
 from gs_lightning.io import load_sae, load_sae_config
@@ -258,4 +257,3 @@ def test_refuses_delta_lm_loss_before_training(tmp_path) -> None:
 if __name__ == "__main__":  # a sharded run: python -m tests.test_latent_parallel ROOT SHARDS STEPS [CKPT]
     train(Path(sys.argv[1]), Path(sys.argv[2]), devices=2, max_steps=int(sys.argv[3]),
           ckpt_path=sys.argv[4] if len(sys.argv) > 4 else None)
-    close_process_group()  # else gloo may abort the exit (see its docstring)
