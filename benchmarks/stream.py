@@ -14,7 +14,7 @@ Side by side in one process:
 Ends with ``result: stream_vs_read <x>`` (DataModule GB/s in its second epoch, once every
 shard has passed its checksum and NaN check, over plain read GB/s) and ``result: harvest_vs_forward <x>``.
 
-Run: ``python benchmarks/stream.py [--tokens 524288 --d 384 --harvest_tokens 131072]``.
+Run: ``python benchmarks/stream.py [--tokens 524288 --d 384 --harvest_tokens 524288]``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def bench_harvest(tokens: int, context_size: int, root: Path, layer: int = 1, ba
         return n / (time.perf_counter() - start - load)
 
     run("warm-up", batch * context_size)  # the same one-time warm-up the bare forward had
-    # Alternate the two, three times each, and take medians: one run is ~2 s and the host's
+    # Alternate the two, three times each, and take medians: one run is ~7 s and the host's
     # load drifts on that scale.
     forwards, harvests = [], []
     for i in range(repeats):
@@ -137,7 +137,7 @@ def bench_harvest(tokens: int, context_size: int, root: Path, layer: int = 1, ba
 
 
 def main(tokens: int = 524288, d: int = 384, shard_tokens: int = 65536, batch_size: int = 4096,
-         harvest_tokens: int = 131072, context_size: int = 128) -> None:
+         harvest_tokens: int = 524288, context_size: int = 128) -> None:
     """Print the read and harvest tables and the two ratios.
 
     Args:
