@@ -23,7 +23,8 @@ STEPS, SIGTERM_AT, EXIT_CODE = 16, 7, 143
 
 
 class PauseAtStep(pl.Callback):
-    """Test hook: after step ``step``, write ``flag`` and wait until the SIGTERM has arrived.
+    """Test hook: after step ``step``, write ``<flag>.rank<r>`` (holding the process id) and
+    wait until the SIGTERM has arrived.
 
     Pausing makes the step at which the external signal lands deterministic; the signal
     itself comes from the test process, as a cluster's would.
@@ -35,7 +36,7 @@ class PauseAtStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step != self.step:
             return
-        Path(self.flag).write_text(str(os.getpid()))
+        Path(f"{self.flag}.rank{trainer.global_rank}").write_text(str(os.getpid()))
         deadline = time.monotonic() + self.timeout_s
         while not trainer.received_sigterm:  # Lightning's handler sets it; sleep is interrupted
             if time.monotonic() > deadline:
@@ -43,11 +44,13 @@ class PauseAtStep(pl.Callback):
             time.sleep(0.02)
 
 
-def _config(root: Path, shards: Path, extra_callbacks: list[dict]) -> str:
+def _config(root: Path, shards: Path, extra_callbacks: list[dict], devices: int = 1) -> str:
+    """A run over ``shards`` at a global batch of 64 (64 / ``devices`` on each DDP rank)."""
     config = {
         "seed_everything": 0,
         "trainer": {
-            "max_steps": STEPS, "accelerator": "cpu", "devices": 1, "logger": False,
+            "max_steps": STEPS, "accelerator": "cpu", "devices": devices, "logger": False,
+            **({"strategy": "ddp"} if devices > 1 else {}),
             "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
             "limit_val_batches": 0, "num_sanity_val_steps": 0, "default_root_dir": str(root),
             "callbacks": [
@@ -65,7 +68,7 @@ def _config(root: Path, shards: Path, extra_callbacks: list[dict]) -> str:
         # 5 training shards x 128 rows / 64 = 10 batches an epoch: step 7 is mid-epoch and
         # mid-window, and the 16 steps cross an epoch boundary after the resume.
         "data": {"class_path": "gs_lightning.data.ShardedActivationDataModule",
-                 "init_args": {"path": str(shards), "batch_size": 64, "window_tokens": 256}},
+                 "init_args": {"path": str(shards), "batch_size": 64 // devices, "window_tokens": 256}},
     }
     root.mkdir(parents=True)
     path = root / "config.yaml"
@@ -96,6 +99,14 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def _wait_for(proc: subprocess.Popen, flags: list[Path], timeout: float = 240) -> None:
+    """Wait until every flag file exists (each paused rank wrote its own)."""
+    deadline = time.monotonic() + timeout
+    while not all(f.exists() for f in flags) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(f.exists() for f in flags), _finish(proc)[1]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
     from test_shards import write_folder  # the synthetic shard folder of the DataModule's tests
@@ -106,10 +117,7 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
              "init_args": {"step": SIGTERM_AT, "flag": str(flag)}}
     killed = _fit(_config(tmp_path / "killed", shards, [pause]))
     main(["fit", "--config", _config(tmp_path / "full", shards, [])])  # the uninterrupted run, meanwhile
-    deadline = time.monotonic() + 240
-    while not flag.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert flag.exists(), _finish(killed)[1]
+    _wait_for(killed, [Path(f"{flag}.rank0")])
     killed.send_signal(signal.SIGTERM)
     code, out = _finish(killed)
     assert code == EXIT_CODE, out  # a clean exit with the configured status, not death by signal (-15)
@@ -129,4 +137,41 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     # Training went on after the resume (b_enc is not rescaled by the export's scale folding).
+    assert not torch.equal(state["state_dict"]["sae.b_enc"], got["b_enc"])
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
+    # SIGTERM to the launching process (rank 0; `docker stop`, `kill <pid>`), which forwards
+    # it to the rank it started: both stop at step 7, save one checkpoint together and exit
+    # with the configured status (rank 1's 143 does not make Lightning's launcher kill rank 0
+    # mid-save); the resumed 2-process run ends where an uninterrupted one does. (Signalling
+    # every rank as well hangs inside Lightning 2.6's own SIGTERM broadcast: see the README.)
+    from test_shards import write_folder
+
+    shards = write_folder(tmp_path / "site", n_shards=6, rows=128)
+    flag = tmp_path / "paused"
+    pause = {"class_path": "tests.test_preemption.PauseAtStep",
+             "init_args": {"step": SIGTERM_AT, "flag": str(flag)}}
+    killed = _fit(_config(tmp_path / "killed", shards, [pause], devices=2))
+    full = _fit(_config(tmp_path / "full", shards, [], devices=2))
+    flags = [Path(f"{flag}.rank{r}") for r in (0, 1)]
+    _wait_for(killed, flags)
+    killed.send_signal(signal.SIGTERM)
+    code, out = _finish(killed)
+    assert code == EXIT_CODE, out
+    ckpt = tmp_path / "killed" / "ckpt" / "preempted.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == SIGTERM_AT
+    assert not (tmp_path / "killed" / "sae").exists()
+    code, out = _finish(full)
+    assert code == 0, out
+
+    resumed = _fit(_config(tmp_path / "resumed", shards, [], devices=2), "--ckpt_path", str(ckpt))
+    code, out = _finish(resumed)
+    assert code == 0, out
+    expected = load_file(tmp_path / "full" / "sae" / "sae.safetensors")
+    got = load_file(tmp_path / "resumed" / "sae" / "sae.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
     assert not torch.equal(state["state_dict"]["sae.b_enc"], got["b_enc"])
