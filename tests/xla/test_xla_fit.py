@@ -16,6 +16,7 @@ torch_xla = pytest.importorskip("torch_xla", reason="torch_xla is not installed:
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+import torch_xla.core.xla_model as xm  # noqa: E402
 import torch_xla.debug.metrics as met  # noqa: E402
 from lightning.pytorch.accelerators import XLAAccelerator  # noqa: E402
 from torch_xla import runtime as xr  # noqa: E402
@@ -72,6 +73,9 @@ class Probe(pl.Callback):
         self.devices: set[str] = set()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Executions run asynchronously and are counted when they finish: wait for the ones
+        # already dispatched (no read-back, no compile) so the counts do not race them.
+        xm.wait_device_ops()
         self.at[trainer.global_step] = _counts()
         self.devices.add(pl_module.device.type)
 
