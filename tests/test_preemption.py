@@ -107,6 +107,19 @@ def _wait_for(proc: subprocess.Popen, flags: list[Path], timeout: float = 240) -
     assert all(f.exists() for f in flags), _finish(proc)[1]
 
 
+def _resume_matches(tmp_path: Path, shards: Path, ckpt: Path, state: dict, devices: int = 1) -> None:
+    """Resume from ``ckpt`` into ``<tmp>/resumed``: its saved SAE equals ``<tmp>/full``'s bit for bit."""
+    code, out = _finish(_fit(_config(tmp_path / "resumed", shards, [], devices=devices), "--ckpt_path", str(ckpt)))
+    assert code == 0, out
+    expected = load_file(tmp_path / "full" / "sae" / "sae.safetensors")
+    got = load_file(tmp_path / "resumed" / "sae" / "sae.safetensors")
+    assert expected.keys() == got.keys() == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    # Training went on after the resume (b_enc is not rescaled by the export's scale folding).
+    assert not torch.equal(state["state_dict"]["sae.b_enc"], got["b_enc"])
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
     from test_shards import write_folder  # the synthetic shard folder of the DataModule's tests
@@ -128,16 +141,7 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
     assert state["global_step"] == SIGTERM_AT
     # The DataModule's position is saved: exactly the 7 batches trained on, not the prefetched 8th.
     assert state["ShardedActivationDataModule"] == _state_after(shards, SIGTERM_AT)
-
-    code, out = _finish(_fit(_config(tmp_path / "resumed", shards, []), "--ckpt_path", str(ckpt)))
-    assert code == 0, out
-    expected = load_file(tmp_path / "full" / "sae" / "sae.safetensors")
-    got = load_file(tmp_path / "resumed" / "sae" / "sae.safetensors")
-    assert expected.keys() == got.keys() == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    # Training went on after the resume (b_enc is not rescaled by the export's scale folding).
-    assert not torch.equal(state["state_dict"]["sae.b_enc"], got["b_enc"])
+    _resume_matches(tmp_path, shards, ckpt, state)
 
 
 @pytest.mark.slow
@@ -167,11 +171,4 @@ def test_sigterm_under_ddp_saves_and_resume_is_bit_exact(tmp_path: Path) -> None
     code, out = _finish(full)
     assert code == 0, out
 
-    resumed = _fit(_config(tmp_path / "resumed", shards, [], devices=2), "--ckpt_path", str(ckpt))
-    code, out = _finish(resumed)
-    assert code == 0, out
-    expected = load_file(tmp_path / "full" / "sae" / "sae.safetensors")
-    got = load_file(tmp_path / "resumed" / "sae" / "sae.safetensors")
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    assert not torch.equal(state["state_dict"]["sae.b_enc"], got["b_enc"])
+    _resume_matches(tmp_path, shards, ckpt, state, devices=2)
