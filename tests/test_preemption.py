@@ -120,17 +120,17 @@ def _resume_matches(tmp_path: Path, shards: Path, ckpt: Path, state: dict, devic
     assert not torch.equal(state["state_dict"]["sae.b_enc"], got["b_enc"])
 
 
-@pytest.mark.slow
-def test_sigterm_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
-    from test_shards import write_folder  # the synthetic shard folder of the DataModule's tests
-
-    shards = write_folder(tmp_path / "site", n_shards=6, rows=128)
-    flag = tmp_path / "paused"
+def _start_paused(tmp_path: Path, shards: Path, devices: int = 1) -> subprocess.Popen:
+    """The run to be killed, in ``<tmp>/killed``: every rank pauses after step ``SIGTERM_AT``."""
     pause = {"class_path": "tests.test_preemption.PauseAtStep",
-             "init_args": {"step": SIGTERM_AT, "flag": str(flag)}}
-    killed = _fit(_config(tmp_path / "killed", shards, [pause]))
-    main(["fit", "--config", _config(tmp_path / "full", shards, [])])  # the uninterrupted run, meanwhile
-    _wait_for(killed, [Path(f"{flag}.rank0")])
+             "init_args": {"step": SIGTERM_AT, "flag": str(tmp_path / "paused")}}
+    return _fit(_config(tmp_path / "killed", shards, [pause], devices=devices))
+
+
+def _sigterm(killed: subprocess.Popen, tmp_path: Path, devices: int = 1) -> tuple[Path, dict]:
+    """Once every rank has paused, SIGTERM the launching process (rank 0; it forwards the
+    signal to the ranks it started); check the clean exit and return the checkpoint."""
+    _wait_for(killed, [tmp_path / f"paused.rank{r}" for r in range(devices)])
     killed.send_signal(signal.SIGTERM)
     code, out = _finish(killed)
     assert code == EXIT_CODE, out  # a clean exit with the configured status, not death by signal (-15)
@@ -139,6 +139,17 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
     assert not (tmp_path / "killed" / "sae").exists()  # fit did not finish
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == SIGTERM_AT
+    return ckpt, state
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
+    from test_shards import write_folder  # the synthetic shard folder of the DataModule's tests
+
+    shards = write_folder(tmp_path / "site", n_shards=6, rows=128)
+    killed = _start_paused(tmp_path, shards)
+    main(["fit", "--config", _config(tmp_path / "full", shards, [])])  # the uninterrupted run, meanwhile
+    ckpt, state = _sigterm(killed, tmp_path)
     # The DataModule's position is saved: exactly the 7 batches trained on, not the prefetched 8th.
     assert state["ShardedActivationDataModule"] == _state_after(shards, SIGTERM_AT)
     _resume_matches(tmp_path, shards, ckpt, state)
@@ -146,29 +157,16 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigterm_under_ddp_saves_and_resume_is_bit_exact(tmp_path: Path) -> None:
-    # SIGTERM to the launching process (rank 0; `docker stop`, `kill <pid>`), which forwards
-    # it to the rank it started: both stop at step 7, save one checkpoint together and exit
-    # with the configured status (rank 1's 143 does not make Lightning's launcher kill rank 0
-    # mid-save); the resumed 2-process run ends where an uninterrupted one does. (Signalling
-    # every rank as well hangs inside Lightning 2.6's own SIGTERM broadcast: see the README.)
+    # Both ranks stop at step 7, save one checkpoint together and exit with the configured
+    # status (rank 1's 143 does not make Lightning's launcher kill rank 0 mid-save); the
+    # resumed 2-process run ends where an uninterrupted one does. (Signalling every rank as
+    # well hangs inside Lightning 2.6's own SIGTERM broadcast: see the README.)
     from test_shards import write_folder
 
     shards = write_folder(tmp_path / "site", n_shards=6, rows=128)
-    flag = tmp_path / "paused"
-    pause = {"class_path": "tests.test_preemption.PauseAtStep",
-             "init_args": {"step": SIGTERM_AT, "flag": str(flag)}}
-    killed = _fit(_config(tmp_path / "killed", shards, [pause], devices=2))
+    killed = _start_paused(tmp_path, shards, devices=2)
     full = _fit(_config(tmp_path / "full", shards, [], devices=2))
-    flags = [Path(f"{flag}.rank{r}") for r in (0, 1)]
-    _wait_for(killed, flags)
-    killed.send_signal(signal.SIGTERM)
-    code, out = _finish(killed)
-    assert code == EXIT_CODE, out
-    ckpt = tmp_path / "killed" / "ckpt" / "preempted.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert state["global_step"] == SIGTERM_AT
-    assert not (tmp_path / "killed" / "sae").exists()
+    ckpt, state = _sigterm(killed, tmp_path, devices=2)
     code, out = _finish(full)
     assert code == 0, out
-
     _resume_matches(tmp_path, shards, ckpt, state, devices=2)
