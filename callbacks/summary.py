@@ -12,8 +12,8 @@ class FinalSummary(pl.Callback):
     A packed sweep prints one line per SAE, its name at the end.
     """
 
-    KEYS = ("val/l0", "val/fvu", "val/mse", "val/delta_loss", "val/loss_recovered", "train/l0", "train/fvu",
-            "train/dead_frac")
+    KEYS = ("val/l0", "val/fvu", "val/mse", "val/delta_loss", "val/loss_recovered", "val/never_fire_frac",
+            "val/dense_frac", "train/l0", "train/fvu", "train/dead_frac")
 
     def summary(self, trainer: pl.Trainer) -> str:
         """One line per SAE: step and the metrics of :attr:`KEYS` that were logged."""

@@ -22,15 +22,13 @@ from tqdm import tqdm
 from gs_lightning.errors import ConfigError
 from gs_lightning.io import load_sae, load_sae_config
 from gs_lightning.lm import load_language_model
-from gs_lightning.metrics import FiringStatistics, PooledFVU, explained_variance
+from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
 from gs_lightning.plots import plot_density, plot_frontier
 from gs_lightning.saes import SAE
 from gs_lightning.sites import ActivationExtractor
 from gs_lightning.splice import delta_lm_loss
 from gs_lightning.text import content_mask, iter_contexts, iter_texts
 
-# A latent firing on more than this fraction of tokens counts as dense.
-DENSE_THRESHOLD = 0.1
 COLUMNS = ("sae", "site", "d_sae", "l0", "fvu", "explained_variance", "dead_frac", "dense_frac", "delta_loss",
            "kl", "loss_recovered", "ce_clean", "ce_spliced", "ce_zero_ablated", "tokens")
 

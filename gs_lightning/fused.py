@@ -1,4 +1,4 @@
-"""A fused JumpReLU training step: MSE and L0 losses with hand-written backward.
+"""A fused JumpReLU training step: MSE and firing counts with hand-written backward.
 
 Autograd over a JumpReLU SAE allocates half a dozen ``[batch, d_sae]`` tensors per step
 (268 MB each at B=4096, d_sae=16384). glibc serves every allocation above its mmap
@@ -9,11 +9,18 @@ gradients as :mod:`gs_lightning.functional` does through autograd, but with five
 a handful of element-wise passes and ``[batch, d_sae]`` buffers that live across steps
 in a :class:`Workspace`.
 
+The step returns the firing counts per latent (``sum_b H(pre - t)``) and, on request,
+per token (``sum_i H(pre - t)``), both carrying the step function's pseudo-derivative, so
+any sparsity loss built from them (Gemma Scope's mean L0, Gemma Scope 2's quadratic
+penalty around a target L0, a penalty on dense latents) gets exactly the threshold
+gradient autograd would give it through :func:`gs_lightning.functional.step`.
+
 Gradients (``err = x_hat - x``, ``g = 2 err / B``, ``mask = pre > t``,
-``near = |pre - t| < eps/2``, ``lam`` the upstream gradient of the L0 output):
+``near = |pre - t| < eps/2``, ``c_i`` and ``u_b`` the upstream gradients of the per-latent
+and per-token counts):
 
 * ``dW_dec = f^T g``, ``db_dec = sum_b g``, ``g_f = g W_dec^T``
-* ``dt = -(t/eps) sum_b(near * g_f) - (lam/(B eps)) sum_b(near)``
+* ``dt = -(t/eps) sum_b(near * g_f) - (1/eps) (c * sum_b(near) + sum_b(near * u))``
 * ``g_pre = mask * g_f``, ``dW_enc = x^T g_pre``, ``db_enc = sum_b g_pre``
 """
 
@@ -51,13 +58,15 @@ class Workspace:
 
 
 class FusedJumpReLULoss(torch.autograd.Function):
-    """Returns ``(mse, l0, x_hat, fire_counts)`` for a JumpReLU SAE on a batch ``x``.
+    """Returns ``(mse, fire_counts, token_l0, x_hat)`` for a JumpReLU SAE on a batch ``x``.
 
     ``mse`` is ``||x - x_hat||^2`` summed over the model dimension and averaged over the
-    batch; ``l0`` the mean number of active latents per token (with the step function's
-    pseudo-derivative). ``x_hat`` (float32) and ``fire_counts`` (``[d_sae]`` float32, tokens
-    on which each latent fired) carry no gradient. GEMMs run in ``compute_dtype``;
-    threshold comparisons and the threshold gradient in float32.
+    batch. ``fire_counts`` (``[d_sae]``, on how many tokens each latent fired) and
+    ``token_l0`` (``[B]``, active latents per token; empty unless ``token_l0`` is set, as
+    it costs a pass over ``[B, d_sae]``) are float32 sums of ``H(pre - t)`` with the step
+    function's pseudo-derivative w.r.t. the threshold. ``x_hat`` (float32) carries no
+    gradient. GEMMs run in ``compute_dtype``; threshold comparisons and the threshold
+    gradient in float32.
     """
 
     @staticmethod
@@ -73,6 +82,7 @@ class FusedJumpReLULoss(torch.autograd.Function):
         workspace: Workspace,
         compute_dtype: torch.dtype,
         target: Tensor | None = None,
+        token_l0: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):  # casts are explicit here
             B, S, cd, dev = x.shape[0], W_enc.shape[1], compute_dtype, x.device
@@ -90,7 +100,7 @@ class FusedJumpReLULoss(torch.autograd.Function):
             torch.lt(pre, t + bandwidth / 2, out=upper)
             near.mul_(upper)
             fire_counts = mask.sum(0, dtype=torch.float32)
-            l0 = fire_counts.sum() / B
+            per_token = mask.sum(1, dtype=torch.float32) if token_l0 else fire_counts.new_zeros(0)
             f = pre.mul_(mask)  # the pre-activation buffer now holds f
             x_hat = torch.addmm(b_dec.to(cd), f, W_dec.to(cd)).float()
             # A transcoder reconstructs another site's activations of the same tokens.
@@ -100,11 +110,12 @@ class FusedJumpReLULoss(torch.autograd.Function):
         ctx.generation = workspace.generation
         ctx.workspace, ctx.bandwidth, ctx.compute_dtype = workspace, bandwidth, cd
         ctx.save_for_backward(x, W_enc, W_dec, threshold, err)
-        ctx.mark_non_differentiable(x_hat, fire_counts)
-        return mse, l0, x_hat, fire_counts
+        ctx.mark_non_differentiable(x_hat)
+        return mse, fire_counts, per_token, x_hat
 
     @staticmethod
-    def backward(ctx, grad_mse: Tensor, grad_l0: Tensor, *_: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_mse: Tensor, grad_counts: Tensor | None, grad_token: Tensor | None,  # type: ignore[override]
+                 *_: Tensor):
         ws: Workspace = ctx.workspace
         if ws.generation != ctx.generation:
             raise RuntimeError(
@@ -121,11 +132,11 @@ class FusedJumpReLULoss(torch.autograd.Function):
         grad_W_dec = torch.mm(f.t(), g)
         g_f = ws.get("g_f", (B, S), cd, dev)
         torch.mm(g, W_dec.to(cd).t(), out=g_f)
-        # f is no longer needed: reuse its buffer for near * g_f.
+        # f is no longer needed: reuse its buffer for near * g_f (and near * u below).
         near_g = torch.mul(g_f, near, out=f).sum(0, dtype=torch.float32)
-        near_count = near.sum(0, dtype=torch.float32)
         t = threshold.float()
-        grad_t = -(t / eps) * near_g - (grad_l0.float() / (B * eps)) * near_count
+        grad_t = -(t / eps) * near_g
+        grad_t = grad_t - _step_threshold_grad(near, f, grad_counts, grad_token, eps)
         g_pre = g_f.mul_(mask)
         grad_b_enc = g_pre.sum(0, dtype=torch.float32)
         grad_W_enc = torch.mm(x.to(cd).t(), g_pre)
@@ -140,7 +151,22 @@ class FusedJumpReLULoss(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _step_threshold_grad(near: Tensor, scratch: Tensor, grad_counts: Tensor | None, grad_token: Tensor | None,
+                         eps: Tensor | float) -> Tensor:
+    """``(1/eps) (c * sum_b near + sum_b near * u)`` summed over the batch dim (-2): the
+    threshold gradient of the step counts, with its sign flipped. ``near`` is ``[..., B, S]``,
+    ``c`` (``grad_counts``) ``[..., S]``, ``u`` (``grad_token``) ``[..., B]``; ``scratch``
+    is a free buffer of ``near``'s shape."""
+    out = torch.zeros(near.shape[:-2] + near.shape[-1:], dtype=torch.float32, device=near.device)
+    if grad_counts is not None:
+        out += near.sum(-2, dtype=torch.float32) * grad_counts.float()
+    if grad_token is not None and grad_token.numel():
+        out += torch.mul(near, grad_token.unsqueeze(-1).to(near.dtype), out=scratch).sum(-2, dtype=torch.float32)
+    return out / (eps.float().unsqueeze(-1) if isinstance(eps, Tensor) else eps)
 
 
 def fused_jumprelu_loss(
@@ -154,10 +180,12 @@ def fused_jumprelu_loss(
     workspace: Workspace,
     compute_dtype: torch.dtype | None = None,
     target: Tensor | None = None,
+    token_l0: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Functional entry point of :class:`FusedJumpReLULoss` (see its docstring)."""
     return FusedJumpReLULoss.apply(
-        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype, target
+        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype, target,
+        token_l0,
     )
 
 
@@ -167,10 +195,10 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
     The matrices come as K separate tensors (each member's own ``W_enc [d, S]`` and
     ``W_dec [S, d]``, passed after ``K`` as ``*W_encs, *W_decs``), the vectors stacked with
     a leading K dimension (``b_enc [K, S]``, ``b_dec [K, d]``, ``threshold [K, S]``,
-    ``bandwidth [K]``); ``x [B, d]`` is shared. Returns ``mse [K]``, ``l0 [K]``, ``x_hat
-    [K, B, d]`` and ``fire_counts [K, S]``, member k's numbers being exactly what the single
-    fused step returns for SAE k. The ``[K, B, S]`` buffers live in the :class:`Workspace`
-    as the single step's do; element-wise passes and reductions run once over all K, and
+    ``bandwidth [K]``); ``x [B, d]`` is shared. Returns ``mse [K]``, ``fire_counts [K, S]``,
+    ``token_l0 [K, B]`` (empty unless requested) and ``x_hat [K, B, d]``, member k's
+    numbers being exactly what the single fused step returns for SAE k. The ``[K, B, S]``
+    buffers live in the :class:`Workspace` as the single step's do; element-wise passes and reductions run once over all K, and
     each GEMM is the single step's GEMM on member k's own matrices, written into member
     k's slice (on CPU, ``torch.bmm`` at these shapes runs 1.3-1.5x slower than K ``mm``
     calls). The matrices are not stacked: a stack would copy them every step, and on the
@@ -189,6 +217,7 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
         workspace: Workspace,
         compute_dtype: torch.dtype,
         target: Tensor | None,
+        token_l0: bool,
         K: int,
         *weights: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -211,7 +240,7 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
             torch.lt(pre, t + half, out=upper)
             near.mul_(upper)
             fire_counts = mask.sum(1, dtype=torch.float32)
-            l0 = fire_counts.sum(1) / B
+            per_token = mask.sum(2, dtype=torch.float32) if token_l0 else fire_counts.new_zeros(K, 0)
             f = pre.mul_(mask)  # the pre-activation buffer now holds f
             x_hat = torch.empty(K, B, W_decs[0].shape[1], dtype=cd, device=dev)  # d_out for a transcoder
             b_dec_c = b_dec.to(cd)
@@ -226,11 +255,12 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
         ctx.workspace, ctx.compute_dtype, ctx.K = workspace, cd, K
         ctx.weight_dtypes = (W_encs[0].dtype, W_decs[0].dtype)
         ctx.save_for_backward(x, threshold, bandwidth, err, *W_decs)
-        ctx.mark_non_differentiable(x_hat, fire_counts)
-        return mse, l0, x_hat, fire_counts
+        ctx.mark_non_differentiable(x_hat)
+        return mse, fire_counts, per_token, x_hat
 
     @staticmethod
-    def backward(ctx, grad_mse: Tensor, grad_l0: Tensor, *_: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_mse: Tensor, grad_counts: Tensor | None, grad_token: Tensor | None,  # type: ignore[override]
+                 *_: Tensor):
         ws: Workspace = ctx.workspace
         if ws.generation != ctx.generation:
             raise RuntimeError(
@@ -252,11 +282,10 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
         for k in range(K):
             grad_W_decs.append(torch.mm(f[k].t(), g[k]).to(dec_dtype))
             torch.mm(g[k], W_decs[k].to(cd).t(), out=g_f[k])
-        # f is no longer needed: reuse its buffer for near * g_f.
+        # f is no longer needed: reuse its buffer for near * g_f (and near * u).
         near_g = torch.mul(g_f, near, out=f).sum(1, dtype=torch.float32)
-        near_count = near.sum(1, dtype=torch.float32)
         t = threshold.float()
-        grad_t = -(t / eps) * near_g - (grad_l0.float().view(K, 1) / (B * eps)) * near_count
+        grad_t = -(t / eps) * near_g - _step_threshold_grad(near, f, grad_counts, grad_token, bandwidth)
         g_pre = g_f.mul_(mask)
         grad_b_enc = g_pre.sum(1, dtype=torch.float32)
         xt = x.to(cd).t()
@@ -266,6 +295,7 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
             grad_b_enc.to(enc_dtype),
             grad_b_dec.to(dec_dtype),
             grad_t.to(threshold.dtype),
+            None,
             None,
             None,
             None,
@@ -287,6 +317,7 @@ def fused_packed_jumprelu_loss(
     workspace: Workspace,
     compute_dtype: torch.dtype | None = None,
     target: Tensor | None = None,
+    token_l0: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Functional entry point of :class:`FusedPackedJumpReLULoss` (see its docstring).
 
@@ -298,6 +329,6 @@ def fused_packed_jumprelu_loss(
     if len(W_encs) != len(W_decs):
         raise ValueError(f"{len(W_encs)} encoder matrices but {len(W_decs)} decoder matrices")
     return FusedPackedJumpReLULoss.apply(
-        x, b_enc, b_dec, threshold, bandwidth, workspace, compute_dtype or W_encs[0].dtype, target,
+        x, b_enc, b_dec, threshold, bandwidth, workspace, compute_dtype or W_encs[0].dtype, target, token_l0,
         len(W_encs), *W_encs, *W_decs,
     )

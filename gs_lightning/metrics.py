@@ -14,6 +14,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+DENSE_THRESHOLD = 0.1
+"""A latent firing on more than this fraction of tokens counts as dense (train, val, evaluate)."""
+
 
 class PooledFVU(Metric):
     """Fraction of variance unexplained, pooled over every update (and every rank)."""
@@ -59,7 +62,13 @@ class FiringStatistics(Metric):
         self.add_state("fires", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, f: Tensor) -> None:  # type: ignore[override]
+    def update(self, f: Tensor, tokens: int | None = None) -> None:  # type: ignore[override]
+        """Count the latents active in activations ``f [..., d_sae]``; or, with ``tokens``,
+        add ``f [d_sae]`` as per-latent firing counts over that many tokens."""
+        if tokens is not None:
+            self.fires += f.detach().to(torch.float64)
+            self.tokens += tokens
+            return
         active = (f.detach() != 0).reshape(-1, f.shape[-1])
         self.fires += active.sum(0, dtype=torch.float64)
         self.tokens += active.shape[0]

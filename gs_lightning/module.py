@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 
 from gs_lightning import parallel
 from gs_lightning.errors import ConfigError
-from gs_lightning.metrics import PooledFVU, batch_fvu
+from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, batch_fvu
 from gs_lightning.optim import OPTIMIZERS, OptimizerName, build_optimizer
 from gs_lightning.packed import PackedSAE, build_packed, metric_key
 from gs_lightning.saes import SAE, TrainOutput
@@ -121,10 +121,12 @@ class SAETrainingModule(pl.LightningModule):
         # torchmetrics states: pooled over every validation token and summed across ranks.
         if sweep is None:
             self.val_fvu, self.val_l0, self.val_mse = PooledFVU(sae.out_width), MeanMetric(), MeanMetric()
+            self.val_firing = FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
         else:
             self.val_fvu = nn.ModuleList([PooledFVU(sae.out_width) for _ in self._lrs])
             self.val_l0 = nn.ModuleList([MeanMetric() for _ in self._lrs])
             self.val_mse = nn.ModuleList([MeanMetric() for _ in self._lrs])
+            self.val_firing = nn.ModuleList([FiringStatistics(sae.d_sae, DENSE_THRESHOLD) for _ in self._lrs])
 
     def named_saes(self) -> list[tuple[str | None, SAE]]:
         """``(name, sae)`` per SAE trained: ``[(None, sae)]`` alone, the members' names in a sweep."""
@@ -225,6 +227,8 @@ class SAETrainingModule(pl.LightningModule):
         fired = counts > 0
         self.tokens_since_fired.masked_fill_(fired, 0)
         dead = (self.tokens_since_fired >= self.hparams.dead_window_tokens).float().mean(-1).view(-1)
+        # Dense: firing on more than DENSE_THRESHOLD of this (global) batch's tokens.
+        dense = (counts.float() > DENSE_THRESHOLD * tokens).float().mean(-1).view(-1)
         groups = self.trainer.optimizers[0].param_groups if self._trainer is not None else None
         metrics: dict[str, Any] = {"train/sparsity_warmup": warmup}
         for i, ((name, sae), out, loss) in enumerate(zip(self.named_saes(), outs, losses)):
@@ -234,6 +238,7 @@ class SAETrainingModule(pl.LightningModule):
                 "train/l0": out.l0,
                 "train/fvu": batch_fvu(x, out.x_hat),
                 "train/dead_frac": dead[i],
+                "train/dense_frac": dense[i],
                 "train/lr": groups[i]["lr"] if groups is not None else 0.0,
             }
             coefficient = getattr(sae, "sparsity_coefficient", None)
@@ -274,12 +279,15 @@ class SAETrainingModule(pl.LightningModule):
         target = batch[1] if isinstance(batch, (tuple, list)) else raw
         out_scale = getattr(self, "target_scale", self.input_scale).to(target.dtype)
         for i, (name, sae) in enumerate(self.named_saes()):
-            val_fvu, val_l0, val_mse = (_item(m, i) for m in (self.val_fvu, self.val_l0, self.val_mse))
+            val_fvu, val_l0, val_mse, firing = (_item(m, i) for m in (self.val_fvu, self.val_l0, self.val_mse,
+                                                                        self.val_firing))
             if self.hparams.get("latent_parallel"):
-                x_hat, l0 = parallel.sharded_reconstruction(sae, x)
+                x_hat, l0, counts = parallel.sharded_reconstruction(sae, x)
+                firing.update(counts, tokens=x.shape[0])
             else:
                 f = sae.encode(x)
                 x_hat, l0 = sae.decode(f), (f != 0).sum(-1).float()
+                firing.update(f)
             # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
             x_hat = x_hat / out_scale
             val_fvu.update(target, x_hat)
@@ -288,6 +296,19 @@ class SAETrainingModule(pl.LightningModule):
             val_mse.update((x_hat - target).pow(2).sum(-1))
             self.log(metric_key("val/l0", name), val_l0, on_step=False, on_epoch=True)
             self.log(metric_key("val/mse", name), val_mse, on_step=False, on_epoch=True)
+
+
+    def on_validation_epoch_end(self) -> None:
+        # Firing statistics are pooled over every validation token (and rank) before they
+        # mean anything: a latent that never fires on one batch may fire on the next.
+        for i, (name, _) in enumerate(self.named_saes()):
+            firing = _item(self.val_firing, i)
+            if firing.update_count == 0:
+                continue
+            stats = firing.compute()
+            self.log(metric_key("val/never_fire_frac", name), stats["dead_frac"].float(), sync_dist=True)
+            self.log(metric_key("val/dense_frac", name), stats["dense_frac"].float(), sync_dist=True)
+            firing.reset()
 
 
 def _item(metrics: nn.Module, i: int) -> Any:

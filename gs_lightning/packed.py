@@ -84,15 +84,13 @@ class PackedSAE(nn.Module):
         b_enc, b_dec, threshold = (torch.stack([getattr(m, name) for m in members])
                                    for name in ("b_enc", "b_dec", "threshold"))
         bandwidth = torch.tensor([m.bandwidth for m in members], device=x.device)
-        mse, l0, x_hat, counts = fused_packed_jumprelu_loss(
+        token_l0 = any(m.target_l0 is not None for m in members)
+        mse, counts, tokens, x_hat = fused_packed_jumprelu_loss(
             x, [m.W_enc for m in members], b_enc, [m.W_dec for m in members], b_dec, threshold, bandwidth,
-            self._workspace, members[0].compute_dtype(x), target
+            self._workspace, members[0].compute_dtype(x), target, token_l0=token_l0
         )
-        return [
-            TrainOutput(x_hat[k], {"mse": mse[k], "l0_penalty": warmup * m.sparsity_coefficient * l0[k]},
-                        l0[k].detach(), counts[k])
-            for k, m in enumerate(members)
-        ]
+        return [m.fused_output(x, target, mse[k], counts[k], tokens[k], x_hat[k], warmup)
+                for k, m in enumerate(members)]
 
     def before_optimizer_step(self) -> None:
         """Each member's own pre-step constraint (e.g. the decoder-row projection)."""

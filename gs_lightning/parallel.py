@@ -48,6 +48,11 @@ def check_supported(sae: Any) -> None:
             "activations select across all latents (a global top-k would need a gather of every rank's "
             "pre-activations), and other variants are not implemented; set model.latent_parallel: false"
         )
+    if sae.dense_coefficient > 0 or sae.tracks_dead:
+        raise ConfigError(
+            "model.latent_parallel does not implement the dense and dead-latent terms (they act per latent, "
+            "across shards); set model.sae.init_args.dense_coefficient, dead_coefficient and aux_coefficient to 0"
+        )
 
 
 def shard_latents(sae: JumpReLUSAE, mesh: DeviceMesh) -> None:
@@ -121,21 +126,22 @@ def sharded_training_output(sae: JumpReLUSAE, x: Tensor, warmup: float, target: 
     f = jumprelu(pre, threshold, sae.bandwidth)
     x_hat = sum_over_ranks(f @ W_dec, group) + b_dec
     mse = (x_hat - target).pow(2).sum(-1).mean()
-    # Each rank's share of the L0 is a sum over its latents; the total is their sum.
-    l0 = sum_over_ranks(step(pre, threshold, sae.bandwidth).sum(-1).mean(), group)
-    losses = {"mse": mse, "l0_penalty": warmup * sae.sparsity_coefficient * l0}
+    # Each rank's share of a token's L0 is a sum over its latents; the total is their sum.
+    token_l0 = sum_over_ranks(step(pre, threshold, sae.bandwidth).sum(-1), group)
+    losses = {"mse": mse, **sae.sparsity_terms(None, token_l0, x.shape[0], warmup)}
     with torch.no_grad():
         fire_counts = _gather_counts((f != 0).sum(0), group)
     return TrainOutput(x_hat, losses, fire_counts.sum().float() / x.shape[0], fire_counts)
 
 
 @torch.no_grad()
-def sharded_reconstruction(sae: JumpReLUSAE, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x_hat, l0 per token)`` of a latent-sharded SAE, the same on every rank."""
+def sharded_reconstruction(sae: JumpReLUSAE, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_hat, l0 per token, fire counts [d_sae])`` of a latent-sharded SAE, the same on every rank."""
     W_enc, b_enc, W_dec, b_dec, threshold, group = _local(sae)
     f = jumprelu(x @ W_enc + b_enc, threshold, sae.bandwidth)
     x_hat = sum_over_ranks(f @ W_dec, group) + b_dec
-    return x_hat, sum_over_ranks((f != 0).sum(-1).float(), group)
+    active = (f != 0).float()
+    return x_hat, sum_over_ranks(active.sum(-1), group), _gather_counts(active.sum(0), group)
 
 
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:

@@ -61,3 +61,31 @@ def plot_density(densities: dict[str, torch.Tensor], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_frontier_curves(curves: dict[str, dict[str, list[dict[str, float]]]], path: str | Path,
+                         keys: Sequence[tuple[str, str]] = (("fvu", "FVU"), ("delta_loss", "delta LM loss (nats)")),
+                         ) -> Path:
+    """One row per panel group (e.g. a site), one column per metric of ``keys``: each
+    labelled curve is a trainer's frontier, its points (dicts with ``l0`` and the keys)
+    joined in L0 order, L0 on a log axis."""
+    path = Path(path)
+    fig, axes = plt.subplots(len(curves), len(keys), figsize=(5 * len(keys), 3.6 * len(curves)), squeeze=False)
+    for row, (group, labelled) in zip(axes, curves.items()):
+        for ax, (key, label) in zip(row, keys):
+            for name, points in labelled.items():
+                pts = sorted((p["l0"], p[key]) for p in points if key in p and p["l0"] > 0)
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=name, markersize=4)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("L0 (active latents per token)")
+            ax.set_ylabel(label)
+            ax.set_title(group, fontsize=9)
+            ax.grid(True, alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

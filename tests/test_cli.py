@@ -92,6 +92,9 @@ def test_tiny_fit_trains_saves_and_reports(tmp_path, capsys) -> None:
         "train/l0",
         "train/fvu",
         "train/dead_frac",
+        "train/dense_frac",
+        "val/never_fire_frac",
+        "val/dense_frac",
         "train/lambda",
         "train/lr",
     ):

@@ -70,10 +70,10 @@ def test_packed_fused_function_is_a_batch_of_single_calls() -> None:
     tensors = [torch.randn(K, D, S), torch.randn(K, S) * 0.1, torch.randn(K, S, D) / 4, torch.randn(K, D) * 0.1,
                torch.rand(K, S) * 0.5]
     bandwidth = torch.tensor([0.1, 0.3])
-    mse, l0, x_hat, counts = fused_packed_jumprelu_loss(x, *tensors, bandwidth, Workspace())
+    packed = fused_packed_jumprelu_loss(x, *tensors, bandwidth, Workspace(), token_l0=True)
     for k in range(K):
-        single = fused_jumprelu_loss(x, *(t[k] for t in tensors), float(bandwidth[k]), Workspace())
-        for a, b in zip((mse[k], l0[k], x_hat[k], counts[k]), single):
+        single = fused_jumprelu_loss(x, *(t[k] for t in tensors), float(bandwidth[k]), Workspace(), token_l0=True)
+        for a, b in zip((out[k] for out in packed), single):
             torch.testing.assert_close(a, b)
 
 
@@ -177,7 +177,8 @@ def test_sweep_logs_per_sae_metrics_and_l0_falls_as_lambda_rises(capsys) -> None
     metrics = trainer.callback_metrics
     for name in names:
         for key in ("train/l0", "train/fvu", "train/mse", "train/loss", "train/lr", "train/lambda",
-                    "train/dead_frac", "val/l0", "val/fvu", "val/mse"):
+                    "train/dead_frac", "train/dense_frac", "val/l0", "val/fvu", "val/mse", "val/never_fire_frac",
+                    "val/dense_frac"):
             assert f"{key}/{name}" in metrics, f"{key}/{name}"
     assert "val/l0" not in metrics and "train/l0" not in metrics
     l0s = [float(metrics[f"val/l0/{name}"]) for name in names]
@@ -185,6 +186,14 @@ def test_sweep_logs_per_sae_metrics_and_l0_falls_as_lambda_rises(capsys) -> None
     assert l0s[2] < 0.5 * l0s[0], l0s
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("final (step 100): val/l0")]
     assert [line.rsplit(" [", 1)[-1] for line in lines] == [f"{name}]" for name in names]
+    # Never-firing and dense fractions are pooled over the whole validation set.
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]  # on the final weights
+    x = torch.cat(list(data.val_dataloader())) * module.input_scale.float()
+    for name, sae in module.named_saes():
+        density = (sae.eval().encode(x) != 0).float().mean(0)
+        assert float(metrics[f"val/never_fire_frac/{name}"]) == pytest.approx(float((density == 0).float().mean()))
+        assert float(metrics[f"val/dense_frac/{name}"]) == pytest.approx(float((density > 0.1).float().mean()))
+    assert float(metrics[f"val/never_fire_frac/{names[-1]}"]) > float(metrics[f"val/never_fire_frac/{names[0]}"])
 
 
 def test_bad_sweeps_are_config_errors() -> None:

@@ -26,11 +26,14 @@ def _perturbed_jumprelu(threshold_parameterization: str, fused: bool = True) -> 
     return sae
 
 
-def test_init_follows_gemma_scope() -> None:
+def test_init_follows_gemma_scope_with_a_scaled_encoder() -> None:
     torch.manual_seed(0)
     sae = JumpReLUSAE(32, 128)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
-    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    # The default encoder scale 2 d_in / d_sae makes the first reconstruction about x's size.
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t() * 0.5)
+    gemma_scope = JumpReLUSAE(32, 128, encoder_init_scale=1.0)
+    assert torch.equal(gemma_scope.W_enc, gemma_scope.W_dec.t())
     assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()  # untied after init
     assert torch.all(sae.b_enc == 0) and torch.all(sae.b_dec == 0)
     torch.testing.assert_close(sae.threshold, torch.full((128,), 0.001))

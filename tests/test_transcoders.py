@@ -108,7 +108,7 @@ def test_packed_fused_step_takes_the_target() -> None:
     x, y = _pairs(64)
     stack = [torch.stack([getattr(s, k) for s in saes]).detach().requires_grad_()
              for k in ("W_enc", "b_enc", "W_dec", "b_dec")]
-    mse, _, x_hat, _ = fused_packed_jumprelu_loss(x, *stack, torch.stack([s.threshold for s in saes]).detach(),
+    mse, _, _, x_hat = fused_packed_jumprelu_loss(x, *stack, torch.stack([s.threshold for s in saes]).detach(),
                                                   torch.tensor([0.05, 0.05]), Workspace(), None, y)
     mse.sum().backward()
     for k, sae in enumerate(saes):

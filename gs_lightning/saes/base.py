@@ -42,20 +42,26 @@ class SAE(nn.Module):
             renormalised after it.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
+        encoder_init_scale: Norm of the encoder columns at initialisation (the decoder rows
+            have unit norm either way).
     """
 
     training_buffers: tuple[str, ...] = ()
     """Buffers that only training needs (e.g. dead-latent counters): checkpointed with the
     module, left out of the exported weights, and kept as they are when weights are loaded."""
 
-    def __init__(self, d_in: int, d_sae: int, normalize_decoder: bool = True, d_out: int | None = None) -> None:
+    def __init__(self, d_in: int, d_sae: int, normalize_decoder: bool = True, d_out: int | None = None,
+                 encoder_init_scale: float = 1.0) -> None:
         super().__init__()
         if d_in <= 0 or d_sae <= 0 or (d_out is not None and d_out <= 0):
             raise ValueError(f"d_in, d_sae and d_out must be positive, got d_in={d_in}, d_sae={d_sae}, d_out={d_out}")
+        if encoder_init_scale <= 0:
+            raise ValueError(f"encoder_init_scale must be > 0, got {encoder_init_scale}")
         self.d_in = d_in
         self.d_sae = d_sae
         self.normalize_decoder = normalize_decoder
         self.d_out = d_out
+        self._encoder_init_scale = encoder_init_scale
         width = self.out_width
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -75,8 +81,9 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Decoder rows: random unit directions; ``W_enc = W_dec^T`` (a transcoder, whose
-        shapes differ, gets random unit encoder columns); biases zero."""
+        """Decoder rows: random unit directions; ``W_enc = encoder_init_scale * W_dec^T``
+        (a transcoder, whose shapes differ, gets random encoder columns of that norm);
+        biases zero."""
         self.W_dec.copy_(torch.randn_like(self.W_dec))
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
         if self.W_enc.shape == self.W_dec.t().shape and not self.is_transcoder:
@@ -84,6 +91,7 @@ class SAE(nn.Module):
         else:
             self.W_enc.copy_(torch.randn_like(self.W_enc))
             self.W_enc.div_(self.W_enc.norm(dim=0, keepdim=True))
+        self.W_enc.mul_(self._encoder_init_scale)
         self.b_enc.zero_()
         self.b_dec.zero_()
 

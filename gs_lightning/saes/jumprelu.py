@@ -10,25 +10,64 @@ from torch import Tensor, nn
 from gs_lightning.functional import jumprelu, step
 from gs_lightning.fused import Workspace, fused_jumprelu_loss
 from gs_lightning.saes.base import SAE, TrainOutput
+from gs_lightning.saes.topk import data_parallel_world
 
 
 class JumpReLUSAE(SAE):
     """JumpReLU SAE: ``f = pre * H(pre - threshold)``, loss MSE + lambda * L0.
 
+    The sparsity term is Gemma Scope's mean L0 (``lambda * mean_b sum_i H(pre - t)``), or
+    with ``target_l0`` Gemma Scope 2's quadratic penalty around a target L0, in SAELens'
+    ``quadratic`` form: ``lambda * mean_b (2 / T) (l0_b - T)^2`` with ``l0_b`` token b's
+    L0, so coefficients carry over between the two tools at the same input scaling. Two
+    opt-in terms act on the dictionary's health: a penalty on dense latents and a
+    pre-activation loss that revives dead ones (see the arguments).
+
     Args:
         d_in: Width of the activations the SAE reads.
         d_sae: Number of latents (dictionary size).
-        sparsity_coefficient: lambda, the weight of the L0 term (at the end of warm-up).
+        sparsity_coefficient: lambda, the weight of the sparsity term (at the end of warm-up).
             Its scale depends on the input scaling scheme; Gemma Scope sweeps it per site.
         bandwidth: eps, the width of the rectangle kernel of the pseudo-derivatives.
         threshold_init: Initial threshold of every latent.
         threshold_parameterization: ``log`` trains log(threshold) as the paper does;
             ``raw`` trains the threshold itself, clamped at >= 0 (moves faster on short runs).
+        encoder_init_scale: Norm of the encoder columns at initialisation (``W_enc =
+            scale * W_dec^T``). ``None`` (the default) picks ``2 * d_in / d_sae`` (for a
+            transcoder, whose random decoder does not add up coherently, its square root),
+            so that the initial reconstruction has about the input's norm: with unit encoder columns
+            (Gemma Scope's ``W_enc = W_dec^T``) about half the latents fire on every token
+            at first and the reconstruction is ``d_sae / (2 d_in)`` times too large (8x for
+            the quickstart); the SAE then spends its first steps shrinking, kills half its
+            latents and ends worse on both L0 and FVU (README, "SAE quality").
+        target_l0: Train towards this L0 with the quadratic penalty above instead of the
+            mean L0; ``None`` keeps Gemma Scope's mean-L0 term.
+        dense_coefficient: Weight of ``sum_i relu(p_i - dense_threshold)``, ``p_i`` being
+            latent i's firing frequency in the batch (with the step's pseudo-derivative):
+            it raises the threshold of latents that fire on more than ``dense_threshold``
+            of tokens and leaves the others alone. Gemma Scope 2 penalises high-frequency
+            latents in an unpublished form; this is ours. 0 disables.
+        dense_threshold: Firing frequency above which a latent is penalised as dense.
+        dead_coefficient: Weight of the pre-activation loss ``mean_b sum_{i dead}
+            relu(t_i - pre_bi)`` on latents that have not fired for ``dead_tokens`` tokens
+            (Anthropic's 2025 pre-activation loss, restricted to dead latents as SAELens
+            does): it pulls their pre-activations up towards the threshold and the
+            threshold down, until they fire again. 0 disables.
+        aux_coefficient: Weight of an AuxK loss on dead latents (Gao et al. 2024's remedy
+            for TopK, here for JumpReLU): the ``aux_k`` largest ``relu(pre)`` of each
+            token's dead latents reconstruct the residual ``x - x_hat`` (a fixed target),
+            so dead latents learn directions the live ones miss, encoder and decoder both,
+            before they fire again. 0 disables.
+        aux_k: Dead latents per token in the AuxK reconstruction.
+        dead_tokens: A latent that has not fired for this many training tokens is dead
+            for ``dead_coefficient`` and ``aux_coefficient``.
         fused: Use the fused forward/backward step while training (same numbers, less
             memory traffic); falls back to autograd when gradients to the input are needed.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
     """
+
+    training_buffers = ("tokens_since_fired",)
 
     def __init__(
         self,
@@ -38,6 +77,14 @@ class JumpReLUSAE(SAE):
         bandwidth: float = 0.001,
         threshold_init: float = 0.001,
         threshold_parameterization: Literal["log", "raw"] = "log",
+        encoder_init_scale: float | None = None,
+        target_l0: float | None = None,
+        dense_coefficient: float = 0.0,
+        dense_threshold: float = 0.1,
+        dead_coefficient: float = 0.0,
+        aux_coefficient: float = 0.0,
+        aux_k: int = 256,
+        dead_tokens: int = 1_000_000,
         fused: bool = True,
         d_out: int | None = None,
     ) -> None:
@@ -45,17 +92,39 @@ class JumpReLUSAE(SAE):
             raise ValueError(f"threshold_parameterization must be 'log' or 'raw', not {threshold_parameterization!r}")
         if bandwidth <= 0 or threshold_init <= 0:
             raise ValueError(f"bandwidth and threshold_init must be > 0, got {bandwidth}, {threshold_init}")
-        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out)
+        if target_l0 is not None and not 0 < target_l0 <= d_sae:
+            raise ValueError(f"target_l0 must be in (0, d_sae={d_sae}], got {target_l0}")
+        if min(dense_coefficient, dead_coefficient, aux_coefficient) < 0 or not 0 < dense_threshold <= 1:
+            raise ValueError(
+                "dense_coefficient, dead_coefficient and aux_coefficient must be >= 0 and dense_threshold in (0, 1], "
+                f"got {dense_coefficient}, {dead_coefficient}, {aux_coefficient}, {dense_threshold}"
+            )
+        if dead_tokens <= 0 or aux_k <= 0:
+            raise ValueError(f"dead_tokens and aux_k must be > 0, got {dead_tokens}, {aux_k}")
+        scale = encoder_init_scale
+        if scale is None:
+            scale = 2 * d_in / d_sae if d_out is None else (2 * d_in / d_sae) ** 0.5
+        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out, encoder_init_scale=scale)
         self.sparsity_coefficient = sparsity_coefficient
         self.bandwidth = bandwidth
         self.threshold_init = threshold_init
         self.threshold_parameterization = threshold_parameterization
+        self.encoder_init_scale = encoder_init_scale
+        self.target_l0 = target_l0
+        self.dense_coefficient = dense_coefficient
+        self.dense_threshold = dense_threshold
+        self.dead_coefficient = dead_coefficient
+        self.aux_coefficient = aux_coefficient
+        self.aux_k = aux_k
+        self.dead_tokens = dead_tokens
         self.fused = fused
         init = torch.full((d_sae,), threshold_init, dtype=torch.float32)
         if threshold_parameterization == "log":
             self.log_threshold = nn.Parameter(init.log())
         else:
             self.raw_threshold = nn.Parameter(init)
+        # float64 counts tokens exactly up to 2^53; only dead_coefficient reads it.
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.float64))
         self._workspace = Workspace()
 
     @property
@@ -68,9 +137,84 @@ class JumpReLUSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return jumprelu(pre, self.threshold, self.bandwidth)
 
+    # -- sparsity and dictionary-health terms --------------------------------------------
+
+    def sparsity_terms(self, counts: Tensor | None, token_l0: Tensor | None, batch: int,
+                       warmup: float) -> dict[str, Tensor]:
+        """The weighted sparsity terms from step-function counts with pseudo-derivatives:
+        ``counts [d_sae]`` (tokens each latent fired on) and ``token_l0 [batch]`` (latents
+        active per token; needed with ``target_l0``)."""
+        lam = warmup * self.sparsity_coefficient
+        if self.target_l0 is not None:
+            T = float(self.target_l0)
+            terms = {"l0_penalty": lam * ((2.0 / T) * (token_l0 - T).pow(2)).mean()}
+        else:
+            l0 = token_l0.mean() if token_l0 is not None else counts.sum() / batch
+            terms = {"l0_penalty": lam * l0}
+        if self.dense_coefficient > 0:
+            excess = (counts / batch - self.dense_threshold).relu().sum()
+            terms["dense_penalty"] = warmup * self.dense_coefficient * excess
+        return terms
+
     def sparsity_losses(self, pre: Tensor, f: Tensor, warmup: float) -> dict[str, Tensor]:
-        l0 = step(pre, self.threshold, self.bandwidth).sum(-1).mean()
-        return {"l0_penalty": warmup * self.sparsity_coefficient * l0}
+        s = step(pre, self.threshold, self.bandwidth).reshape(-1, self.d_sae)
+        return self.sparsity_terms(s.sum(0), s.sum(-1), s.shape[0], warmup)
+
+    @property
+    def dead(self) -> Tensor:
+        """``[d_sae]`` bool: latents that have not fired for ``dead_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.dead_tokens
+
+    @property
+    def tracks_dead(self) -> bool:
+        """Whether a dead-latent remedy is on (and the dead counters are kept)."""
+        return self.dead_coefficient > 0 or self.aux_coefficient > 0
+
+    def dead_losses(self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor | None = None) -> dict[str, Tensor]:
+        """The dead-latent remedies for inputs ``x`` (or their ``pre``) reconstructing
+        ``target`` as ``x_hat``; empty when disabled or out of training, zero while no
+        latent is dead."""
+        if not self.tracks_dead or not self.training:
+            return {}
+        idx = self.dead.nonzero().squeeze(-1)  # one host sync; the set is usually small
+        zero = x.new_zeros((), dtype=torch.float32)
+        names = [n for n, c in (("dead_pre_act", self.dead_coefficient), ("aux_k", self.aux_coefficient)) if c > 0]
+        if idx.numel() == 0:
+            return {name: zero for name in names}
+        # Only the dead columns: a [batch, n_dead] product, not another [batch, d_sae] pass.
+        pre_dead = (x.reshape(-1, self.d_in) @ self.W_enc[:, idx] + self.b_enc[idx] if pre is None
+                    else pre.reshape(-1, self.d_sae)[:, idx]).float()
+        losses = {}
+        if self.dead_coefficient > 0:
+            gap = (self.threshold[idx] - pre_dead).relu()
+            losses["dead_pre_act"] = self.dead_coefficient * gap.sum(-1).mean()
+        if self.aux_coefficient > 0:
+            values, chosen = pre_dead.topk(min(self.aux_k, idx.numel()), dim=-1)
+            f_aux = torch.zeros_like(pre_dead).scatter(-1, chosen, values.relu())
+            residual = (target - x_hat).detach().reshape(-1, self.out_width).float()
+            e_hat = f_aux @ self.W_dec[idx].float()
+            losses["aux_k"] = self.aux_coefficient * (e_hat - residual).pow(2).sum(-1).mean()
+        return losses
+
+    def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
+        return self.dead_losses(x, x, x_hat, pre)
+
+    def update_statistics(self, pre: Tensor, f: Tensor) -> None:
+        self.track_firing((f != 0).reshape(-1, self.d_sae).sum(0), f.numel() // self.d_sae)
+
+    @torch.no_grad()
+    def track_firing(self, counts: Tensor, tokens: int) -> None:
+        """Advance the dead-latent counters by one batch (global under data parallelism)."""
+        if not self.tracks_dead:
+            return
+        counts = counts.detach().float()
+        world = data_parallel_world()
+        if world > 1:  # dead means unfired on every rank's share of the batch
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)
+        self.tokens_since_fired.add_(tokens * world).masked_fill_(counts > 0, 0)
+
+    # -- the fused step ------------------------------------------------------------------
 
     def uses_fused(self, x: Tensor) -> bool:
         """Whether a training step on ``x`` takes the fused path (it cannot give ``x`` a gradient)."""
@@ -84,12 +228,22 @@ class JumpReLUSAE(SAE):
     def training_output(self, x: Tensor, warmup: float = 1.0, target: Tensor | None = None) -> TrainOutput:
         if not self.uses_fused(x):
             return super().training_output(x, warmup, target)
-        mse, l0, x_hat, counts = fused_jumprelu_loss(
+        mse, counts, token_l0, x_hat = fused_jumprelu_loss(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold, self.bandwidth, self._workspace,
-            self.compute_dtype(x), target,
+            self.compute_dtype(x), target, token_l0=self.target_l0 is not None,
         )
-        losses = {"mse": mse, "l0_penalty": warmup * self.sparsity_coefficient * l0}
-        return TrainOutput(x_hat, losses, l0.detach(), counts)
+        return self.fused_output(x, target, mse, counts, token_l0, x_hat, warmup)
+
+    def fused_output(self, x: Tensor, target: Tensor | None, mse: Tensor, counts: Tensor, token_l0: Tensor,
+                     x_hat: Tensor, warmup: float) -> TrainOutput:
+        """The :class:`TrainOutput` of a fused step's results (shared with packed sweeps)."""
+        B = x.shape[0]
+        losses = {"mse": mse, **self.sparsity_terms(counts, token_l0 if token_l0.numel() else None, B, warmup)}
+        losses.update(self.dead_losses(x, x if target is None else target, x_hat))
+        self.track_firing(counts, B)
+        return TrainOutput(x_hat, losses, counts.detach().sum() / B, counts.detach())
+
+    # -- optimizer hooks and saving ------------------------------------------------------
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -116,6 +270,4 @@ class JumpReLUSAE(SAE):
             tensors["log_threshold"] = threshold.clamp(min=torch.finfo(torch.float32).tiny).log()
         else:
             tensors["raw_threshold"] = threshold
-        self.load_state_dict(tensors, strict=True)
-
-
+        super().load_canonical_state_dict(tensors)
