@@ -11,7 +11,7 @@ held-out tokens), every SAE of a site trains on the same batches in the same ord
 * SAELens' ``JumpReLUTrainingSAE`` trained by its ``SAETrainer``, twice: at SAELens'
   documented defaults (its normalisation E||x|| = sqrt(d), bandwidth 0.05, threshold
   0.01, decoder norm 0.1, lr 3e-4, Adam (0.9, 0.999), constant lr) and at our recipe's
-  numbers (E||x||^2 = 1, bandwidth and threshold 0.001, our lr, betas and warm-ups);
+  numbers (E||x||^2 = 1, our bandwidth and threshold, lr schedule, betas and warm-ups);
   the better of its two frontiers is the one we compare against;
 * TopK and BatchTopK at several k against SAELens' TopK and BatchTopK training SAEs
   (their defaults, our lr schedule), and Matryoshka BatchTopK against SAELens'.
@@ -72,14 +72,15 @@ MODEL = "gs-lightning/tiny-gemma2-kjv"
 # 128 times larger). The TopK family runs on the first site only: on 2 CPU cores it would
 # double the full run's hour.
 MODES: dict[str, dict[str, Any]] = {
-    "full": dict(steps=1500, sites=list(SITES), lambdas=[3e-4, 1e-3, 3e-3, 6e-3],
+    "full": dict(steps=1200, sites=list(SITES), lambdas=[1e-4, 3e-4, 1e-3, 3e-3], remedies=True,
                  saelens_coefficients=[0.06, 0.2, 0.6], saelens_numbers=["saelens", "ours"],
                  ks=[16, 32, 64], topk_families=["topk", "batchtopk", "matryoshka"]),
-    "quick": dict(steps=1000, sites=list(SITES[:1]), lambdas=[3e-4, 1e-3, 3e-3],
+    "quick": dict(steps=1000, sites=list(SITES[:1]), lambdas=[3e-4, 1e-3, 3e-3], remedies=False,
                   saelens_coefficients=[0.06, 0.2, 0.6], saelens_numbers=["ours"],
                   ks=[32], topk_families=["topk"]),
 }
 PREFIXES = [128, 512]
+DENSE_COEFFICIENT = 0.01  # the dense penalty's weight in its ablation (E||x||^2 = 1 units)
 
 
 def harvest_both(output: Path, sites: list[str]) -> dict[str, dict[str, Path]]:
@@ -122,6 +123,34 @@ class _Seen(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int) -> None:
         self.sums.append(float(batch.double().sum()))
+
+
+def jumprelu_members(d: int, d_sae: int, lams: list[float], gemma_scope: bool, remedies: bool
+                     ) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(tool, setting suffix, constructor arguments)`` of each JumpReLU in the packed run
+    (the tool label names the recipe or ablation: each label is one frontier or point).
+
+    The default recipe over ``lams``; with ``remedies``, its ablations at one lambda each
+    (no AuxK and the pre-activation loss instead at the grid's strongest lambda, where
+    latents die; the dense penalty at its weakest, where dense latents appear); with
+    ``gemma_scope``, the Gemma Scope recipe over ``lams``.
+    """
+    default = JumpReLUSAE(d, d_sae).init_args()
+    keys = ("sparsity_coefficient", "encoder_init_scale", "bandwidth", "threshold_init", "aux_coefficient",
+            "dead_coefficient", "dense_coefficient")
+    recipe = {k: default[k] for k in keys}
+    out = [("gs_lightning", "", {**recipe, "sparsity_coefficient": lam}) for lam in lams]
+    if remedies:
+        out += [("gs_lightning (no AuxK)", "", {**recipe, "sparsity_coefficient": lams[-1], "aux_coefficient": 0.0}),
+                ("gs_lightning (pre-act loss, no AuxK)", "", {**recipe, "sparsity_coefficient": lams[-1],
+                                                             "aux_coefficient": 0.0, "dead_coefficient": 0.1}),
+                ("gs_lightning (dense penalty)", "", {**recipe, "sparsity_coefficient": lams[0],
+                                                     "dense_coefficient": DENSE_COEFFICIENT})]
+    if gemma_scope:
+        gs = {**recipe, "encoder_init_scale": 1.0, "bandwidth": 0.001, "threshold_init": 0.001,
+              "aux_coefficient": 0.0}
+        out += [("gs_lightning (Gemma Scope recipe)", "", {**gs, "sparsity_coefficient": lam}) for lam in lams]
+    return out
 
 
 def fit_packed(dm: ShardedActivationDataModule, template: Any, sweep: dict[str, list[Any]], steps: int,
@@ -167,9 +196,9 @@ def measure(sae: Any, val: torch.Tensor, lm: Any, tokenizer: Any, site: str, con
 
 
 def _schedule(steps: int) -> dict[str, Any]:
-    """The quickstart's optimisation (lr 1e-3, Adam (0, 0.999)), warm-ups scaled to the run
-    (the quickstart: 100 and 1,000 of 3,000 steps)."""
-    return dict(lr=1e-3, adam_betas=(0.0, 0.999), lr_warmup_steps=max(1, steps // 30),
+    """The quickstart's optimisation (lr 1e-3, Adam (0.5, 0.999), linear decay over the last
+    20%), warm-ups scaled to the run (the quickstart: 100 and 1,000 of 3,000 steps)."""
+    return dict(lr=1e-3, adam_betas=(0.5, 0.999), lr_warmup_steps=max(1, steps // 30), lr_decay_fraction=0.2,
                 sparsity_warmup_steps=max(1, steps // 3), dead_window_tokens=1_000_000)
 
 
@@ -179,14 +208,12 @@ def train_site(folders: dict[str, dict[str, Path]], site: str, plan: dict[str, A
     dm = datamodule(folders, site, batch)
     d, schedule, lams = dm.d_in, _schedule(steps), plan["lambdas"]
     trained: list[tuple[str, str, str, Any, float]] = []  # (tool, family, setting, sae, seconds)
-    # Ours (and the Gemma Scope recipe, a unit encoder at init) as one packed run.
-    scales = [None] * len(lams) + ([1.0] * len(lams) if gemma_scope else [])
-    sweep = {"sparsity_coefficient": lams * (len(scales) // len(lams)), "encoder_init_scale": scales}
-    members, seconds, order = fit_packed(dm, JumpReLUSAE(d, d_sae, threshold_parameterization="raw"), sweep,
-                                         steps, schedule)
-    for (_, sae), scale in zip(members, scales):
-        tool = "gs_lightning" if scale is None else "gs_lightning (Gemma Scope recipe)"
-        trained.append((tool, "jumprelu", f"lambda={sae.sparsity_coefficient:g}", sae, seconds))
+    # Ours, the remedies' ablations and the Gemma Scope recipe as one packed run.
+    members = jumprelu_members(d, d_sae, lams, gemma_scope, remedies=topk and plan["remedies"])
+    sweep = {key: [m[key] for _, _, m in members] for key in members[0][2]}
+    fitted, seconds, order = fit_packed(dm, JumpReLUSAE(d, d_sae), sweep, steps, schedule)
+    for (tool, extra, _), (_, sae) in zip(members, fitted):
+        trained.append((tool, "jumprelu", f"lambda={sae.sparsity_coefficient:g}{extra}", sae, seconds))
     families = plan["topk_families"] if topk else []
     for family, cls in (("topk", TopKSAE), ("batchtopk", BatchTopKSAE)):
         if family in families:
@@ -210,15 +237,17 @@ def train_peers(dm: ShardedActivationDataModule, plan: dict[str, Any], families:
     theirs_scale = peer.saelens_scaling_factor(d, _mean_norm(dm))
     theirs = dict(lr=3e-4, adam_beta1=0.9, adam_beta2=0.999)
     ours = dict(lr=schedule["lr"], adam_beta1=schedule["adam_betas"][0], adam_beta2=schedule["adam_betas"][1],
-                lr_warm_up_steps=schedule["lr_warmup_steps"])
-    runs = []
+                lr_warm_up_steps=schedule["lr_warmup_steps"],
+                lr_decay_steps=round(steps * schedule["lr_decay_fraction"]))
+    runs, mine = [], JumpReLUSAE(d, d_sae)  # our recipe's bandwidth and threshold at this shape
     if "saelens" in plan["saelens_numbers"]:
         for c in plan["saelens_coefficients"]:
             cfg = peer.jumprelu_config(d, d_sae, c, "saelens", 0)
             runs.append(peer.make_run(f"l0_coefficient={c:g}", "jumprelu", cfg, steps, batch, theirs, theirs_scale))
     if "ours" in plan["saelens_numbers"]:
         for lam in plan["lambdas"]:
-            cfg = peer.jumprelu_config(d, d_sae, lam, "ours", schedule["sparsity_warmup_steps"])
+            cfg = peer.jumprelu_config(d, d_sae, lam, "ours", schedule["sparsity_warmup_steps"], mine.bandwidth,
+                                       mine.threshold_init)
             runs.append(peer.make_run(f"l0_coefficient={lam:g} (our numbers)", "jumprelu", cfg, steps, batch, ours,
                                       dm.input_scale))
     for family in families:

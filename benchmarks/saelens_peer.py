@@ -90,13 +90,14 @@ def _training_class(family: str) -> Any:
             "matryoshka": sae_lens.MatryoshkaBatchTopKTrainingSAE}[family]
 
 
-def jumprelu_config(d_in: int, d_sae: int, l0_coefficient: float, numbers: str, warmup_steps: int) -> Any:
+def jumprelu_config(d_in: int, d_sae: int, l0_coefficient: float, numbers: str, warmup_steps: int,
+                    bandwidth: float = 0.001, threshold: float = 0.001) -> Any:
     """SAELens' JumpReLU training config.
 
     ``numbers="saelens"``: SAELens' documented defaults (bandwidth 0.05, threshold 0.01,
     decoder norm 0.1, b_dec subtracted from the input, no L0 warm-up). ``numbers="ours"``:
-    the gs_lightning recipe's numbers that carry over (bandwidth and threshold 0.001,
-    b_dec not subtracted, as Gemma Scope; the L0 warm-up length), SAELens' own init.
+    the gs_lightning recipe's numbers that carry over (``bandwidth``, ``threshold``, b_dec
+    not subtracted, as Gemma Scope; the L0 warm-up length), SAELens' own init.
     """
     from sae_lens import JumpReLUTrainingSAEConfig
 
@@ -104,7 +105,7 @@ def jumprelu_config(d_in: int, d_sae: int, l0_coefficient: float, numbers: str, 
         return JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=l0_coefficient,
                                          normalize_activations="expected_average_only_in")
     return JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=l0_coefficient,
-                                     jumprelu_bandwidth=0.001, jumprelu_init_threshold=0.001,
+                                     jumprelu_bandwidth=bandwidth, jumprelu_init_threshold=threshold,
                                      apply_b_dec_to_input=False, l0_warm_up_steps=warmup_steps)
 
 

@@ -84,7 +84,7 @@ class PackedSAE(nn.Module):
         b_enc, b_dec, threshold = (torch.stack([getattr(m, name) for m in members])
                                    for name in ("b_enc", "b_dec", "threshold"))
         bandwidth = torch.tensor([m.bandwidth for m in members], device=x.device)
-        token_l0 = any(m.target_l0 is not None for m in members)
+        token_l0 = any(m.needs_token_l0 for m in members)
         mse, counts, tokens, x_hat = fused_packed_jumprelu_loss(
             x, [m.W_enc for m in members], b_enc, [m.W_dec for m in members], b_dec, threshold, bandwidth,
             self._workspace, members[0].compute_dtype(x), target, token_l0=token_l0

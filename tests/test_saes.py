@@ -36,8 +36,19 @@ def test_init_follows_gemma_scope_with_a_scaled_encoder() -> None:
     assert torch.equal(gemma_scope.W_enc, gemma_scope.W_dec.t())
     assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()  # untied after init
     assert torch.all(sae.b_enc == 0) and torch.all(sae.b_dec == 0)
-    torch.testing.assert_close(sae.threshold, torch.full((128,), 0.001))
-    assert sae.log_threshold.dtype == torch.float32
+    # Bandwidth and threshold follow the initial pre-activation scale 0.5 / sqrt(32).
+    sigma0 = 0.5 / 32**0.5
+    assert sae.bandwidth == pytest.approx(sigma0) and sae.encoder_init_scale == 0.5
+    torch.testing.assert_close(sae.threshold, torch.full((128,), sigma0 / 10))
+    assert sae.raw_threshold.dtype == torch.float32
+    x = torch.randn(4096, 32)
+    x = x / x.pow(2).sum(-1).mean().sqrt()  # E||x||^2 = 1, as training scales inputs
+    pre = sae.pre_activation(x)
+    assert 0.8 < float(pre.std() / sigma0) < 1.25  # sigma0 is the typical pre-activation
+    # The first reconstruction has about the input's size (unit encoder: d_sae / 2 d_in = 2x).
+    ratio = float(sae.eval()(x).norm(dim=-1).mean())
+    assert 0.6 < ratio < 1.6, ratio
+    assert float(gemma_scope.eval()(x).norm(dim=-1).mean()) > 1.5
 
 
 @pytest.mark.parametrize("parameterization", ["log", "raw"])
