@@ -46,6 +46,16 @@ def test_quadratic_target_l0_penalty_equals_the_formula() -> None:
     assert out.l0.item() == pytest.approx(5 / 3)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_batch_mean_target_penalty_equals_the_formula(fused: bool) -> None:
+    sae = _tiny()
+    sae.target_per_token, sae.fused = False, fused
+    x = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    out = sae.training_output(x, warmup=0.5)
+    # mean L0 5/3: warmup * lambda * (2/T)(mean_b l0_b - T)^2, not the per-token mean above.
+    torch.testing.assert_close(out.losses["l0_penalty"], torch.tensor(0.5 * 2.0 * (2 / 2.0) * (5 / 3 - 2.0) ** 2))
+
+
 def test_mean_l0_penalty_without_a_target() -> None:
     sae = _tiny()
     sae.target_l0 = None
