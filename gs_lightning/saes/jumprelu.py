@@ -51,10 +51,10 @@ class JumpReLUSAE(SAE):
             mean L0; ``None`` keeps Gemma Scope's mean-L0 term.
         target_per_token: With ``target_l0``, penalise each token's L0 (SAELens' form,
             the default) or, ``False``, the batch's mean L0, ``lambda (2 / T) (mean_b l0_b
-            - T)^2``: every active latent then feels the same pull, as with a fixed
-            lambda, instead of latents that fire on busy tokens being pushed out (the
-            per-token form left 12-19% of latents never firing at targets 30-60 on the
-            quickstart; README, "SAE quality").
+            - T)^2``, under which every active latent feels the same pull, as with a
+            fixed lambda. Offered because the per-token form left 12-19% of latents
+            never firing at targets 30-60 on the quickstart (README, "SAE quality");
+            whether this form does better has not been measured yet.
         dense_coefficient: Weight of ``sum_i relu(p_i - dense_threshold)``, ``p_i`` being
             latent i's firing frequency in the batch (with the step's pseudo-derivative):
             it raises the threshold of latents that fire on more than ``dense_threshold``
@@ -165,17 +165,13 @@ class JumpReLUSAE(SAE):
         """The weighted sparsity terms from step-function counts with pseudo-derivatives:
         ``counts [d_sae]`` (tokens each latent fired on) and ``token_l0 [batch]`` (latents
         active per token; needed with ``target_l0``)."""
-        lam = warmup * self.sparsity_coefficient
-        if self.target_l0 is not None and self.target_per_token:
-            T = float(self.target_l0)
-            terms = {"l0_penalty": lam * ((2.0 / T) * (token_l0 - T).pow(2)).mean()}
-        elif self.target_l0 is not None:
-            T = float(self.target_l0)
-            l0 = token_l0.mean() if token_l0 is not None else counts.sum() / batch
-            terms = {"l0_penalty": lam * (2.0 / T) * (l0 - T).pow(2)}
+        T = None if self.target_l0 is None else float(self.target_l0)
+        if self.needs_token_l0:
+            penalty = ((2.0 / T) * (token_l0 - T).pow(2)).mean()
         else:
             l0 = token_l0.mean() if token_l0 is not None else counts.sum() / batch
-            terms = {"l0_penalty": lam * l0}
+            penalty = l0 if T is None else (2.0 / T) * (l0 - T).pow(2)
+        terms = {"l0_penalty": warmup * self.sparsity_coefficient * penalty}
         if self.dense_coefficient > 0:
             excess = (counts / batch - self.dense_threshold).relu().sum()
             terms["dense_penalty"] = warmup * self.dense_coefficient * excess
