@@ -13,6 +13,7 @@ from torch import Tensor
 
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.io import load_sae, save_sae
+from gs_lightning.packed import build_packed
 from gs_lightning.saes import (
     SAE,
     BatchTopKSAE,
@@ -23,6 +24,7 @@ from gs_lightning.saes import (
     ReLUSAE,
     TopKSAE,
 )
+from gs_lightning.saes.topk import topk_init_scale
 
 D_IN, D_SAE = 16, 64
 
@@ -203,6 +205,27 @@ def test_aux_k_is_zero_without_dead_latents_and_revives_dead_ones() -> None:
     out = sae.training_output(x)
     out.losses["aux_k"].backward()
     assert sae.W_dec.grad[dead].abs().sum() > 0 and torch.all(sae.W_dec.grad[~dead] == 0)
+
+
+@pytest.mark.parametrize("d_in,d_sae,k", [(128, 2048, 32), (64, 4096, 8), (256, 1024, 64)])
+def test_topk_default_init_reconstructs_unit_inputs_at_about_half_their_norm(d_in: int, d_sae: int, k: int) -> None:
+    torch.manual_seed(0)
+    sae = TopKSAE(d_in, d_sae, k=k)
+    assert sae.encoder_init_scale is None  # stored as given, so a sweep over k re-derives it
+    assert math.isclose(sae.W_enc.norm(dim=0).mean().item(), topk_init_scale(d_in, d_sae, k), rel_tol=1e-5)
+    x = torch.nn.functional.normalize(torch.randn(512, d_in), dim=-1)
+    ratio = sae(x).norm(dim=-1).mean().item()
+    # The rule's order statistic and the decoded rows' partial alignment with x are
+    # approximations: the ratio lands near 1/2, far from unit columns' several-fold overshoot.
+    assert 0.35 < ratio < 0.75
+    assert TopKSAE(d_in, d_sae, k=k, encoder_init_scale=1.0)(x).norm(dim=-1).mean().item() > 1.2
+
+
+def test_a_packed_sweep_over_k_gives_each_topk_member_its_own_init_scale() -> None:
+    packed, _ = build_packed(TopKSAE(32, 256, k=4), {"k": [2, 16]})
+    norms = [sae.W_enc.norm(dim=0).mean().item() for _, sae in packed.named_members()]
+    assert norms == pytest.approx([topk_init_scale(32, 256, 2), topk_init_scale(32, 256, 16)], rel=1e-5)
+    assert norms[0] > 1.5 * norms[1]
 
 
 def test_batchtopk_eval_is_a_jumprelu_with_the_estimated_threshold() -> None:

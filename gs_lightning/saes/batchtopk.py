@@ -27,6 +27,7 @@ class BatchTopKSAE(TopKSAE):
         threshold_decay: Decay of the moving average that estimates the inference threshold.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
+        encoder_init_scale: Norm of the encoder columns at initialisation (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -35,14 +36,15 @@ class BatchTopKSAE(TopKSAE):
         d_sae: int,
         k: int,
         aux_k: int = 512,
-        aux_coefficient: float = 1 / 32,
-        dead_steps_threshold: int = 1000,
+        aux_coefficient: float = 0.25,
+        dead_steps_threshold: int = 100,
         threshold_decay: float = 0.99,
         d_out: int | None = None,
+        encoder_init_scale: float | None = None,
     ) -> None:
         if not 0 <= threshold_decay < 1:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, d_out)
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, d_out, encoder_init_scale)
         self.threshold_decay = threshold_decay
         # -1 marks "no batch seen yet"; float32 like every threshold (see DESIGN.md).
         self.register_buffer("threshold", torch.tensor(-1.0))

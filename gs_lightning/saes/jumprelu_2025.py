@@ -51,7 +51,8 @@ class JumpReLU2025SAE(JumpReLUSAE):
         # Unit encoder columns at init, as this variant has always had (its scale is
         # unmeasured here); the dead-latent remedies stay off (it has its own pre-act loss).
         super().__init__(d_in, d_sae, sparsity_coefficient, bandwidth, threshold_init, threshold_parameterization,
-                         encoder_init_scale=1.0, aux_coefficient=0.0, fused=False, d_out=d_out)
+                         encoder_init_scale=1.0, aux_coefficient=0.0, dead_coefficient=0.0,
+                         fused=False, d_out=d_out)
         self.normalize_decoder = False
         self.pre_act_coefficient = pre_act_coefficient
         self.tanh_scale = tanh_scale

@@ -25,6 +25,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         threshold_decay: Decay of the moving average that estimates the inference threshold.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
+        encoder_init_scale: Norm of the encoder columns at initialisation (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -34,15 +35,17 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         k: int,
         prefixes: list[int],
         aux_k: int = 512,
-        aux_coefficient: float = 1 / 32,
-        dead_steps_threshold: int = 1000,
+        aux_coefficient: float = 0.25,
+        dead_steps_threshold: int = 100,
         threshold_decay: float = 0.99,
         d_out: int | None = None,
+        encoder_init_scale: float | None = None,
     ) -> None:
         prefixes = [int(m) for m in prefixes]
         if not prefixes or prefixes != sorted(set(prefixes)) or not 0 < prefixes[0] or prefixes[-1] >= d_sae:
             raise ValueError(f"prefixes must increase strictly within 1..d_sae-1={d_sae - 1}, got {prefixes}")
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, threshold_decay, d_out)
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, threshold_decay, d_out,
+                         encoder_init_scale)
         self.prefixes = prefixes
 
     def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
