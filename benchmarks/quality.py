@@ -12,7 +12,7 @@ held-out tokens), every SAE of a site trains on the same batches in the same ord
   documented defaults (its normalisation E||x|| = sqrt(d), bandwidth 0.05, threshold
   0.01, decoder norm 0.1, lr 3e-4, Adam (0.9, 0.999), constant lr) and at our recipe's
   numbers (E||x||^2 = 1, our bandwidth and threshold, lr schedule, betas and warm-ups);
-  the better of its two frontiers is the one we compare against;
+  of its frontiers that overlap our L0 range, the better is the one we compare against;
 * TopK and BatchTopK at several k against SAELens' TopK and BatchTopK training SAEs
   (their defaults, our lr schedule), and Matryoshka BatchTopK against SAELens'.
 
@@ -32,9 +32,10 @@ with ``result:`` lines (ratios < 1: ours is better):
 * ``matryoshka_fvu_ratio_vs_saelens``.
 
 Needs the ``bench`` extra (SAELens); without it only our rows are trained and no ratio
-is printed. Run: ``python benchmarks/quality.py [--quick] [--steps N] [--output runs/quality]``.
+is printed. Run: ``python benchmarks/quality.py [--quick] [--steps N] [--output runs/quality]``;
+``--rescore true`` recomputes the table, plot and figures from a saved ``quality.json``.
 ``--quick`` (one site, fewer steps and grid points, JumpReLU and TopK k=32 only) takes
-about 10 minutes on the 2-core CPU; the full run about an hour.
+about 10 minutes on the 2-core CPU; the full run over an hour (see the README).
 """
 
 from __future__ import annotations
@@ -302,14 +303,20 @@ def _points(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
     return [(r["l0"], r[key]) for r in rows]
 
 
-def best_peer(labelled: dict[str, list[dict[str, Any]]]) -> str | None:
-    """The SAELens frontier with the lower FVU at matched L0 (geometric mean over the overlap)."""
-    peers = [k for k in labelled if k.startswith("SAELens")]
-    if len(peers) < 2:
-        return peers[0] if peers else None
-    a, b = peers[:2]
-    ratio = frontier.mean_log_ratio(_points(labelled[a], "fvu"), _points(labelled[b], "fvu"))
-    return a if ratio is None or ratio <= 1 else b
+def best_peer(labelled: dict[str, list[dict[str, Any]]], ours: list[dict[str, Any]]) -> str | None:
+    """The SAELens frontier to compare ``ours`` against: of those whose L0 range overlaps
+    ours, the one with the lower FVU at matched L0 (geometric mean over their overlap).
+
+    A frontier that misses our L0 range cannot be compared with, however good it is (at
+    SAELens' defaults its coefficient grid may land far above L0 100)."""
+    peers = [k for k in labelled if k.startswith("SAELens")
+             and frontier.worst_ratio(_points(ours, "fvu"), _points(labelled[k], "fvu")) is not None]
+    best = peers[0] if peers else None
+    for other in peers[1:]:
+        ratio = frontier.mean_log_ratio(_points(labelled[other], "fvu"), _points(labelled[best], "fvu"))
+        if ratio is not None and ratio < 1:
+            best = other
+    return best
 
 
 def results(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -317,7 +324,8 @@ def results(rows: list[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     worst: dict[str, list[float]] = {"fvu": [], "delta_loss": [], "dead": []}
     for site, labelled in curves(rows, "jumprelu").items():
-        ours, peer_label = labelled.get("gs_lightning", []), best_peer(labelled)
+        ours = labelled.get("gs_lightning", [])
+        peer_label = best_peer(labelled, ours)
         out.setdefault("jumprelu_dead_frac", 0.0)
         out["jumprelu_dead_frac"] = max([out["jumprelu_dead_frac"]] + [r["never_fire"] for r in ours])
         if peer_label is None:
@@ -368,7 +376,7 @@ def write(rows: list[dict[str, Any]], output: Path) -> Path:
 
 def main(quick: bool = False, steps: int | None = None, batch: int = 1024, d_sae: int = 2048,
          output: str = "runs/quality", sites: list[str] | None = None, peers: bool = True,
-         gemma_scope: bool = False, topk: bool = True) -> dict[str, float]:
+         gemma_scope: bool = False, topk: bool = True, rescore: bool = False) -> dict[str, float]:
     """Train and measure every SAE of the benchmark; print the table and the ``result:`` lines.
 
     Args:
@@ -384,7 +392,11 @@ def main(quick: bool = False, steps: int | None = None, batch: int = 1024, d_sae
         gemma_scope: Also train the Gemma Scope recipe (unit encoder at init) over our
             lambda grid, in the same packed run.
         topk: Train the TopK family (TopK, BatchTopK, Matryoshka BatchTopK).
+        rescore: Train nothing: read ``<output>/quality.json`` from an earlier run, redraw
+            the plot and print its table and ``result:`` lines again.
     """
+    if rescore:
+        return report(json.loads((Path(output) / "quality.json").read_text()), Path(output))
     plan = MODES["quick" if quick else "full"]
     steps = steps or plan["steps"]
     sites = sites or plan["sites"]
@@ -396,9 +408,15 @@ def main(quick: bool = False, steps: int | None = None, batch: int = 1024, d_sae
     rows = [row for i, site in enumerate(sites)
             for row in train_site(folders, site, plan, steps, batch, d_sae, with_peers, gemma_scope,
                                   topk and i == 0)]
-    plot = write(rows, Path(output))
     print(f"\n{len(rows)} SAEs, {steps} steps of {batch} each, in {time.perf_counter() - start:.0f} s")
-    print(f"wrote {Path(output) / 'quality.csv'}, {Path(output) / 'quality.json'} and {plot}")
+    return report(rows, Path(output))
+
+
+def report(rows: list[dict[str, Any]], output: Path) -> dict[str, float]:
+    """Write the table and the plot of ``rows``, print them and the ``result:`` lines."""
+    plot = write(rows, output)
+    print("\n".join(_format(row) for row in rows))
+    print(f"wrote {output / 'quality.csv'}, {output / 'quality.json'} and {plot}")
     figures = results(rows)
     for name, value in figures.items():
         print(f"result: {name} {value:.4g}")

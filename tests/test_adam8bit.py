@@ -27,7 +27,8 @@ def _fit(optimizer: str, tmp_path) -> tuple[float, float]:
     # W_enc and W_dec have 8192 elements each: above bitsandbytes' 4096-element floor for 8-bit state.
     # The Gemma Scope recipe (unit encoder, no AuxK) this comparison was calibrated on.
     sae = JumpReLUSAE(32, 256, sparsity_coefficient=1e-3, threshold_parameterization="raw", fused=False,
-                      encoder_init_scale=1.0, bandwidth=0.001, threshold_init=0.001, aux_coefficient=0.0, dead_coefficient=0.0)
+                      encoder_init_scale=1.0, bandwidth=0.001, threshold_init=0.001, aux_coefficient=0.0,
+                      dead_coefficient=0.0)
     module = SAETrainingModule(sae, lr=1e-2, lr_warmup_steps=5, sparsity_warmup_steps=30, optimizer=optimizer)
     trainer = pl.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,

@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS, BATCH, D_IN, D_SAE = 10, 128, 16, 256
 KILLED_AT = 5  # mid-epoch and mid-window: 10 batches an epoch, windows of 4 batches
 PARAMS = ("sae.W_enc", "sae.b_enc", "sae.W_dec", "sae.b_dec", "sae.raw_threshold")
+# Latent sharding refuses the dead-latent remedies (on by default): a top-k across shards.
+NO_REMEDY = dict(aux_coefficient=0.0, dead_coefficient=0.0)
 
 
 def write_shards(folder: Path, n_shards: int = 6, rows: int = 2 * BATCH) -> Path:
@@ -99,9 +101,9 @@ def train(root: Path, shards: Path, devices: int, max_steps: int = STEPS, ckpt_p
     # A high initial threshold leaves some latents silent in the last batches: the dead-latent
     # counter then has nonzero entries to compare. Unit encoder columns (Gemma Scope's init) make
     # every latent's pre-activation reach 0.2 on some tokens, so every parameter has a gradient
-    # at the first step; sharding does not implement AuxK (a top-k across shards).
+    # at the first step; sharding does not implement the dead-latent remedies.
     sae = JumpReLUSAE(D_IN, D_SAE, sparsity_coefficient=1e-2, threshold_init=0.2, threshold_parameterization="raw",
-                      encoder_init_scale=1.0, bandwidth=0.001, aux_coefficient=0.0, dead_coefficient=0.0)
+                      encoder_init_scale=1.0, bandwidth=0.001, **NO_REMEDY)
     module = SAETrainingModule(sae, lr=1e-2, lr_warmup_steps=3, sparsity_warmup_steps=5,
                                latent_parallel=devices > 1)
     strategy = ModelParallelStrategy() if devices > 1 else "auto"
@@ -193,9 +195,10 @@ def test_refuses_topk_sweeps_and_adam8bit() -> None:
     with pytest.raises(ConfigError, match="latent_parallel supports JumpReLUSAE only, not TopKSAE"):
         SAETrainingModule(TopKSAE(8, 32, k=4), latent_parallel=True)
     with pytest.raises(ConfigError, match="cannot be combined with model.sweep"):
-        SAETrainingModule(JumpReLUSAE(8, 32, aux_coefficient=0.0, dead_coefficient=0.0), latent_parallel=True, sweep={"sparsity_coefficient": [1e-3, 1e-2]})
+        SAETrainingModule(JumpReLUSAE(8, 32, **NO_REMEDY), latent_parallel=True,
+                          sweep={"sparsity_coefficient": [1e-3, 1e-2]})
     with pytest.raises(ConfigError, match="latent_parallel trains with model.optimizer: adam only"):
-        SAETrainingModule(JumpReLUSAE(8, 32, aux_coefficient=0.0, dead_coefficient=0.0), latent_parallel=True, optimizer="adam8bit")
+        SAETrainingModule(JumpReLUSAE(8, 32, **NO_REMEDY), latent_parallel=True, optimizer="adam8bit")
     with pytest.raises(ConfigError, match="set model.sae.init_args.dense_coefficient, dead_coefficient and aux"):
         SAETrainingModule(JumpReLUSAE(8, 32), latent_parallel=True)  # AuxK is on by default
 
@@ -203,7 +206,7 @@ def test_refuses_topk_sweeps_and_adam8bit() -> None:
 def test_needs_model_parallel_strategy(tmp_path) -> None:
     from gs_lightning.data import SyntheticActivationDataModule
 
-    module = SAETrainingModule(JumpReLUSAE(8, 32, aux_coefficient=0.0, dead_coefficient=0.0), latent_parallel=True)
+    module = SAETrainingModule(JumpReLUSAE(8, 32, **NO_REMEDY), latent_parallel=True)
     data = SyntheticActivationDataModule(d_in=8, n_features=16, active_features=2, n_tokens=256, batch_size=64)
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
@@ -249,7 +252,7 @@ def test_refuses_delta_lm_loss_before_training(tmp_path) -> None:
     from callbacks import DeltaLMLoss
     from gs_lightning.data import SyntheticActivationDataModule
 
-    module = SAETrainingModule(JumpReLUSAE(8, 32, aux_coefficient=0.0, dead_coefficient=0.0), latent_parallel=True)
+    module = SAETrainingModule(JumpReLUSAE(8, 32, **NO_REMEDY), latent_parallel=True)
     data = SyntheticActivationDataModule(d_in=8, n_features=16, active_features=2, n_tokens=256, batch_size=64)
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,

@@ -35,7 +35,8 @@ class TopKSAE(SAE):
             scale at which the initial reconstruction of an input of unit norm has about
             half its norm: unit columns (Gao et al.'s transpose init) start several times
             too large and ended 30% worse in FVU on the quickstart's 1,000-step benchmark,
-            and scales 0.25 to 0.5 there (this rule: 0.35) were equally good.
+            and scales 0.25 to 0.5 there (this rule: 0.35) were equally good. A
+            transcoder, on which the rule was not measured, keeps unit columns.
     """
 
     training_buffers = ("steps_since_fired",)
@@ -55,7 +56,9 @@ class TopKSAE(SAE):
             raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
         if aux_k < 0 or dead_steps_threshold <= 0:
             raise ValueError(f"aux_k must be >= 0 and dead_steps_threshold > 0, got {aux_k}, {dead_steps_threshold}")
-        scale = topk_init_scale(d_in, d_sae, k) if encoder_init_scale is None else encoder_init_scale
+        scale = encoder_init_scale
+        if scale is None:  # the rule is measured on SAEs; a transcoder keeps unit columns
+            scale = topk_init_scale(d_in, d_sae, k) if d_out is None else 1.0
         super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out, encoder_init_scale=scale)
         self.k = k
         self.aux_k = aux_k

@@ -91,8 +91,10 @@ def test_steps_after_warmup_neither_compile_nor_sync(tmp_path, progress_bar: boo
     # check_finite reads the loss on the host every step: off on XLA. The warm-ups end
     # before WARMUP: while they run, the schedules' values change the traced graph. The
     # module itself picks torch's unfused Adam off CPU/CUDA (the fused one has no XLA kernel).
-    # AuxK finds the dead latents with a host sync each step (configs/tpu_host.yaml turns it off).
-    module = SAETrainingModule(JumpReLUSAE(32, 128, threshold_parameterization="raw", aux_coefficient=0.0, dead_coefficient=0.0), lr=1e-3,
+    # The dead-latent remedies find dead latents with a host sync each step (configs/tpu_host.yaml
+    # turns them off).
+    module = SAETrainingModule(JumpReLUSAE(32, 128, threshold_parameterization="raw", aux_coefficient=0.0,
+                                           dead_coefficient=0.0), lr=1e-3,
                                lr_warmup_steps=2, sparsity_warmup_steps=2, check_finite=False)
     probe = Probe()
     # Throughput waits for the device at each window's end (every 2 steps): no read-back.
