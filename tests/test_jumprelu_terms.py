@@ -91,8 +91,9 @@ def test_dense_penalty_acts_only_on_dense_latents() -> None:
     assert torch.all(sae.raw_threshold.grad[dense] <= 0) and sae.raw_threshold.grad[dense].sum() < 0
 
 
-def test_dead_latents_are_counted_and_pulled_back() -> None:
-    sae = _sae(fused=True, dead_coefficient=1.0, dead_tokens=100)
+@pytest.mark.parametrize("pull_encoder", [False, True])
+def test_dead_latents_are_counted_and_pulled_back(pull_encoder: bool) -> None:
+    sae = _sae(fused=True, dead_coefficient=1.0, dead_tokens=100, dead_pull_encoder=pull_encoder)
     with torch.no_grad():
         sae.raw_threshold[:4] = 100.0  # latents 0-3 can never fire
     x = torch.randn(64, D)
@@ -105,9 +106,13 @@ def test_dead_latents_are_counted_and_pulled_back() -> None:
     expected = (sae.threshold - pre).clamp(min=0)[:, sae.dead].sum(-1).mean()
     torch.testing.assert_close(out.losses["dead_pre_act"], expected)
     out.losses["dead_pre_act"].backward()
-    # Only dead latents move: their biases up (gradient < 0), their thresholds down.
-    assert torch.all(sae.b_enc.grad[:4] < 0) and torch.all(sae.b_enc.grad[~sae.dead] == 0)
-    assert torch.all(sae.raw_threshold.grad[:4] > 0)
+    # Only dead latents move: their thresholds down, and their biases up (gradient < 0)
+    # only when the loss may pull the encoder.
+    if pull_encoder:
+        assert torch.all(sae.b_enc.grad[:4] < 0) and torch.all(sae.b_enc.grad[~sae.dead] == 0)
+    else:
+        assert sae.b_enc.grad is None and sae.W_enc.grad is None
+    assert torch.all(sae.raw_threshold.grad[:4] > 0) and torch.all(sae.raw_threshold.grad[~sae.dead] == 0)
 
 
 def test_dead_counters_are_training_state_not_weights() -> None:
