@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def plot_frontier_curves(curves: dict[str, dict[str, list[dict[str, float]]]], p
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
+            _label_within_decade(ax)
             ax.set_xlabel("L0 (active latents per token)")
             ax.set_ylabel(label)
             ax.set_title(group, fontsize=9)
@@ -89,3 +91,17 @@ def plot_frontier_curves(curves: dict[str, dict[str, list[dict[str, float]]]], p
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _label_within_decade(ax: plt.Axes) -> None:
+    """Label a log axis at 1, 2, 3 and 5 times its power of ten when it holds no power of ten
+    (e.g. a TopK panel spanning k 16-64), where the major ticks, and so every label, would
+    be missing."""
+    low, high = ax.get_xlim()
+    decade = math.floor(math.log10(low))
+    if math.floor(math.log10(high)) > decade:
+        return
+    ticks = [m * 10.0**decade for m in (1, 2, 3, 5)] + [10.0 ** (decade + 1)]
+    ax.set_xticks([t for t in ticks if low <= t <= high])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlim(low, high)
