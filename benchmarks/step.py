@@ -24,7 +24,8 @@ Gemma Scope shape (their MFU figure is about 50% on TPUv3):
 
     python benchmarks/step.py --d_in 2304 --d_sae 131072 --device cuda
 
-Run: ``python benchmarks/step.py [--batch 4096 --d_in 384 --d_sae 16384 --device auto]``.
+Run: ``python benchmarks/step.py [--batch 4096 --d_in 384 --d_sae 16384 --device auto]``
+(``--bf16 false --autograd false`` on a CPU without native bf16: those rows take minutes).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def fit_step_seconds(B: int, d: int, S: int, device: torch.device, steps: int, p
 
 
 def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "auto", repeats: int = 8,
-         fit_steps: int = 14, autograd: bool = True, dead_fraction: float = 0.05) -> None:
+         fit_steps: int = 14, autograd: bool = True, bf16: bool = True, dead_fraction: float = 0.05) -> None:
     """Print a table of step throughputs and the headline ratios.
 
     Args:
@@ -158,6 +159,8 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "
         repeats: Timed steps per configuration (the median is reported).
         fit_steps: Steps of the Lightning fit (the first 3 are warm-up).
         autograd: Also time the unfused autograd step (slow on CPU).
+        bf16: Also time the step under bf16 autocast (always on CUDA; on a CPU without
+            native bf16 instructions, AVX2 only, it takes minutes).
         dead_fraction: Share of latents held dead in the row that times the dead-latent
             remedies (AuxK and the pre-activation loss; default 5%, the most any lambda of
             the quality benchmark leaves).
@@ -180,8 +183,10 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "
     if autograd:
         plain = bare_step_seconds(B, d, S, dev, fused=False, bf16=False, repeats=max(2, repeats // 3))
         rows.append(("autograd step fp32", plain, gemm_flops / plain))
-    bf16 = bare_step_seconds(B, d, S, dev, fused=True, bf16=True, repeats=repeats)
-    rows.append(("fused step bf16 autocast", bf16, gemm_flops / bf16))
+    bf16_step = None
+    if bf16 or dev.type == "cuda":
+        bf16_step = bare_step_seconds(B, d, S, dev, fused=True, bf16=True, repeats=repeats)
+        rows.append(("fused step bf16 autocast", bf16_step, gemm_flops / bf16_step))
     fit = fit_step_seconds(B, d, S, dev, fit_steps)
     rows.append(("Trainer.fit fp32 (in-memory data)", fit, gemm_flops / fit))
     if dev.type == "cuda":
@@ -200,13 +205,15 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "
           f"{model_flops / fused / 1e9:.1f} GFLOP/s = {model_flops / fused / peak:.2f} of peak")
     if autograd:
         print(f"fused vs autograd step: {plain / fused:.2f}x")
-    print(f"bf16 autocast vs fp32 fused step: {fused / bf16:.2f}x")
+    if bf16_step is not None:
+        print(f"bf16 autocast vs fp32 fused step: {fused / bf16_step:.2f}x")
     print(f"result: step_peak_fraction {fraction:.3f}")
     print(f"result: fit_vs_step {fused / fit:.3f}")
     print(f"result: remedies_vs_step {fused / remedies:.3f}")
-    print(f"result: bf16_vs_fp32_step {fused / bf16:.3f}")
+    if bf16_step is not None:
+        print(f"result: bf16_vs_fp32_step {fused / bf16_step:.3f}")
     if nominal:
-        print(f"result: mfu_bf16_step {model_flops / bf16 / nominal:.3f}")
+        print(f"result: mfu_bf16_step {model_flops / bf16_step / nominal:.3f}")
         print(f"result: mfu_bf16_fit {model_flops / fit_bf16 / nominal:.3f}")
     elif dev.type == "cuda":
         print(f"(no data-sheet peak for {device_name(dev)!r}: MFU not reported; see callbacks.throughput.PEAK_FLOPS)")
