@@ -74,22 +74,26 @@ EXTRA_SUBCOMMANDS = {
     "evaluate": "gs_lightning.evaluate:evaluate_main",
     "export": "gs_lightning.export:export_main",
     "sweep": "gs_lightning.sweep:sweep_main",
+    "suite": "gs_lightning.suite.cli:suite_main",
 }
 DESCRIPTION = (
     "Train and validate sparse autoencoders on language-model activations. Also: "
     "'harvest' (write activation shards), 'evaluate' (L0, FVU, delta LM loss of saved SAEs), "
-    "'export' (Gemma Scope / SAELens layouts), 'sweep' (run a W&B sweep file offline); "
+    "'export' (Gemma Scope / SAELens layouts), 'sweep' (run a W&B sweep file offline), "
+    "'suite' (train, evaluate and release every site x width x sparsity level of one YAML); "
     "each takes --help."
 )
 
 
-def main(args: list[str] | None = None) -> GSLightningCLI | None:
-    """Run the CLI; ``args`` lets tests call it in-process (``None`` reads ``sys.argv``)."""
+def main(args: list[str] | None = None) -> Any:
+    """Run the CLI; ``args`` lets tests call it in-process (``None`` reads ``sys.argv``).
+
+    Returns the LightningCLI of ``fit``/``validate``, or what another subcommand returns.
+    """
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         module, _, function = EXTRA_SUBCOMMANDS[argv[0]].partition(":")
-        _reporting_config_errors(getattr(importlib.import_module(module), function), argv[1:])
-        return None
+        return _reporting_config_errors(getattr(importlib.import_module(module), function), argv[1:])
     cli_kwargs: dict[str, Any] = dict(
         model_class=SAETrainingModule,
         datamodule_class=ActivationDataModule,

@@ -66,6 +66,9 @@ class HarvestConfig:
         shuffle_bucket_tokens: Tokens are shuffled within buckets of at least this many before writing.
         shard_tokens: Most tokens per shard; a bucket is cut into equal shards of at most this many.
         seed: Seed of the bucket shuffles.
+        device: Where the model runs: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or
+            ``cuda:N``. Not part of the harvest's identity: a harvest resumed on another
+            device continues it (its shards then agree to rounding, not bit for bit).
     """
 
     output: str
@@ -83,6 +86,7 @@ class HarvestConfig:
     shuffle_bucket_tokens: int = 1_048_576
     shard_tokens: int = 131_072
     seed: int = 0
+    device: str = "auto"
 
     def validate(self) -> None:
         """Raise a ConfigError naming the first bad option."""
@@ -96,14 +100,25 @@ class HarvestConfig:
         if self.dtype not in STORAGE_DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {list(STORAGE_DTYPES)}")
         parse_dtype(self.model_dtype)
+        self.torch_device()
         for site in self.sites:
             parse_site(site)
 
     def identity(self) -> dict[str, Any]:
-        """The options that decide the shards' bytes (all but ``output``): resume requires equality."""
+        """The options that decide the shards' bytes (all but ``output`` and ``device``): resume
+        requires equality."""
         config = dataclasses.asdict(self)
-        del config["output"]
+        del config["output"], config["device"]
         return config
+
+    def torch_device(self) -> torch.device:
+        """The device the model runs on; ``auto`` is CUDA when one is present."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError as err:
+            raise ConfigError(f"device={self.device!r} is not a device ({err})") from err
 
 
 def site_folder(output: str | Path, site: str) -> Path:
@@ -127,6 +142,7 @@ def harvest(config: HarvestConfig, on_shard: Callable[[Path], None] | None = Non
     """
     config.validate()
     lm, tokenizer = load_language_model(config.model, revision=config.revision, dtype=config.model_dtype)
+    lm.to(config.torch_device())
     check_context_size(lm.config, config.context_size, config.model)
     sites = list(dict.fromkeys(config.sites))
     manifests = {site: _start_manifest(config, site, site_dim(lm, site)) for site in sites}

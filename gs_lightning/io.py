@@ -1,9 +1,14 @@
-"""gs_lightning's own SAE format: ``sae.safetensors`` + ``config.json`` in one folder.
+"""Reading and writing SAE weights: gs_lightning's own format, and reading the others'.
+
+gs_lightning's own format is ``sae.safetensors`` + ``config.json`` in one folder.
 
 ``config.json`` holds the variant's ``class_path`` and ``init_args`` (enough to rebuild
 it), whether the input scale is folded into the weights, and free-form metadata (model,
 site, training step, final metrics). Folders are written atomically: into a temporary
 sibling, then renamed, so a crash never leaves a half-written SAE under the final name.
+
+:func:`load_sae` also reads a Gemma Scope ``params.npz`` and an SAELens folder (their
+writers are in :mod:`gs_lightning.export`). Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -17,15 +22,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.saes import SAE
+from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
+GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+SAELENS_CFG, SAELENS_WEIGHTS, SAELENS_SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 
 
 def save_sae(sae: SAE, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None,
@@ -71,8 +81,17 @@ def write_folder(path: str | Path, files: dict[str, Any]) -> Path:
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE saved by :func:`save_sae` (no pickle: safetensors + JSON)."""
+    """Load an SAE from any format the project writes, without pickle.
+
+    ``path`` is a folder saved by :func:`save_sae` (safetensors + JSON), a Gemma Scope
+    ``params.npz`` (or the folder holding one) or an SAELens folder (``cfg.json``).
+    """
     path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        if path.name == "params.npz" or (path / "params.npz").is_file():
+            return load_gemma_scope(path if path.name == "params.npz" else path / "params.npz").to(device)
+        if (path / SAELENS_CFG).is_file():
+            return load_saelens(path).to(device)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for p in (config_path, weights_path):
         if not p.is_file():
@@ -114,3 +133,92 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return str(value)
+
+
+def load_gemma_scope(path: str | Path) -> JumpReLUSAE:
+    """Load a Gemma Scope ``params.npz`` as a :class:`JumpReLUSAE` (raw threshold)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: no such file") from err
+    except ValueError as err:  # object arrays need pickle, which is refused
+        raise ConfigError(f"{path}: refused, it holds pickled/object arrays ({err})") from err
+    except (OSError, EOFError) as err:
+        raise ConfigError(f"{path}: not a readable .npz file ({err})") from err
+    missing = [k for k in GEMMA_SCOPE_KEYS if k not in arrays]
+    if missing:
+        raise ConfigError(f"{path}: missing keys {missing} (found {sorted(arrays)})")
+    tensors = {k: torch.from_numpy(np.asarray(arrays[k], dtype=np.float32)) for k in GEMMA_SCOPE_KEYS}
+    return _build_jumprelu(tensors, path)
+
+
+def _build_jumprelu(tensors: dict[str, Tensor], source: Path) -> JumpReLUSAE:
+    _check_shapes(tensors, source)
+    d_in, d_sae = tensors["W_enc"].shape
+    d_out = tensors["W_dec"].shape[1]  # a transcoder (e.g. Gemma Scope's MLP transcoders) may differ
+    sae = JumpReLUSAE(d_in, d_sae, threshold_parameterization="raw", fused=False,
+                      d_out=None if d_out == d_in else d_out)
+    sae.load_canonical_state_dict(tensors)
+    return sae.eval()
+
+
+def _check_shapes(tensors: dict[str, Tensor], source: Path) -> None:
+    if tensors["W_enc"].dim() != 2:
+        raise ConfigError(f"{source}: W_enc must be 2-D [d_in, d_sae], got {list(tensors['W_enc'].shape)}")
+    d_in, d_sae = tensors["W_enc"].shape
+    # b_dec sets the output width: d_in for an SAE, the target site's for a transcoder.
+    d_out = tensors["b_dec"].shape[0] if tensors["b_dec"].dim() == 1 else d_in
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,),
+                "threshold": (d_sae,)}
+    for key, shape in expected.items():
+        if key in tensors and tuple(tensors[key].shape) != shape:
+            raise ConfigError(f"{source}: {key} has shape {list(tensors[key].shape)}, expected {list(shape)}")
+
+
+def load_saelens(path: str | Path) -> SAE:
+    """Load an SAELens ``jumprelu`` or ``standard`` SAE folder (float32, on CPU)."""
+    path = Path(path)
+    cfg = _read_saelens_cfg(path)
+    try:
+        tensors = {k: v.float() for k, v in load_file(str(path / SAELENS_WEIGHTS)).items()}
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path / SAELENS_WEIGHTS}: not a readable safetensors file ({err})") from err
+    needed = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if cfg["architecture"] == "jumprelu" else [])
+    missing = [k for k in needed if k not in tensors]
+    if missing:
+        raise ConfigError(f"{path / SAELENS_WEIGHTS}: missing {missing} for a {cfg['architecture']} SAE")
+    tensors = {k: tensors[k] for k in needed}
+    _check_shapes(tensors, path / SAELENS_WEIGHTS)
+    if tuple(tensors["W_enc"].shape) != (cfg["d_in"], cfg["d_sae"]):
+        raise ConfigError(f"{path}: cfg.json says d_in={cfg['d_in']}, d_sae={cfg['d_sae']} but W_enc is "
+                          f"{list(tensors['W_enc'].shape)}")
+    if cfg.get("apply_b_dec_to_input", True):
+        # (x - b_dec) W_enc + b_enc == x W_enc + (b_enc - b_dec W_enc): fold into b_enc.
+        tensors["b_enc"] = tensors["b_enc"] - tensors["b_dec"] @ tensors["W_enc"]
+    if cfg["architecture"] == "jumprelu":
+        return _build_jumprelu(tensors, path)
+    sae = ReLUSAE(cfg["d_in"], cfg["d_sae"])
+    sae.load_canonical_state_dict(tensors)
+    return sae.eval()
+
+
+def _read_saelens_cfg(path: Path) -> dict[str, Any]:
+    cfg_path = path / SAELENS_CFG
+    if not cfg_path.is_file():
+        raise ConfigError(f"not an SAELens SAE: {cfg_path} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from err
+    for key in ("architecture", "d_in", "d_sae"):
+        if key not in cfg:
+            raise ConfigError(f"{cfg_path}: missing key {key!r}")
+    if cfg["architecture"] not in ("jumprelu", "standard"):
+        raise ConfigError(f"{cfg_path}: architecture {cfg['architecture']!r} is not supported "
+                          "(gs_lightning imports 'jumprelu' and 'standard')")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise ConfigError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} needs a "
+                          "scaling factor that is not in the folder; fold it into the weights first")
+    return cfg

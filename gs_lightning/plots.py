@@ -34,7 +34,7 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
                             textcoords="offset points")
         l0s = [row["l0"] for row in rows if row["l0"] > 0]
         if l0s and max(l0s) > 4 * min(l0s):  # a log axis only pays off over a wide range
-            _log_l0_axis(ax)
+            log_l0_axis(ax)
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
@@ -76,7 +76,7 @@ def plot_frontier_curves(curves: dict[str, dict[str, list[dict[str, float]]]], p
                 pts = sorted((p["l0"], p[key]) for p in points if key in p and p["l0"] > 0)
                 if pts:
                     ax.plot(*zip(*pts), "o-", label=name, markersize=4)
-            _log_l0_axis(ax)
+            log_l0_axis(ax)
             ax.set_xlabel("L0 (active latents per token)")
             ax.set_ylabel(label)
             ax.set_title(group, fontsize=9)
@@ -88,7 +88,7 @@ def plot_frontier_curves(curves: dict[str, dict[str, list[dict[str, float]]]], p
     return path
 
 
-def _log_l0_axis(ax: plt.Axes) -> None:
+def log_l0_axis(ax: plt.Axes) -> None:
     """A log L0 axis labelled in plain numbers; minor labels off (they overlap)."""
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())

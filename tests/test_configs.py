@@ -9,9 +9,9 @@ import yaml
 from gs_lightning.cli import main
 
 ALL_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-# harvest_*.yaml configure `python -m gs_lightning harvest`, not `fit`.
+# harvest_*.yaml configure `python -m gs_lightning harvest` and suite_*.yaml `suite`, not `fit`.
 HARVEST_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("harvest_")]
-CONFIGS = [p for p in ALL_CONFIGS if p not in HARVEST_CONFIGS]
+CONFIGS = [p for p in ALL_CONFIGS if p not in HARVEST_CONFIGS and not p.name.startswith("suite_")]
 # Configs that need the Hugging Face hub are parsed but not instantiated.
 NEEDS_HUB = {"gemma2_2b_resid_l12.yaml"}
 # Configs for several devices or hosts: parsed, but a run would start processes.

@@ -165,7 +165,8 @@ def test_resume_refuses_other_options(reference, tmp_path) -> None:
 def test_cli_harvest(tmp_path, capsys) -> None:
     config = dataclasses.asdict(_config(tmp_path / "out", max_tokens=300, sites=[SITES[0]]))
     (tmp_path / "harvest.yaml").write_text(yaml.safe_dump(config))
-    assert main(["harvest", "--config", str(tmp_path / "harvest.yaml")]) is None
+    folders = main(["harvest", "--config", str(tmp_path / "harvest.yaml")])
+    assert folders == {SITES[0]: tmp_path / "out" / SITES[0]}
     assert "blocks.1.hook_resid_post: 300 tokens in 2 shards" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["harvest", "--config", str(tmp_path / "harvest.yaml"), "--sites", "[blocks.9.nowhere]"])

@@ -74,6 +74,10 @@ class WindowReader:
         self._windows: dict[tuple[int, int], tuple[tuple[Tensor, ...], Tensor]] = {}
         self._ahead: tuple[tuple[int, int], Future] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        # Rows of the first site loaded from shards by this process (read-ahead included;
+        # DataLoader workers count in their own copies): how a suite shows that one packed
+        # run read each shard once for all its SAEs.
+        self.rows_read = 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -162,6 +166,7 @@ class WindowReader:
 
     def _load(self, epoch: int, w: int, blocks: list[int]) -> tuple[tuple[Tensor, ...], Tensor]:
         data = tuple(self._read_site(s, blocks) for s in range(len(self.sites)))
+        self.rows_read += len(data[0])
         order = torch.randperm(len(data[0]), generator=generator(self.seed, "window", epoch, w))
         return data, order
 

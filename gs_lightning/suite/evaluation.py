@@ -1,0 +1,94 @@
+"""Evaluate every SAE of a group the same way, as the Gemma Scope report does.
+
+Reconstruction metrics come from the held-out harvest (every row of it, the same tokens
+for every SAE of a site): L0, FVU and explained variance (pooled, about the mean, on raw
+activations), never-fire and dense (> 10% of tokens) fractions. The delta LM loss splices
+each SAE into the model on ``evaluate.n_contexts`` held-out contexts. The language model
+is loaded once per process and shared by every group evaluated there; both run on the
+GPU when the suite trains on one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gs_lightning.data.shard_format import load_shard, read_manifest
+from gs_lightning.io import load_sae
+from gs_lightning.lm import load_language_model
+from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
+from gs_lightning.saes import SAE
+from gs_lightning.splice import delta_lm_loss
+from gs_lightning.suite.config import SuiteConfig
+from gs_lightning.suite.groups import Group, sparsity_levels
+from gs_lightning.suite.state import harvest_site
+from gs_lightning.suite.training import member_paths
+from gs_lightning.text import iter_contexts, iter_texts
+
+ROWS_PER_PASS = 8192
+
+
+def eval_device(config: SuiteConfig) -> torch.device:
+    """CUDA when the suite trains on it (``accelerator`` auto, gpu or cuda) and one is present."""
+    wants_gpu = config.trainer.accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+@lru_cache(maxsize=1)
+def _language_model(model: str, revision: str | None, dtype: str, device: torch.device) -> tuple[Any, Any]:
+    lm, tokenizer = load_language_model(model, revision=revision, dtype=dtype)  # type: ignore[arg-type]
+    return lm.to(device), tokenizer
+
+
+def _val_rows(config: SuiteConfig, site: str) -> list[torch.Tensor]:
+    folder = harvest_site(config, "val", site)
+    manifest = read_manifest(folder)
+    return [load_shard(folder, entry, manifest, verify=True)["acts"] for entry in manifest["shards"]]
+
+
+@torch.no_grad()
+def shard_metrics(sae: SAE, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> dict[str, float]:
+    """Pooled reconstruction and firing metrics of ``sae`` over held-out rows (raw activations)."""
+    device = next(sae.parameters()).device
+    fvu = PooledFVU(sae.out_width).to(device)
+    firing = FiringStatistics(sae.d_sae, DENSE_THRESHOLD).to(device)
+    for x_all, y_all in zip(inputs, targets):
+        for start in range(0, len(x_all), ROWS_PER_PASS):
+            x = x_all[start : start + ROWS_PER_PASS].to(device, torch.float32)
+            f = sae.encode(x)
+            fvu.update(y_all[start : start + ROWS_PER_PASS].to(device, torch.float32), sae.decode(f))
+            firing.update(f)
+    stats, pooled = firing.compute(), float(fvu.compute())
+    return {"l0": float(stats["l0"]), "fvu": pooled, "explained_variance": explained_variance(pooled),
+            "dead_frac": float(stats["dead_frac"]), "dense_frac": float(stats["dense_frac"]),
+            "eval_tokens": int(firing.tokens)}
+
+
+def evaluate_group(config: SuiteConfig, group: Group) -> list[dict[str, Any]]:
+    """One row per SAE of ``group``: its place in the suite and its metrics."""
+    device = eval_device(config)
+    model, tokenizer = _language_model(config.model, config.revision, config.model_dtype, device)
+    texts = iter_texts(config.text, split=config.val_split, column=config.text_column)
+    contexts = list(itertools.islice(iter_contexts(texts, tokenizer, config.context_size), config.evaluate.n_contexts))
+    inputs = _val_rows(config, group.site.site)
+    targets = inputs if group.site.target is None else _val_rows(config, group.site.target)
+    key, levels = sparsity_levels(group.width)
+    rows = []
+    for (name, path), level in zip(member_paths(config, group).items(), levels):
+        sae = load_sae(path, device=device)
+        row: dict[str, Any] = {
+            "group": group.id, "site": group.site.label, "kind": group.site.kind, "layer": group.site.layer,
+            "d_sae": group.width.d_sae, "sparsity_key": key, "sparsity": level, "member": name,
+            "sae": str(Path(path).relative_to(config.output)),
+        }
+        row.update(shard_metrics(sae, inputs, targets))
+        spliced = delta_lm_loss(model, tokenizer, sae, group.site.target or group.site.site, contexts,
+                                config.evaluate.batch_size,
+                                source_site=group.site.site if group.site.target else None)
+        row.update({k: spliced[k] for k in ("delta_loss", "kl", "loss_recovered", "ce_clean", "ce_spliced")})
+        rows.append(row)
+    return rows
