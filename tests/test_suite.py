@@ -156,11 +156,17 @@ def test_changed_entry_retrains_only_what_it_affects(finished: Path, tmp_path: P
     # The same model, text and seed: the copied groups' rows are the reference's.
     reference = {r["sae"]: r["fvu"] for r in json.loads((finished / "suite.json").read_text())}
     assert {r["sae"]: r["fvu"] for r in rows if r["layer"] != 1} == reference
+    # Changed evaluation options evaluate again without retraining.
+    weights = {p: p.stat().st_mtime_ns for p in output.glob("groups/*/saes/*/sae/sae.safetensors")}
+    rows = run_suite(suite_yaml(output, layers=[0, 1, 2], evaluate={"n_contexts": 2, "batch_size": 2}), tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights
+    assert all(p.stat().st_mtime_ns != before[p] for p in before)
+    assert {r["sae"]: r["fvu"] for r in rows if r["layer"] != 1} == reference  # same held-out rows
     # A changed sparsity list retrains every group of that width (and only those).
     width = {"d_sae": 64, "tokens": 5120, "sparsity": {"sparsity_coefficient": [0.001, 0.003]}}
     rows = run_suite(suite_yaml(output, layers=[0, 1, 2], widths=[width]), tmp_path)
     assert {r["sparsity"] for r in rows} == {0.001, 0.003}
-    assert all(p.stat().st_mtime_ns != before[p] for p in before)
+    assert all(not p.exists() or p.stat().st_mtime_ns != weights[p] for p in weights)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ resumes the group that was interrupted from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import subprocess
@@ -35,6 +36,7 @@ from gs_lightning.suite.state import (
     EVALUATED,
     TRAINED,
     group_dir,
+    identity,
     read_json,
     write_json,
 )
@@ -57,25 +59,31 @@ def write_resolved(config: SuiteConfig, resolved: dict[str, Any]) -> Path:
     return path
 
 
+def evaluation_identity(config: SuiteConfig) -> str:
+    """Hash of what decides a group's evaluation but not its training (held-out text, options)."""
+    return identity(dataclasses.asdict(config.evaluate), config.val_split, config.harvest.val_tokens)
+
+
 def run_group(config: SuiteConfig, group: Group) -> list[dict[str, Any]]:
-    """Train (or resume) and evaluate one group; a finished group is only read back."""
+    """Train (or resume) and evaluate one group; a finished group is only read back, and one
+    whose evaluation options changed is evaluated again without retraining."""
     folder = group_dir(config, group)
     state = training.prepare(config, group)
-    if state.get("status") == EVALUATED:
+    evaluated = evaluation_identity(config)
+    if state.get("status") == EVALUATED and state.get("evaluation") == evaluated:
         print(f"suite: {group.id}: done, skipping", flush=True)
         return read_json(folder / EVAL_FILE)
-    if state.get("status") != TRAINED:
+    if state.get("status") not in (TRAINED, EVALUATED):
         state = training.train(config, group, state)
-    from gs_lightning.suite.evaluation import (
-        evaluate_group,  # loads the language model on first use
-    )
+    from gs_lightning.suite.evaluation import evaluate_group  # loads the language model on first use
 
     start = time.perf_counter()
     rows = evaluate_group(config, group)
     for row in rows:
         row["passes_over_shards"] = state.get("passes_over_shards")
     write_json(folder / EVAL_FILE, rows)
-    write_json(folder / "state.json", {**state, "status": EVALUATED, "eval_seconds": time.perf_counter() - start})
+    write_json(folder / "state.json", {**state, "status": EVALUATED, "evaluation": evaluated,
+                                       "eval_seconds": time.perf_counter() - start})
     return rows
 
 
