@@ -20,6 +20,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from gs_lightning.console import quiet_third_party
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.errors import ConfigError
 from gs_lightning.module import SAETrainingModule, check_widths
@@ -91,6 +92,7 @@ def main(args: list[str] | None = None) -> Any:
     Returns the LightningCLI of ``fit``/``validate``, or what another subcommand returns.
     """
     argv = sys.argv[1:] if args is None else list(args)
+    quiet_third_party()
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         module, _, function = EXTRA_SUBCOMMANDS[argv[0]].partition(":")
         return _reporting_config_errors(getattr(importlib.import_module(module), function), argv[1:])

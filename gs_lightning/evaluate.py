@@ -10,6 +10,7 @@ site and text come from each SAE's ``config.json``; results go to a CSV and a JS
 from __future__ import annotations
 
 import csv
+import glob
 import itertools
 import json
 from pathlib import Path
@@ -59,8 +60,26 @@ def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, cont
             "density": stats["density"], "tokens": int(firing.tokens)}
 
 
+def sae_paths(saes: str | list[str], key: str = "saes") -> list[str]:
+    """One path, a list of paths, or glob patterns (``runs/*/sae``, quoted on the shell) ->
+    the paths, patterns expanded in sorted order; a pattern that matches nothing, or no
+    path at all, is a ConfigError naming ``key``."""
+    paths: list[str] = []
+    for item in [saes] if isinstance(saes, str) else list(saes):
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise ConfigError(f"{key}: the pattern {item!r} matches no path")
+            paths += matches
+        else:
+            paths.append(item)
+    if not paths:
+        raise ConfigError(f"{key}: give at least one SAE folder")
+    return paths
+
+
 def evaluate(
-    saes: list[str],
+    saes: str | list[str],
     output: str = "evaluation",
     n_contexts: int = 128,
     batch_size: int = 8,
@@ -69,7 +88,8 @@ def evaluate(
     """Evaluate saved SAEs on held-out text and write ``<output>.csv`` and ``<output>.json``.
 
     Args:
-        saes: Saved SAE folders (each with sae.safetensors and config.json).
+        saes: Saved SAE folders (each with sae.safetensors and config.json): one path, a list
+            ``"[a, b]"``, or a quoted glob ``"runs/*/sae"``.
         output: Path prefix of the results: ``.csv``, ``.json``, ``_frontier.png`` (L0 against FVU
             and delta LM loss) and ``_density.png`` (feature density histogram).
         n_contexts: Held-out contexts per SAE (from the split the SAE's data validated on).
@@ -77,7 +97,7 @@ def evaluate(
         context_size: Tokens per context; default: the context size the SAE was trained with.
     """
     rows, models, densities = [], {}, {}
-    for path in tqdm(saes, desc="evaluate", unit="sae"):
+    for path in tqdm(sae_paths(saes), desc="evaluate", unit="sae"):
         meta = _metadata(path)
         key = (meta["model"], meta.get("revision"))
         if key not in models:
@@ -126,6 +146,6 @@ def _write_table(rows: list[dict[str, Any]], output: Path) -> None:
     print(f"wrote {output.with_suffix('.csv')} and {output.with_suffix('.json')}")
 
 
-def evaluate_main(args: list[str]) -> None:
-    """Entry point of ``python -m gs_lightning evaluate``."""
-    CLI(evaluate, args=args, as_positional=False, prog="python -m gs_lightning evaluate")
+def evaluate_main(args: list[str]) -> list[dict[str, Any]]:
+    """Entry point of ``python -m gs_lightning evaluate``; returns the table's rows."""
+    return CLI(evaluate, args=args, as_positional=False, prog="python -m gs_lightning evaluate")

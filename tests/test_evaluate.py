@@ -57,8 +57,15 @@ def test_evaluate_and_export_through_the_command_line(tmp_path, capsys) -> None:
     from gs_lightning.cli import main
 
     saved = save_sae(_sae(-1e9), tmp_path / "sae", metadata={**META, "final_metrics": {"val/l0": 128.0}})
-    main(["evaluate", "--saes", f"[{saved}]", "--output", str(tmp_path / "t"), "--n_contexts", "2"])
+    main(["evaluate", "--saes", str(saved), "--output", str(tmp_path / "t"), "--n_contexts", "2"])  # one path
     assert "l0 128" in capsys.readouterr().out and (tmp_path / "t.csv").is_file()
+    second = save_sae(_sae(1e9), tmp_path / "sae2", metadata=META)
+    for saes in (f"[{saved}, {second}]", str(tmp_path / "sae*")):  # a list, and a glob
+        rows = main(["evaluate", "--saes", saes, "--output", str(tmp_path / "t"), "--n_contexts", "2"])
+        assert [r["sae"] for r in rows] == [str(saved), str(second)]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--saes", str(tmp_path / "nothing*"), "--output", str(tmp_path / "t")])
+    assert "saes: the pattern" in capsys.readouterr().err
     main(["export", "--sae", str(saved), "--format", "gemma_scope", "--out", str(tmp_path / "release")])
     assert (tmp_path / "release/layer_1/width_128/average_l0_128/params.npz").is_file()
     with pytest.raises(SystemExit) as exit_info:
