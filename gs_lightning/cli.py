@@ -14,8 +14,10 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -96,8 +98,13 @@ def main(args: list[str] | None = None) -> Any:
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         module, _, function = EXTRA_SUBCOMMANDS[argv[0]].partition(":")
         return _reporting_config_errors(getattr(importlib.import_module(module), function), argv[1:])
+    _refuse_optimizer_options(argv)
     cli_kwargs: dict[str, Any] = dict(
         model_class=SAETrainingModule,
+        # The module builds its own Adam parameter groups (per-SAE lr, fp32 thresholds,
+        # 8-bit moments) and schedules; LightningCLI's --optimizer/--lr_scheduler would
+        # replace them silently, so they are not offered (see _refuse_optimizer_options).
+        auto_configure_optimizers=False,
         datamodule_class=ActivationDataModule,
         subclass_mode_data=True,
         save_config_callback=RecordingSaveConfigCallback,  # config.yaml, run.json, metrics.json
@@ -112,6 +119,28 @@ def main(args: list[str] | None = None) -> Any:
         return _reporting_config_errors(lambda: GSLightningCLI(**cli_kwargs))
     finally:
         close_process_group()
+
+
+OPTIMIZER_KEYS = ("optimizer", "lr_scheduler")
+
+
+def _refuse_optimizer_options(argv: list[str]) -> None:
+    """A clear error for LightningCLI's ``--optimizer``/``--lr_scheduler`` (on the command
+    line or as top-level keys of a ``--config`` file), pointing to the module's options."""
+    found = [a.split("=")[0] for a in argv if a.lstrip("-").split("=")[0].split(".")[0] in OPTIMIZER_KEYS
+             and a.startswith("--")]
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2]
+        if (arg == "--config" or arg.startswith("--config=")) and Path(path).is_file():
+            loaded = yaml.safe_load(Path(path).read_text())
+            if isinstance(loaded, dict):
+                found += [f"{path}: {key}" for key in OPTIMIZER_KEYS if key in loaded]
+    if found:
+        print(f"gs_lightning: error: {', '.join(found)}: the optimizer is set up by the module, not by "
+              "LightningCLI: use model.optimizer (adam or adam8bit), model.lr, model.adam_betas, "
+              "model.adam_eps and the schedule options model.lr_warmup_steps / lr_decay_fraction "
+              "(see fit --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _reporting_config_errors(run: Callable[..., Any], *args: Any) -> Any:

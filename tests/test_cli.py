@@ -249,3 +249,21 @@ def test_close_process_group_is_registered_at_exit_once(monkeypatch) -> None:
     parallel.close_process_group_at_exit()
     parallel.close_process_group_at_exit()
     assert registered == [parallel.close_process_group]
+
+
+def test_lightningcli_optimizer_options_point_to_the_module(tmp_path, capsys) -> None:
+    # LightningCLI's --optimizer/--lr_scheduler would bypass the module's parameter groups:
+    # they are not offered, and asking for them names the module's options instead.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--model.optimizer {adam,adam8bit}" in help_text
+    assert "\n  --optimizer" not in help_text and "\n  --lr_scheduler" not in help_text
+    config = tmp_path / "run.yaml"
+    config.write_text("lr_scheduler:\n  class_path: torch.optim.lr_scheduler.StepLR\n")
+    for args in (["--optimizer", "Adam"], ["--optimizer=torch.optim.SGD"], ["--config", str(config)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", "configs/synthetic.yaml", *args])
+        assert exit_info.value.code == 2
+        assert "use model.optimizer (adam or adam8bit)" in capsys.readouterr().err
