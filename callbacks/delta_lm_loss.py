@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm import load_language_model
+from gs_lightning.lm import shared_language_model
 from gs_lightning.packed import metric_key
 from gs_lightning.splice import delta_lm_loss
 from gs_lightning.text import iter_contexts, iter_texts
@@ -47,7 +47,8 @@ class DeltaLMLoss(pl.Callback):
         if missing:
             raise ConfigError(f"callbacks.DeltaLMLoss needs the data's {missing}; "
                               f"{type(trainer.datamodule).__name__} does not record them")
-        model, tokenizer = load_language_model(meta["model"], revision=meta.get("revision"))
+        # float32, as evaluate measures; the same copy as a float32 live DataModule's.
+        model, tokenizer = shared_language_model(meta["model"], meta.get("revision"), "float32")
         # A transcoder reads `site` and replaces `target_site`.
         self._lm = (model.to(pl_module.device), tokenizer, meta["site"], meta.get("target_site"))
         texts = iter_texts(meta["text"], split=meta.get("val_split", "validation"),

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.io import load_sae, load_sae_config
-from gs_lightning.lm import load_language_model
+from gs_lightning.lm import shared_language_model
 from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
 from gs_lightning.plots import plot_density, plot_frontier
 from gs_lightning.saes import SAE
@@ -101,7 +101,7 @@ def evaluate(
         meta = _metadata(path)
         key = (meta["model"], meta.get("revision"))
         if key not in models:
-            models[key] = load_language_model(meta["model"], revision=meta.get("revision"))
+            models[key] = shared_language_model(meta["model"], meta.get("revision"))
         model, tokenizer = models[key]
         texts = iter_texts(meta["text"], split=meta.get("val_split", "validation"),
                            column=meta.get("text_column", "text"))

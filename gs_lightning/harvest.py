@@ -39,7 +39,7 @@ from gs_lightning.data.shard_format import (
     write_manifest,
 )
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm import ModelDtype, check_context_size, load_language_model, parse_dtype
+from gs_lightning.lm import ModelDtype, check_context_size, parse_dtype, shared_language_model
 from gs_lightning.sites import ActivationExtractor, parse_site, site_dim
 from gs_lightning.text import content_mask, iter_contexts, iter_texts
 
@@ -141,7 +141,7 @@ def harvest(config: HarvestConfig, on_shard: Callable[[Path], None] | None = Non
     lists it are written (tests raise from it to simulate a kill).
     """
     config.validate()
-    lm, tokenizer = load_language_model(config.model, revision=config.revision, dtype=config.model_dtype)
+    lm, tokenizer = shared_language_model(config.model, config.revision, config.model_dtype)
     lm.to(config.torch_device())
     check_context_size(lm.config, config.context_size, config.model)
     sites = list(dict.fromkeys(config.sites))

@@ -9,6 +9,8 @@ researcher which YAML key to fix.
 
 from __future__ import annotations
 
+import functools
+
 import os
 from pathlib import Path
 from typing import Literal
@@ -152,6 +154,22 @@ def load_language_model(
         raise _not_loadable(name_or_path, revision, "weights or tokenizer", err) from err
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def shared_language_model(
+    name_or_path: str, revision: str | None = None, dtype: ModelDtype = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`load_language_model`, once per process: every caller asking for the same model,
+    revision and dtype gets the same objects.
+
+    The live DataModule, ``callbacks.DeltaLMLoss``, ``evaluate``, ``harvest`` and the suite
+    share one copy this way (Gemma 2 9B loaded twice would be twice its memory). Sharing is
+    safe because the model is frozen and site hooks act only inside their own extractor's
+    call; whoever needs it on a device moves it there (all users of one process train on
+    one device). ``shared_language_model.cache_clear()`` lets it go.
+    """
+    return load_language_model(name_or_path, revision=revision, dtype=dtype)
 
 
 def _load_weights(path: str, config: PretrainedConfig, kwargs: dict) -> PreTrainedModel:

@@ -262,3 +262,26 @@ def test_fit_with_a_trainer(source, tmp_path):
     trainer.fit(_LinearAE(dm.d_in), datamodule=dm)
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
     assert ckpt["LiveActivationDataModule"]["batches_yielded"] >= 3
+
+
+def test_live_data_and_delta_lm_loss_share_one_model(tmp_path, monkeypatch):
+    """A live run with DeltaLMLoss loads the language model's weights once, not twice."""
+    from callbacks import DeltaLMLoss
+    from gs_lightning import lm
+    from gs_lightning.module import SAETrainingModule
+    from gs_lightning.saes import JumpReLUSAE
+
+    loads = []
+    real = lm._load_weights
+    monkeypatch.setattr(lm, "_load_weights", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    lm.shared_language_model.cache_clear()
+    dm = LiveActivationDataModule(model=EMBEDDED_NAME, **SMALL)
+    delta = DeltaLMLoss(n_contexts=2, batch_size=2)
+    trainer = pl.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[delta], default_root_dir=tmp_path)
+    trainer.fit(SAETrainingModule(JumpReLUSAE(dm.d_in, 64), lr_warmup_steps=1, sparsity_warmup_steps=1),
+                datamodule=dm)
+    assert len(loads) == 1
+    assert delta._lm[0] is dm._lm  # one object: the stream's model is the one spliced into
+    assert "val/delta_loss" in trainer.callback_metrics

@@ -14,7 +14,7 @@ from gs_lightning.data.base import ActivationDataModule, as_is, data_parallel_ra
 from gs_lightning.data.buffer import ShuffleBuffer
 from gs_lightning.data.shard_format import all_finite
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm import ModelDtype, check_context_size, load_language_model, load_model_config, parse_dtype
+from gs_lightning.lm import ModelDtype, check_context_size, load_model_config, parse_dtype, shared_language_model
 from gs_lightning.scaling import SCHEMES, ScalingScheme, estimate_input_scale
 from gs_lightning.sites import (
     ActivationExtractor,
@@ -253,9 +253,9 @@ class LiveActivationDataModule(ActivationDataModule):
 
     def _load(self) -> None:
         if self._lm is None:
-            self._lm, self._tokenizer = load_language_model(
-                self.model_name, revision=self.revision, dtype=self.model_dtype
-            )
+            # Shared with DeltaLMLoss (and anything else in this process) when it asks for
+            # the same model and dtype: one copy in memory.
+            self._lm, self._tokenizer = shared_language_model(self.model_name, self.revision, self.model_dtype)
 
     def _device(self) -> torch.device:
         trainer = self.trainer

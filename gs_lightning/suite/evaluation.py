@@ -11,7 +11,6 @@ GPU when the suite trains on one.
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 
 from gs_lightning.data.shard_format import load_shard, read_manifest
 from gs_lightning.io import load_sae
-from gs_lightning.lm import load_language_model
+from gs_lightning.lm import shared_language_model
 from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
 from gs_lightning.saes import SAE
 from gs_lightning.splice import delta_lm_loss
@@ -38,9 +37,8 @@ def eval_device(config: SuiteConfig) -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-@lru_cache(maxsize=1)
 def _language_model(model: str, revision: str | None, dtype: str, device: torch.device) -> tuple[Any, Any]:
-    lm, tokenizer = load_language_model(model, revision=revision, dtype=dtype)  # type: ignore[arg-type]
+    lm, tokenizer = shared_language_model(model, revision, dtype)  # type: ignore[arg-type]
     return lm.to(device), tokenizer
 
 
