@@ -10,7 +10,6 @@ site and text come from each SAE's ``config.json``; results go to a CSV and a JS
 from __future__ import annotations
 
 import csv
-import glob
 import itertools
 import json
 from pathlib import Path
@@ -21,7 +20,7 @@ from jsonargparse import CLI
 from tqdm import tqdm
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.io import load_sae, load_sae_config
+from gs_lightning.io import load_sae, load_sae_config, sae_paths
 from gs_lightning.lm import shared_language_model
 from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
 from gs_lightning.plots import plot_density, plot_frontier
@@ -58,24 +57,6 @@ def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, cont
     return {"l0": float(stats["l0"]), "fvu": pooled, "explained_variance": explained_variance(pooled),
             "dead_frac": float(stats["dead_frac"]), "dense_frac": float(stats["dense_frac"]),
             "density": stats["density"], "tokens": int(firing.tokens)}
-
-
-def sae_paths(saes: str | list[str], key: str = "saes") -> list[str]:
-    """One path, a list of paths, or glob patterns (``runs/*/sae``, quoted on the shell) ->
-    the paths, patterns expanded in sorted order; a pattern that matches nothing, or no
-    path at all, is a ConfigError naming ``key``."""
-    paths: list[str] = []
-    for item in [saes] if isinstance(saes, str) else list(saes):
-        if glob.has_magic(item):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise ConfigError(f"{key}: the pattern {item!r} matches no path")
-            paths += matches
-        else:
-            paths.append(item)
-    if not paths:
-        raise ConfigError(f"{key}: give at least one SAE folder")
-    return paths
 
 
 def evaluate(

@@ -33,6 +33,7 @@ from gs_lightning.io import (  # noqa: F401  (the readers are re-exported here, 
     load_sae,
     load_sae_config,
     load_saelens,
+    sae_paths,
     write_folder,
 )
 from gs_lightning.saes import SAE, ReLUSAE
@@ -136,38 +137,70 @@ def _site_layer(site: str | None) -> int | None:
 
 
 def export(
-    sae: str,
+    sae: str | list[str],
     format: Literal["gemma_scope", "saelens"],
     out: str,
     layer: int | None = None,
     average_l0: float | None = None,
-) -> Path:
-    """Export a saved SAE folder (from ``callbacks.SaveSAE``) to Gemma Scope or SAELens layout.
+) -> list[Path]:
+    """Export saved SAE folders (from ``callbacks.SaveSAE``) to Gemma Scope or SAELens layout.
 
     Args:
-        sae: The saved SAE folder.
+        sae: The saved SAE folder: one path, a list ``"[a, b]"``, or a quoted glob ``"runs/*/sae"``.
         format: ``gemma_scope`` (params.npz release layout) or ``saelens`` (cfg.json folder).
-        out: Release root (gemma_scope) or the SAELens folder to write (saelens).
-        layer: Layer for the release path; default: parsed from the SAE's site.
-        average_l0: L0 for the release path; default: the run's final val/l0 (or train/l0).
+        out: Release root (gemma_scope); the SAELens folder to write (saelens, one SAE) or
+            the folder that receives one SAELens folder per SAE, named after it (several).
+        layer: Layer for the release path (one SAE only); default: parsed from the SAE's site.
+        average_l0: L0 for the release path (one SAE only); default: the run's final val/l0
+            (or train/l0).
     """
-    loaded = load_sae(sae)  # first: it names a missing or broken folder clearly
-    meta = load_sae_config(sae).get("metadata", {})
+    paths = sae_paths(sae, "sae")
+    if len(paths) > 1 and (layer is not None or average_l0 is not None):
+        raise ConfigError(f"--layer and --average_l0 name one SAE's release path; --sae gave {len(paths)}")
+    loaded = [(path, load_sae(path), load_sae_config(path).get("metadata", {})) for path in paths]  # names a bad one
     if format == "saelens":
-        path = export_saelens(loaded, out, meta)
+        targets = [Path(out)] if len(paths) == 1 else [Path(out) / _export_name(path) for path in paths]
     else:
-        layer = _site_layer(meta.get("site")) if layer is None else layer
-        metrics = meta.get("final_metrics", {})
-        average_l0 = average_l0 if average_l0 is not None else metrics.get("val/l0", metrics.get("train/l0"))
-        if layer is None or average_l0 is None:
-            raise ConfigError(f"{sae}: give --layer and --average_l0 (the SAE's metadata does not record them)")
-        path = export_gemma_scope(loaded, out, layer, average_l0)
-    print(f"wrote {path}")
-    return path
+        places = [_release_place(path, model, meta, layer, average_l0) for path, model, meta in loaded]
+        targets = [Path(out) / gemma_scope_folder(*place) for place in places]
+    _refuse_clashes(paths, targets)  # before anything is written
+    written = []
+    for i, ((path, model, meta), target) in enumerate(zip(loaded, targets)):
+        if format == "saelens":
+            written.append(export_saelens(model, target, meta))
+        else:
+            written.append(export_gemma_scope(model, out, places[i][0], places[i][2]))
+        print(f"wrote {written[-1]}")
+    return written
 
 
-def export_main(args: list[str]) -> None:
-    """Entry point of ``python -m gs_lightning export``."""
+def _release_place(path: str, sae: SAE, meta: dict[str, Any], layer: int | None,
+                   average_l0: float | None) -> tuple[int, int, float]:
+    """(layer, d_sae, average L0) of the SAE's Gemma Scope folder, from the options or its metadata."""
+    layer = _site_layer(meta.get("site")) if layer is None else layer
+    metrics = meta.get("final_metrics", {})
+    average_l0 = average_l0 if average_l0 is not None else metrics.get("val/l0", metrics.get("train/l0"))
+    if layer is None or average_l0 is None:
+        raise ConfigError(f"{path}: give --layer and --average_l0 (the SAE's metadata does not record them)")
+    return layer, sae.d_sae, average_l0
+
+
+def _export_name(path: str) -> str:
+    """A folder name for one of several exported SAEs: its folder, or its parent's for ``.../sae``."""
+    parts = Path(path).resolve().parts
+    return parts[-2] if parts[-1] == "sae" and len(parts) > 1 else parts[-1]
+
+
+def _refuse_clashes(paths: list[str], targets: list[Path]) -> None:
+    seen: dict[Path, str] = {}
+    for path, target in zip(paths, targets):
+        if target in seen:
+            raise ConfigError(f"{seen[target]} and {path} would both be written to {target}; export them separately")
+        seen[target] = path
+
+
+def export_main(args: list[str]) -> list[Path]:
+    """Entry point of ``python -m gs_lightning export``; returns the written paths."""
     from jsonargparse import CLI
 
-    CLI(export, args=args, as_positional=False, prog="python -m gs_lightning export")
+    return CLI(export, args=args, as_positional=False, prog="python -m gs_lightning export")

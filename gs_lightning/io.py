@@ -14,6 +14,7 @@ writers are in :mod:`gs_lightning.export`). Nothing here unpickles.
 from __future__ import annotations
 
 import copy
+import glob
 import importlib
 import json
 import os
@@ -109,6 +110,24 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     except (RuntimeError, KeyError) as err:
         raise ConfigError(f"{weights_path}: weights do not match {class_path}({init_args}): {err}") from err
     return sae.to(device).eval()
+
+
+def sae_paths(saes: str | list[str], key: str = "saes") -> list[str]:
+    """Saved-SAE paths as a command line gives them: one path, a list of paths, or glob
+    patterns (``runs/*/sae``, quoted on the shell), patterns expanded in sorted order; a
+    pattern that matches nothing, or no path at all, is a ConfigError naming ``key``."""
+    paths: list[str] = []
+    for item in [saes] if isinstance(saes, str) else list(saes):
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise ConfigError(f"{key}: the pattern {item!r} matches no path")
+            paths += matches
+        else:
+            paths.append(item)
+    if not paths:
+        raise ConfigError(f"{key}: give at least one SAE folder")
+    return paths
 
 
 def load_sae_config(path: str | Path) -> dict[str, Any]:

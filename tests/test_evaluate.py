@@ -68,6 +68,14 @@ def test_evaluate_and_export_through_the_command_line(tmp_path, capsys) -> None:
     assert "saes: the pattern" in capsys.readouterr().err
     main(["export", "--sae", str(saved), "--format", "gemma_scope", "--out", str(tmp_path / "release")])
     assert (tmp_path / "release/layer_1/width_128/average_l0_128/params.npz").is_file()
+    # Several SAEs (a list or a glob): one SAELens folder each, named after its folder (after
+    # the folder above it for SaveSAE's ".../<name>/sae").
+    written = main(["export", "--sae", str(tmp_path / "sae*"), "--format", "saelens", "--out", str(tmp_path / "lens")])
+    assert written == [tmp_path / "lens" / tmp_path.name, tmp_path / "lens" / "sae2"]
+    assert all((path / "cfg.json").is_file() for path in written)
+    with pytest.raises(SystemExit):  # both would land in layer_1/width_128/average_l0_128
+        main(["export", "--sae", f"[{saved}, {saved}]", "--format", "gemma_scope", "--out", str(tmp_path / "r3")])
+    assert "would both be written to" in capsys.readouterr().err and not (tmp_path / "r3").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--sae", str(tmp_path / "nope"), "--format", "saelens", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2

@@ -176,12 +176,12 @@ def test_export_saved_sae_uses_its_metadata(tmp_path) -> None:
     meta = {"model": "m", "site": "blocks.7.hook_mlp_out", "context_size": 128, "text": "kjv",
             "final_metrics": {"val/l0": 41.6, "train/l0": 40.0}}
     saved = save_sae(sae, tmp_path / "run" / "sae", input_scale=0.5, metadata=meta)
-    path = export(str(saved), "gemma_scope", str(tmp_path / "release"))
+    [path] = export(str(saved), "gemma_scope", str(tmp_path / "release"))
     assert path.relative_to(tmp_path / "release").as_posix() == "layer_7/width_64/average_l0_42/params.npz"
     x = torch.randn(5, 16)
     # Scale folded: the release reads raw activations exactly as the trained SAE read scaled ones.
     torch.testing.assert_close(load_gemma_scope(path).encode(x), sae.encode(0.5 * x), rtol=1e-5, atol=1e-6)
-    lens = export(str(saved), "saelens", str(tmp_path / "lens"))
+    [lens] = export(str(saved), "saelens", str(tmp_path / "lens"))
     assert json.loads((lens / "cfg.json").read_text())["metadata"]["hook_name"] == "blocks.7.hook_mlp_out"
     bare = save_sae(sae, tmp_path / "bare")
     with pytest.raises(ConfigError, match="--layer and --average_l0"):
