@@ -77,13 +77,10 @@ def evaluate(
         batch_size: Contexts per forward pass.
         context_size: Tokens per context; default: the context size the SAE was trained with.
     """
-    rows, models, densities = [], {}, {}
+    rows, densities = [], {}
     for path in tqdm(sae_paths(saes), desc="evaluate", unit="sae"):
         meta = _metadata(path)
-        key = (meta["model"], meta.get("revision"))
-        if key not in models:
-            models[key] = shared_language_model(meta["model"], meta.get("revision"))
-        model, tokenizer = models[key]
+        model, tokenizer = shared_language_model(meta["model"], meta.get("revision"))  # loaded once per model
         texts = iter_texts(meta["text"], split=meta.get("val_split", "validation"),
                            column=meta.get("text_column", "text"))
         contexts = list(itertools.islice(iter_contexts(texts, tokenizer, context_size or meta["context_size"]),

@@ -123,7 +123,12 @@ class HarvestConfig:
 
 def site_folder(output: str | Path, site: str) -> Path:
     """The folder of one site's shards: the site name with path-unsafe characters replaced."""
-    return Path(output) / re.sub(r"[^\w.\-]", "_", site)
+    return Path(output) / safe_name(site)
+
+
+def safe_name(name: str) -> str:
+    """``name`` with every character but letters, digits, ``_``, ``.`` and ``-`` replaced by ``_``."""
+    return re.sub(r"[^\w.\-]", "_", name)
 
 
 @dataclass

@@ -37,11 +37,6 @@ def eval_device(config: SuiteConfig) -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def _language_model(model: str, revision: str | None, dtype: str, device: torch.device) -> tuple[Any, Any]:
-    lm, tokenizer = shared_language_model(model, revision, dtype)  # type: ignore[arg-type]
-    return lm.to(device), tokenizer
-
-
 def _val_rows(config: SuiteConfig, site: str) -> list[torch.Tensor]:
     folder = harvest_site(config, "val", site)
     manifest = read_manifest(folder)
@@ -69,7 +64,8 @@ def shard_metrics(sae: SAE, inputs: list[torch.Tensor], targets: list[torch.Tens
 def evaluate_group(config: SuiteConfig, group: Group) -> list[dict[str, Any]]:
     """One row per SAE of ``group``: its place in the suite and its metrics."""
     device = eval_device(config)
-    model, tokenizer = _language_model(config.model, config.revision, config.model_dtype, device)
+    model, tokenizer = shared_language_model(config.model, config.revision, config.model_dtype)  # type: ignore[arg-type]
+    model.to(device)
     texts = iter_texts(config.text, split=config.val_split, column=config.text_column)
     contexts = list(itertools.islice(iter_contexts(texts, tokenizer, config.context_size), config.evaluate.n_contexts))
     inputs = _val_rows(config, group.site.site)

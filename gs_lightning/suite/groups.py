@@ -7,12 +7,12 @@ matches no site of the model is a ConfigError naming the entry.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
 from gs_lightning.errors import ConfigError
+from gs_lightning.harvest import safe_name
 from gs_lightning.sites import num_layers, parse_site, site_dim_from_config
 from gs_lightning.suite.config import SuiteConfig, WidthSpec
 
@@ -21,8 +21,6 @@ LAYER = "{L}"
 
 TRANSCODER_ARROW = "->"
 """``"<input site> -> <target site>"`` asks for transcoders from one site to another."""
-
-_UNSAFE = re.compile(r"[^\w.\-]")
 
 KIND_NAMES = {"resid_post": "res", "mlp_out": "mlp", "attn_z": "att", "mlp_in": "mlp_in"}
 """Site kind -> release suffix, as Gemma Scope names its repositories (``...-2b-pt-res``)."""
@@ -57,7 +55,7 @@ class Group:
     def id(self) -> str:
         """Folder-safe, unique within a suite: ``<site>[__to__<target>]__w<d_sae>``."""
         name = self.site.site if self.site.target is None else f"{self.site.site}__to__{self.site.target}"
-        return f"{_UNSAFE.sub('_', name)}__w{self.width.d_sae}"
+        return f"{safe_name(name)}__w{self.width.d_sae}"
 
 
 def suite_steps(config: SuiteConfig, width: WidthSpec) -> int:

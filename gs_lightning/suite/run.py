@@ -34,6 +34,7 @@ from gs_lightning.suite.plan import plan_model_config
 from gs_lightning.suite.state import (
     EVAL_FILE,
     EVALUATED,
+    STATE_FILE,
     TRAINED,
     group_dir,
     identity,
@@ -82,7 +83,7 @@ def run_group(config: SuiteConfig, group: Group) -> list[dict[str, Any]]:
     for row in rows:
         row["passes_over_shards"] = state.get("passes_over_shards")
     write_json(folder / EVAL_FILE, rows)
-    write_json(folder / "state.json", {**state, "status": EVALUATED, "evaluation": evaluated,
+    write_json(folder / STATE_FILE, {**state, "status": EVALUATED, "evaluation": evaluated,
                                        "eval_seconds": time.perf_counter() - start})
     return rows
 

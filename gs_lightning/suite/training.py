@@ -29,6 +29,7 @@ from gs_lightning.suite.state import (
     CHECKPOINT,
     FIT_FILE,
     PREEMPTED,
+    STATE_FILE,
     TRAINED,
     group_dir,
     harvest_site,
@@ -114,7 +115,7 @@ def prepare(config: SuiteConfig, group: Group) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     if not state:
         state = {"identity": want, "group": group.id, "status": "new"}
-        write_json(folder / "state.json", state)
+        write_json(folder / STATE_FILE, state)
     (folder / FIT_FILE).write_text(yaml.safe_dump(fit_config(config, group), sort_keys=False))
     return state
 
@@ -171,7 +172,7 @@ def train(config: SuiteConfig, group: Group, state: dict[str, Any]) -> dict[str,
     state = {**state, "status": TRAINED, "steps": group.steps, "rows_read": rows_read, "site_tokens": site_tokens,
              "passes_over_shards": passes, "resumed": checkpoint is not None or state.get("resumed", False),
              "train_seconds": time.perf_counter() - start + float(state.get("train_seconds", 0.0))}
-    write_json(folder / "state.json", state)
+    write_json(folder / STATE_FILE, state)
     for name in (CHECKPOINT, PREEMPTED):  # the SAEs are saved: checkpoints are dead weight
         (folder / name).unlink(missing_ok=True)
     if rows_read is not None:
