@@ -6,10 +6,13 @@ gs_lightning is installed, not only from the repository root.
 
 from callbacks.delta_lm_loss import DeltaLMLoss
 from callbacks.last_checkpoint import LastCheckpoint
-from callbacks.preemption import SaveOnSigterm
 from callbacks.plots import SavePlots
+from callbacks.preemption import SaveOnSigterm
+from callbacks.progress import StepProgressBar
+from callbacks.run_summary import RunSummary
 from callbacks.save_sae import SaveSAE
 from callbacks.summary import FinalSummary
 from callbacks.throughput import Throughput
 
-__all__ = ["DeltaLMLoss", "LastCheckpoint", "SavePlots", "SaveSAE", "FinalSummary", "SaveOnSigterm", "Throughput"]
+__all__ = ["DeltaLMLoss", "FinalSummary", "LastCheckpoint", "RunSummary", "SaveOnSigterm", "SavePlots", "SaveSAE",
+           "StepProgressBar", "Throughput"]

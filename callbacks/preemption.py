@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info

@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
+
+VAL_KEYS = ("val/l0", "val/fvu", "val/mse", "val/delta_loss", "val/loss_recovered", "val/never_fire_frac",
+            "val/dense_frac")
+
+
+def metric_lines(trainer: pl.Trainer, keys: Sequence[str], label: str) -> list[str]:
+    """``"<label>: key value, ..."`` per SAE for the ``keys`` that were logged (4 significant
+    digits); a packed sweep gives one line per SAE, its name at the end."""
+    module = trainer.lightning_module
+    names = [name for name, _ in module.named_saes()] if hasattr(module, "named_saes") else [None]
+    metrics = trainer.callback_metrics
+    lines = []
+    for name in names:
+        suffix = "" if name is None else f"/{name}"
+        parts = [f"{k} {float(metrics[k + suffix]):.4g}" for k in keys if k + suffix in metrics]
+        line = f"{label}: " + (", ".join(parts) or "no metrics logged")
+        lines.append(line if name is None else f"{line} [{name}]")
+    return lines
 
 
 class FinalSummary(pl.Callback):
@@ -12,21 +32,11 @@ class FinalSummary(pl.Callback):
     A packed sweep prints one line per SAE, its name at the end.
     """
 
-    KEYS = ("val/l0", "val/fvu", "val/mse", "val/delta_loss", "val/loss_recovered", "val/never_fire_frac",
-            "val/dense_frac", "train/l0", "train/fvu", "train/dead_frac")
+    KEYS = (*VAL_KEYS, "train/l0", "train/fvu", "train/dead_frac")
 
     def summary(self, trainer: pl.Trainer) -> str:
         """One line per SAE: step and the metrics of :attr:`KEYS` that were logged."""
-        module = trainer.lightning_module
-        names = [name for name, _ in module.named_saes()] if hasattr(module, "named_saes") else [None]
-        return "\n".join(self._line(trainer, name) for name in names)
-
-    def _line(self, trainer: pl.Trainer, name: str | None) -> str:
-        metrics = trainer.callback_metrics
-        suffix = "" if name is None else f"/{name}"
-        parts = [f"{k} {float(metrics[k + suffix]):.4g}" for k in self.KEYS if k + suffix in metrics]
-        line = f"final (step {trainer.global_step}): " + (", ".join(parts) or "no metrics logged")
-        return line if name is None else f"{line} [{name}]"
+        return "\n".join(metric_lines(trainer, self.KEYS, f"final (step {trainer.global_step})"))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _print(self.summary(trainer))

@@ -19,9 +19,12 @@ from typing import Any
 
 import yaml
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from callbacks.progress import StepProgressBar
+from callbacks.run_summary import RunSummary
 from gs_lightning.console import quiet_third_party
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.errors import ConfigError
@@ -56,6 +59,7 @@ class GSLightningCLI(LightningCLI):
         if loggers and all(type(lg).__name__ == "WandbLogger" for lg in loggers):
             root = config.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = [CSVLogger(root), *loggers]
+        kwargs.update(_console_callbacks(config))
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -68,6 +72,24 @@ class GSLightningCLI(LightningCLI):
         # Also checked in the module's setup, but here it runs before the Trainer creates
         # a log folder, so a mismatch leaves nothing behind.
         check_widths(self.model.sae, self.datamodule)
+
+
+def _console_callbacks(trainer_config: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments that put our progress bar and run summary in Lightning's defaults'
+    place, unless the config names its own or turns them off."""
+    callbacks = trainer_config.get("callbacks") or []
+    callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    added = []
+    if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        added.append(StepProgressBar())
+    update: dict[str, Any] = {}
+    if trainer_config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+        added.append(RunSummary())
+        # Lightning would announce that a summary callback is already configured.
+        update["enable_model_summary"] = False
+    if added:
+        update["callbacks"] = [*callbacks, *added]
+    return update
 
 
 # Subcommands outside LightningCLI: name -> "module:function(args)", imported on use so
