@@ -17,8 +17,8 @@ peak. DESIGN.md counts 12 B d d_sae "model FLOPs" per step (as if the input grad
 were computed); that figure is printed too, for comparison with the numbers quoted there.
 
 On CUDA (the default device when one is present) the table gains an MFU column: 12 B d
-d_sae per step against the GPU's dense bf16 peak from its data sheet
-(``callbacks.throughput.PEAK_FLOPS``), the Trainer.fit row is repeated in ``bf16-mixed``,
+d_sae per step against the GPU's dense bf16 peak (``callbacks.throughput.peak_flops_for``:
+Lightning's table of data-sheet figures), the Trainer.fit row is repeated in ``bf16-mixed``,
 and the script ends with ``result: mfu_bf16_step`` and ``result: mfu_bf16_fit``. The
 Gemma Scope shape (their MFU figure is about 50% on TPUv3):
 
@@ -40,7 +40,9 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import CLI
 
+from callbacks.progress import StepProgressBar
 from callbacks.throughput import device_name, peak_flops_for
+from gs_lightning.console import quiet_third_party
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
@@ -134,13 +136,14 @@ def fit_step_seconds(B: int, d: int, S: int, device: torch.device, steps: int, p
     """Median seconds per step of ``Trainer.fit`` on in-memory data (after 3 warm-up steps)."""
     data = SyntheticActivationDataModule(d_in=d, n_features=1024, active_features=16,
                                          n_tokens=B * (steps + 1), batch_size=B, val_fraction=0.0)
-    # Remedies off, as in the bare step it is compared with: this row measures Lightning's overhead.
+    # Remedies off, as in the bare step it is compared with: this row measures Lightning's
+    # overhead, with the progress bar the CLI shows.
     module = SAETrainingModule(JumpReLUSAE(d, S, aux_coefficient=0.0, dead_coefficient=0.0))
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(max_steps=steps, accelerator=device.type, devices=1, default_root_dir=root,
                              precision=precision,
-                             log_every_n_steps=10, callbacks=[timer], enable_checkpointing=False,
+                             log_every_n_steps=10, callbacks=[timer, StepProgressBar()], enable_checkpointing=False,
                              limit_val_batches=0, enable_model_summary=False)
         trainer.fit(module, datamodule=data)
     gaps = [b - a for a, b in zip(timer.starts, timer.starts[1:])]
@@ -165,10 +168,11 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "
             remedies (AuxK and the pre-activation loss; default 5%, the most any lambda of
             the quality benchmark leaves).
     """
+    quiet_third_party()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     B, d, S = batch, d_in, d_sae
     gemm_flops, model_flops = 10 * B * d * S, 12 * B * d * S
-    nominal = peak_flops_for(device_name(dev)) if dev.type == "cuda" else None
+    nominal = peak_flops_for(dev, torch.bfloat16)
     print(f"JumpReLU step, B={B} d_in={d} d_sae={S}, {device_name(dev)}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}"
           + (f", data-sheet bf16 peak {nominal / 1e12:.0f} TFLOP/s" if nominal else ""))
@@ -216,7 +220,8 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "
         print(f"result: mfu_bf16_step {model_flops / bf16_step / nominal:.3f}")
         print(f"result: mfu_bf16_fit {model_flops / fit_bf16 / nominal:.3f}")
     elif dev.type == "cuda":
-        print(f"(no data-sheet peak for {device_name(dev)!r}: MFU not reported; see callbacks.throughput.PEAK_FLOPS)")
+        print(f"(no bf16 peak known for {device_name(dev)!r}: MFU not reported; "
+              "see callbacks.throughput.peak_flops_for)")
 
 
 if __name__ == "__main__":

@@ -8,42 +8,75 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-# Dense bf16 peak FLOP/s of one device (no structured sparsity), from the vendors' data
-# sheets. Matched in this order as case-insensitive substrings of the device name, so the
-# specific H100 variants come before the plain (SXM) one.
-PEAK_FLOPS: dict[str, float] = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989e12,  # SXM
-    "H200": 989e12,
-    "A100": 312e12,
-    "TPU v3": 123e12,  # per chip (2 cores)
-    "TPU v4": 275e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6e": 918e12,
+# Lightning's table (lightning.fabric.utilities.throughput) is the source of device peaks.
+# These few dense peaks (no 2:4 sparsity, from NVIDIA's and Google's data sheets) cover
+# what its 2.6 table lacks or states with sparsity; they are checked first.
+_HOPPER_SXM = {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12}
+_HOPPER_NVL = {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tfloat32": 417.5e12, torch.float32: 60e12}
+# Substrings of the lower-cased CUDA device name, tried in order. Lightning has no row for
+# "NVIDIA H200", "NVIDIA H200 NVL" or "NVIDIA GH200 480GB" (only "h200 sxm1"/"nvl1", with
+# sparsity), and its "h100 nvl" row is the H100 SXM's figure with sparsity (1979 TFLOP/s bf16).
+_CUDA_PEAKS: dict[str, dict[torch.dtype | str, float]] = {
+    "h100 nvl": _HOPPER_NVL,
+    "h200 nvl": _HOPPER_NVL,
+    "h200": _HOPPER_SXM,  # also GH200: the same Hopper GPU
 }
+# TPU generations (TPU_ACCELERATOR_TYPE's prefix) Lightning lacks; it has v2, v3, v4 and
+# v5litepod (v5e). One figure a chip for every dtype: the matrix units compute in bf16.
+_TPU_PEAKS: dict[str, float] = {"v5p": 459e12, "v6e": 918e12}
 
 
-def peak_flops_for(device_name: str) -> float | None:
-    """The :data:`PEAK_FLOPS` entry whose key occurs in ``device_name``; ``None`` if none does."""
-    name = device_name.lower()
-    return next((peak for key, peak in PEAK_FLOPS.items() if key.lower() in name), None)
+def compute_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype of a Trainer ``precision``: ``bf16-mixed`` -> bfloat16, ``32-true`` -> float32."""
+    prefix = str(precision).split("-")[0]
+    return {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}.get(prefix, torch.float32)
+
+
+def peak_flops_for(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of one ``device`` computing matmuls in ``dtype``; ``None`` if unknown.
+
+    From Lightning's ``get_available_flops`` (which counts float32 as TF32 on Ampere and
+    later unless ``torch.get_float32_matmul_precision()`` is ``"highest"``), except for the
+    devices in :data:`_CUDA_PEAKS` and :data:`_TPU_PEAKS`. ``None`` on the CPU.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        own = next((peaks for key, peaks in _CUDA_PEAKS.items() if key in name), None)
+        if own is None:
+            return _float(get_available_flops(device, dtype))
+        tf32 = dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest"
+        return own.get("tfloat32" if tf32 else dtype)
+    if device.type == "xla":
+        generation = _tpu_generation()
+        if generation in _TPU_PEAKS:
+            return _TPU_PEAKS[generation]
+        try:
+            # Lightning reads the TPU type from the Cloud TPU VM's metadata server.
+            return _float(get_available_flops(device, dtype))
+        except Exception:  # off a Cloud TPU VM (e.g. on GKE) that query fails: no peak then
+            return None
+    return None
 
 
 def device_name(device: torch.device) -> str:
-    """A name :func:`peak_flops_for` understands: the CUDA device's name, ``TPU vN`` on XLA, else the type."""
+    """A printable device name: the CUDA device's name, ``TPU v5e`` on XLA, else the type."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    if device.type == "xla":
-        # e.g. v4-8, v5litepod-16, v5p-8; set on Cloud TPU VMs.
-        accelerator = os.environ.get("TPU_ACCELERATOR_TYPE", "")
-        generation = accelerator.split("-")[0].replace("litepod", "e")
-        if generation:
-            return f"TPU {generation}"
+    if device.type == "xla" and _tpu_generation():
+        return f"TPU {_tpu_generation().replace('litepod', 'e')}"
     return device.type
+
+
+def _tpu_generation() -> str:
+    """``v4``, ``v5litepod``, ``v5p``, ... from ``TPU_ACCELERATOR_TYPE`` (e.g. ``v5litepod-16``); set on TPU VMs."""
+    return os.environ.get("TPU_ACCELERATOR_TYPE", "").split("-")[0].lower()
+
+
+def _float(flops: int | None) -> float | None:
+    return None if flops is None else float(flops)
 
 
 def sae_flops_per_token(pl_module: pl.LightningModule) -> float:
@@ -57,6 +90,9 @@ def sae_flops_per_token(pl_module: pl.LightningModule) -> float:
     return float(sum(6 * sae.d_sae * (sae.d_in + (getattr(sae, "d_out", None) or sae.d_in)) for _, sae in named))
 
 
+# Lightning's ThroughputMonitor callback logs a rolling per-step window under its own keys,
+# syncs CUDA every step and does not wait for XLA; this callback keeps whole windows of
+# every_n_steps and takes only the device peaks from Lightning.
 class Throughput(pl.Callback):
     """Log ``perf/tokens_per_s`` and ``perf/mfu`` every ``every_n_steps`` training steps.
 
@@ -69,9 +105,10 @@ class Throughput(pl.Callback):
     trains. On CUDA and XLA the window's end waits for the device so that queued work is counted.
 
     Args:
-        peak_flops: Peak FLOP/s of one device. Default: looked up from the device name in
-            :data:`PEAK_FLOPS` (H100, H200, A100 bf16 dense; TPU v3/v4/v5e/v5p/v6e). On CPU
-            or an unknown device without it, only ``perf/tokens_per_s`` is logged.
+        peak_flops: Peak FLOP/s of one device. Default: the device's dense peak for the
+            Trainer's precision (``bf16-mixed`` -> bf16, ``32-true`` -> fp32 or TF32), from
+            :func:`peak_flops_for`. On CPU or an unknown device without it, only
+            ``perf/tokens_per_s`` is logged.
         every_n_steps: Steps per measurement window.
     """
 
@@ -96,10 +133,11 @@ class Throughput(pl.Callback):
         self._flops_per_token = sae_flops_per_token(pl_module)
         self._peak = self.peak_flops
         if self._peak is None:
-            name = device_name(pl_module.device)
-            self._peak = peak_flops_for(name)
+            dtype = compute_dtype(trainer.precision)
+            self._peak = peak_flops_for(pl_module.device, dtype)
             if self._peak is None:
-                rank_zero_warn(f"Throughput: no peak FLOP/s known for {name!r}; pass peak_flops to log perf/mfu")
+                rank_zero_warn(f"Throughput: no peak FLOP/s known for {device_name(pl_module.device)!r} in {dtype};"
+                               " pass peak_flops to log perf/mfu")
         self._reset()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,

@@ -1,13 +1,16 @@
-"""callbacks.Throughput: tokens/s and MFU arithmetic on a fake clock, peaks per device, packed sweeps."""
+"""callbacks.Throughput: tokens/s and MFU arithmetic on a fake clock, peaks per device and dtype, packed sweeps."""
 
 from __future__ import annotations
+
+import sys
+import types
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
-from callbacks.throughput import Throughput, device_name, peak_flops_for, sae_flops_per_token
+from callbacks.throughput import Throughput, compute_dtype, device_name, peak_flops_for, sae_flops_per_token
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
@@ -33,14 +36,14 @@ class Recorder(Logger):
         pass
 
 
-def _fit(callback: Throughput, steps: int, sweep: dict | None = None) -> Recorder:
+def _fit(callback: Throughput, steps: int, sweep: dict | None = None, precision: str = "32-true") -> Recorder:
     recorder = Recorder()
     data = SyntheticActivationDataModule(d_in=D_IN, n_features=32, active_features=2, n_tokens=4096,
                                          batch_size=BATCH)
     module = SAETrainingModule(JumpReLUSAE(D_IN, D_SAE), lr_warmup_steps=1, sparsity_warmup_steps=1,
                                sweep=sweep)
     callback._clock = lambda: module.global_step * TICK  # every step takes 0.25 s
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=recorder, callbacks=[callback],
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", precision=precision, logger=recorder, callbacks=[callback],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1)
     trainer.fit(module, datamodule=data)
@@ -82,19 +85,101 @@ def test_world_size_scales_tokens_not_mfu() -> None:
     assert rates["perf/mfu"] == pytest.approx(12 * 2304 * 16384 * 163840 / (8 * 2e12), rel=1e-12)  # 0.4638
 
 
-@pytest.mark.parametrize("name,peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("TPU v4", 275e12), ("TPU v5e", 197e12),
-    ("TPU v3", 123e12), ("cpu", None), ("NVIDIA GeForce RTX 4090", None),
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize("name,dtype,peak", [
+    # Lightning's rows
+    ("NVIDIA H100 80GB HBM3", BF16, 989.4e12), ("NVIDIA H100 PCIe", BF16, 756e12),
+    ("NVIDIA A100-SXM4-80GB", BF16, 312e12), ("NVIDIA A100 80GB PCIe", FP16, 312e12),
+    ("NVIDIA GeForce RTX 4090", BF16, 82.6e12),
+    # ours: no row in Lightning, or its row is the with-sparsity figure (H100 NVL: 1978.8e12)
+    ("NVIDIA H200", BF16, 989.4e12), ("NVIDIA GH200 480GB", BF16, 989.4e12),
+    ("NVIDIA H200 NVL", BF16, 835.5e12), ("NVIDIA H100 NVL", BF16, 835.5e12),
 ])
-def test_peak_lookup(name: str, peak: float | None) -> None:
-    assert peak_flops_for(name) == peak
+def test_cuda_peak_for_the_dtype(monkeypatch, name: str, dtype: torch.dtype, peak: float) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops_for(torch.device("cuda", 0), dtype) == peak
+
+
+@pytest.mark.parametrize("name,matmul_precision,peak", [
+    ("NVIDIA A100-SXM4-80GB", "highest", 19.5e12), ("NVIDIA A100-SXM4-80GB", "high", 156e12),  # Lightning: TF32
+    ("NVIDIA H200", "highest", 66.9e12), ("NVIDIA H200", "high", 494.7e12),  # ours
+])
+def test_fp32_peak_is_tf32_unless_matmul_precision_is_highest(monkeypatch, name: str, matmul_precision: str,
+                                                               peak: float) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr("lightning.fabric.accelerators.cuda._is_ampere_or_later", lambda device=None: True)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        assert peak_flops_for(torch.device("cuda", 0), FP32) == peak
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_unknown_gpu_and_the_cpu_have_no_peak(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.warns(UserWarning, match="does not support torch.bfloat16"):  # Lightning's warning
+        assert peak_flops_for(torch.device("cuda", 0), BF16) is None
+    assert peak_flops_for(torch.device("cpu"), BF16) is None
+
+
+def _fake_tpu_env(monkeypatch, env: dict[str, str] | Exception) -> None:
+    """Lightning asks torch_xla for the TPU VM's metadata: stand in for torch_xla."""
+    def get_tpu_env() -> dict[str, str]:
+        if isinstance(env, Exception):
+            raise env
+        return env
+
+    tpu = types.ModuleType("torch_xla._internal.tpu")
+    tpu.get_tpu_env = get_tpu_env
+    internal = types.ModuleType("torch_xla._internal")
+    internal.tpu = tpu
+    for name, module in (("torch_xla", types.ModuleType("torch_xla")), ("torch_xla._internal", internal),
+                         ("torch_xla._internal.tpu", tpu)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr("lightning.fabric.accelerators.xla._XLA_GREATER_EQUAL_2_1", True)
+
+
+@pytest.mark.parametrize("accelerator,metadata,peak", [
+    ("v4-8", {"TYPE": "V4"}, 275e12), ("v3-8", {"ACCELERATOR_TYPE": "v3-8"}, 123e12),
+    ("v5litepod-16", {"ACCELERATOR_TYPE": "v5litepod-16"}, 197e12),  # Lightning's rows
+    ("v5p-8", {"TYPE": "V5P"}, 459e12), ("v6e-8", {"TYPE": "V6E"}, 918e12),  # ours
+    ("v4-8", ConnectionError("no metadata server"), None),  # off a TPU VM
+])
+def test_tpu_peak(monkeypatch, accelerator: str, metadata, peak: float | None) -> None:
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", accelerator)
+    _fake_tpu_env(monkeypatch, metadata)
+    for dtype in (BF16, FP32):  # the matrix units compute in bf16 either way
+        assert peak_flops_for(torch.device("xla", 0), dtype) == peak
 
 
 @pytest.mark.parametrize("accelerator,name", [("v4-8", "TPU v4"), ("v5litepod-16", "TPU v5e"), ("v5p-8", "TPU v5p")])
 def test_tpu_name_from_the_accelerator_type(monkeypatch, accelerator: str, name: str) -> None:
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", accelerator)
     assert device_name(torch.device("xla", 0)) == name
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16-mixed", BF16), ("bf16-true", BF16), ("16-mixed", FP16),
+                                             ("32-true", FP32), ("64-true", torch.float64), ("32", FP32)])
+def test_compute_dtype_of_a_precision(precision: str, dtype: torch.dtype) -> None:
+    assert compute_dtype(precision) is dtype
+
+
+def test_peak_follows_the_trainers_precision(monkeypatch) -> None:
+    asked = []
+
+    def lookup(device: torch.device, dtype: torch.dtype) -> float:
+        asked.append((device.type, dtype))
+        return {BF16: 4e9, FP32: 1e9}[dtype]
+
+    monkeypatch.setattr("callbacks.throughput.peak_flops_for", lookup)
+    recorder = _fit(Throughput(every_n_steps=4), steps=5, precision="bf16-mixed")
+    assert asked == [("cpu", BF16)]
+    (_, metrics), = recorder.rows
+    # 512 tokens/s at 12,288 FLOPs a token against the bf16 peak of 4 GFLOP/s.
+    assert metrics["perf/mfu"] == pytest.approx(12 * D_IN * D_SAE * 512 / 4e9, rel=1e-12)
 
 
 def test_flops_per_token_of_one_sae() -> None:
