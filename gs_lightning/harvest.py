@@ -7,7 +7,9 @@ from ``(seed, bucket index)`` (the same permutation for every site, so row i of 
 is the same token at every site) and cut into shards. Buckets close only at the end of
 a forward group, and the manifest records how many contexts the complete buckets used,
 so a killed harvest resumes by skipping those contexts and writes the same bytes as an
-uninterrupted one.
+uninterrupted one. Each row records its context's index in the context stream
+(``context_ids``), so the rows of a context can be gathered back although they are
+shuffled; a context never spans two buckets, since buckets close between forward groups.
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ class _Bucket:
     rows: dict[str, torch.Tensor]  # site -> [n, d] in the storage dtype
     token_ids: torch.Tensor
     positions: torch.Tensor
+    context_ids: torch.Tensor  # index of each row's context in the context stream
     contexts_end: int  # contexts consumed once this bucket is written
 
 
@@ -188,6 +191,13 @@ def _start_manifest(config: HarvestConfig, site: str, d: int) -> dict[str, Any]:
                 f"{folder / MANIFEST}: holds a harvest with other options; resume needs the same "
                 f"options (only output may differ), or choose another output"
             )
+        version = manifest.get("format_version", 1)
+        if version != FORMAT_VERSION and not manifest.get("complete"):
+            # Resuming would mix shard layouts in one folder.
+            raise ConfigError(
+                f"{folder / MANIFEST}: an unfinished harvest in shard format version {version}; this "
+                f"version writes {FORMAT_VERSION}: choose another output (or delete {folder})"
+            )
         return manifest
     return {
         "format_version": FORMAT_VERSION, "model": config.model, "revision": config.revision,
@@ -216,7 +226,7 @@ def _buckets(
     """
     storage = STORAGE_DTYPES[config.dtype]
     limit = config.max_tokens if config.max_tokens is not None else math.inf
-    pending: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] = []
+    pending: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
     count = 0
     device = next(extract.model.parameters()).device
     while tokens_done + count < limit and (group := list(islice(contexts, config.model_batch_size))):
@@ -224,8 +234,10 @@ def _buckets(
         acts = extract(ids, torch.ones_like(ids))
         mask = content_mask(ids, tokenizer)
         positions = torch.arange(ids.shape[1], device=device).expand_as(ids)[mask]
+        context_ids = torch.arange(contexts_done, contexts_done + len(group), device=device)[:, None]
+        context_ids = context_ids.expand_as(ids)[mask]
         rows = {site: _content_rows(config, site, a, mask, storage) for site, a in acts.items()}
-        pending.append((rows, ids[mask].cpu(), positions.cpu()))
+        pending.append((rows, ids[mask].cpu(), positions.cpu(), context_ids.cpu()))
         new = int(mask.sum())
         progress(int(min(new, limit - tokens_done - count)))
         count += new
@@ -255,7 +267,8 @@ def _close(pending: list, keep: int, contexts_end: int) -> _Bucket:
     rows = {site: torch.cat([p[0][site] for p in pending])[:keep] for site in sites}
     token_ids = torch.cat([p[1] for p in pending])[:keep]
     positions = torch.cat([p[2] for p in pending])[:keep]
-    return _Bucket(rows, token_ids, positions, contexts_end)
+    context_ids = torch.cat([p[3] for p in pending])[:keep]
+    return _Bucket(rows, token_ids, positions, context_ids, contexts_end)
 
 
 def _write_bucket(
@@ -271,7 +284,8 @@ def _write_bucket(
             # index_select: several times faster than advanced indexing for a row gather.
             acts = bucket.rows[site].index_select(0, part)
             name = shard_name(len(manifest["shards"]))
-            data = encode_shard(acts, bucket.token_ids.index_select(0, part), bucket.positions.index_select(0, part))
+            data = encode_shard(acts, bucket.token_ids.index_select(0, part), bucket.positions.index_select(0, part),
+                                bucket.context_ids.index_select(0, part))
             atomic_write(folders[site] / name, data)
             manifest["shards"].append(shard_entry(name, data, acts, index))
             if k == len(parts) - 1:

@@ -1,10 +1,22 @@
 """The on-disk activation store: one folder per site, safetensors shards and a manifest.
 
-A site folder holds ``shard_{i:05d}.safetensors`` files (``acts [N, d]`` in bfloat16 or
-float32, ``token_ids [N]`` and ``positions [N]`` as int32) and ``manifest.json``, which
+A site folder holds ``shard_{i:05d}.safetensors`` files and ``manifest.json``, which
 lists only complete shards with their token counts, sizes, sha256 checksums and scale
 statistics. Every file is written to a temporary name and renamed, so a reader never
 sees a partial shard or a manifest that names one.
+
+A shard holds, per row (one content token):
+
+- ``acts [N, d]``: the activations, bfloat16 or float32;
+- ``token_ids [N]`` and ``positions [N]`` (int32): the token and its position in its context;
+- ``context_ids [N]`` (int64, format version 2 on): the index of the row's context in the
+  harvest's context stream, ``iter_contexts(iter_texts(text, split), tokenizer,
+  context_size)`` with the options recorded under ``harvest`` in the manifest. With
+  ``positions`` it names where the row came from, so the rows of one context can be
+  gathered back into its token window although a harvest shuffles rows within buckets.
+
+``format_version`` in the manifest says which: version 1 (no ``context_ids``) still
+trains and streams; only code that needs provenance calls :func:`require_provenance`.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,7 +38,8 @@ from gs_lightning.errors import ConfigError
 from gs_lightning.scaling import ScalingScheme
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+PROVENANCE_VERSION = 2  # the first version whose shards hold context_ids
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HEADER_DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # safetensors' dtype codes
 
@@ -70,13 +84,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise ConfigError(f"{path}: write failed ({err}); nothing was recorded for it") from err
 
 
-def encode_shard(acts: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> bytes:
-    """Serialise one shard; the bytes are a pure function of the tensors (resume relies on it)."""
-    return save_bytes({
+def encode_shard(acts: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
+                 context_ids: torch.Tensor | None = None) -> bytes:
+    """Serialise one shard; the bytes are a pure function of the tensors (resume relies on it).
+
+    Without ``context_ids`` the shard has the version-1 layout (no provenance).
+    """
+    tensors = {
         "acts": acts.contiguous(),
         "token_ids": token_ids.to(torch.int32).contiguous(),
         "positions": positions.to(torch.int32).contiguous(),
-    })
+    }
+    if context_ids is not None:
+        tensors["context_ids"] = context_ids.to(torch.int64).contiguous()
+    return save_bytes(tensors)
 
 
 def shard_entry(name: str, data: bytes, acts: torch.Tensor, bucket: int) -> dict[str, Any]:
@@ -119,6 +140,25 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if missing or manifest["dtype"] not in STORAGE_DTYPES:
         raise ConfigError(f"{path}: not a shard manifest (missing {sorted(missing)} or bad dtype)")
     return manifest
+
+
+def require_provenance(folder: str | Path, manifest: dict[str, Any]) -> None:
+    """Raise a ConfigError naming ``folder`` unless its shards record each row's context."""
+    version = manifest.get("format_version", 1)
+    if version >= PROVENANCE_VERSION:
+        return
+    raise ConfigError(
+        f"{files.join(str(folder), MANIFEST)}: shard format version {version} does not record which "
+        f"context each row came from (needs version {PROVENANCE_VERSION}); re-harvest into a new output "
+        f"folder: {reharvest_command(manifest)}"
+    )
+
+
+def reharvest_command(manifest: dict[str, Any]) -> str:
+    """The command line that harvests ``manifest``'s site again with its recorded options."""
+    options = {"model": manifest["model"], **manifest.get("harvest", {}), "sites": f"[{manifest['site']}]"}
+    args = " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in options.items() if v is not None)
+    return f"python -m gs_lightning harvest --output NEW_FOLDER {args}"
 
 
 def load_shard(
