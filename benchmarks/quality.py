@@ -36,7 +36,7 @@ Needs the ``bench`` extra (SAELens); without it only our rows are trained and no
 is printed. Run: ``python benchmarks/quality.py [--quick] [--steps N] [--output runs/quality]``;
 ``--rescore true`` recomputes the table, plot and figures from a saved ``quality.json``.
 ``--quick`` (one site, fewer steps and grid points, JumpReLU and TopK k=32 only) takes
-about 10 minutes on the 2-core CPU; the full run over an hour (see the README).
+about 10 minutes on the 2-core CPU; the full run over an hour (see docs/results/quality.md).
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def test_sigterm_under_ddp_saves_and_resume_is_bit_exact(tmp_path: Path) -> None
     # Both ranks stop at step 7, save one checkpoint together and exit with the configured
     # status (rank 1's 143 does not make Lightning's launcher kill rank 0 mid-save); the
     # resumed 2-process run ends where an uninterrupted one does. (Signalling every rank as
-    # well hangs inside Lightning 2.6's own SIGTERM broadcast: see the README.)
+    # well hangs inside Lightning 2.6's own SIGTERM broadcast: see docs/tutorials/scale-out.md.)
     from test_shards import write_folder
 
     shards = write_folder(tmp_path / "site", n_shards=6, rows=128)
