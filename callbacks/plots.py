@@ -91,7 +91,7 @@ class SavePlots(pl.Callback):
                 f = sae.encode(x * scale)
                 firing, fvu = stats[name or "sae"]
                 firing.update(f.cpu())
-                fvu.update(y.cpu(), (sae.decode(f) / out_scale).cpu())
+                fvu.update(y.cpu(), (sae.decode(f, x * scale) / out_scale).cpu())  # x: a skip path's input
         return {name: s for name, s in stats.items() if s[0].tokens > 0}
 
 

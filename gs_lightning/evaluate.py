@@ -50,7 +50,7 @@ def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, cont
             x = acts[site][mask].float()
             y = acts[sites[-1]][mask].float()
             f = sae.encode(x)
-            fvu.update(y.cpu(), sae.decode(f).cpu())
+            fvu.update(y.cpu(), sae.decode(f, x).cpu())
             firing.update(f.cpu())
     stats = firing.compute()
     pooled = float(fvu.compute())

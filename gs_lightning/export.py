@@ -3,10 +3,18 @@
 * Gemma Scope release layout: ``layer_{L}/width_{W}/average_l0_{N}/params.npz`` with
   float32 ``W_enc [d, d_sae]``, ``W_dec [d_sae, d]``, ``b_enc``, ``b_dec``, ``threshold``.
   Only JumpReLU can be expressed; a ReLU SAE is a JumpReLU with threshold 0.
+* Gemma Scope 2 release layout (as SAELens' ``gemma_3`` loader reads it):
+  ``{kind}/layer_{L}_width_{W}_l0_{N}[_affine]/params.safetensors`` with float32 ``w_enc``,
+  ``w_dec``, ``b_enc``, ``b_dec``, ``threshold`` and, for a skip-transcoder ("affine"),
+  ``affine_skip_connection [d_in, d_out]``, next to a ``config.json`` (``architecture:
+  jump_relu``, ``model_name``, ``hf_hook_point_in``/``_out``, ``affine_connection``). Gemma
+  Scope 2 names its L0s small/medium/big; we write the rounded number.
 * SAELens folder: ``cfg.json`` (``architecture``, ``d_in``, ``d_sae``, ``dtype``,
   ``apply_b_dec_to_input``, ``normalize_activations``, ``metadata`` with TransformerLens
   hook names) + ``sae_weights.safetensors``, and optionally ``sparsity.safetensors``
-  (log10 feature density).
+  (log10 feature density). JumpReLU (and ReLU) SAEs, transcoders (``jumprelu_transcoder``,
+  ``transcoder``, with ``d_out``) and skip-transcoders (``jumprelu_skip_transcoder``,
+  ``skip_transcoder``, ``W_skip [d_out, d_in]``: SAELens computes ``x @ W_skip.T``).
 
 Exports take an SAE whose input scale is already folded in (what :func:`gs_lightning.load_sae`
 returns), so the written weights read raw activations. Nothing here unpickles.
@@ -25,11 +33,14 @@ from torch import Tensor
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.io import (  # noqa: F401  (the readers are re-exported here, next to the writers)
+    GEMMA_SCOPE_2_NAMES,
+    GEMMA_SCOPE_2_WEIGHTS,
     GEMMA_SCOPE_KEYS,
     SAELENS_CFG,
     SAELENS_SPARSITY,
     SAELENS_WEIGHTS,
     load_gemma_scope,
+    load_gemma_scope_2,
     load_sae,
     load_sae_config,
     load_saelens,
@@ -40,11 +51,12 @@ from gs_lightning.saes import SAE, ReLUSAE
 
 
 def jumprelu_tensors(sae: SAE) -> dict[str, Tensor]:
-    """The SAE as JumpReLU tensors (float32), or a ConfigError if it is not one."""
+    """The SAE as JumpReLU tensors (float32; ``W_skip [d_in, d_out]`` too for a
+    skip-transcoder), or a ConfigError if it is not one."""
     tensors = {k: v.detach().float().cpu() for k, v in sae.canonical_state_dict().items()}
     if isinstance(sae, ReLUSAE):
         tensors["threshold"] = torch.zeros(sae.d_sae)  # relu(pre) == pre * H(pre - 0)
-    if set(tensors) != set(GEMMA_SCOPE_KEYS):
+    if set(tensors) - {"W_skip"} != set(GEMMA_SCOPE_KEYS):
         raise ConfigError(
             f"{type(sae).__name__} cannot be written as a JumpReLU (it has {sorted(tensors)}); "
             "the Gemma Scope format holds JumpReLU (and ReLU) SAEs only"
@@ -70,6 +82,9 @@ def export_gemma_scope(
 ) -> Path:
     """Write ``root/layer_{L}/width_{W}/average_l0_{N}/params.npz`` (or ``root/folder_name/params.npz``);
     return the file's path."""
+    if sae.W_skip is not None:
+        raise ConfigError("a skip-transcoder has no place in Gemma Scope's params.npz (Gemma 2's release has no "
+                          "skip path); export it as gemma_scope_2 or saelens")
     folder = Path(root) / (folder_name or gemma_scope_folder(layer, sae.d_sae, average_l0))
     arrays = {k: v.numpy() for k, v in jumprelu_tensors(sae).items()}
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,24 +100,86 @@ def export_gemma_scope(
     return path
 
 
+# Gemma Scope 2's folder prefix for each kind of site (a transcoder's is "transcoder").
+GEMMA_SCOPE_2_KINDS = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "attn.hook_z": "attn_out"}
+# The Hugging Face module outputs/inputs Gemma Scope 2 names for our TransformerLens sites (Gemma 3).
+HF_HOOK_POINTS = {"hook_resid_post": "model.layers.{L}.output",
+                  "hook_mlp_in": "model.layers.{L}.pre_feedforward_layernorm.output",
+                  "hook_mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
+                  "attn.hook_z": "model.layers.{L}.self_attn.o_proj.input"}
+
+
+def gemma_scope_2_folder(sae: SAE, layer: int, average_l0: float, site: str | None = None) -> str:
+    """``{kind}/layer_{L}_width_{W}_l0_{N}[_affine]``: where Gemma Scope 2 puts one dictionary
+    (``kind`` is ``transcoder`` for a transcoder, else from the site: ``resid_post``,
+    ``mlp_out``, ``attn_out``)."""
+    hook = (site or "").split(".", 2)[-1]
+    kind = "transcoder" if sae.is_transcoder else GEMMA_SCOPE_2_KINDS.get(hook)
+    if kind is None:
+        raise ConfigError(f"site {site!r} has no Gemma Scope 2 folder kind (resid_post, mlp_out, attn_out); "
+                          "give folder_name")
+    affine = "_affine" if sae.W_skip is not None else ""
+    return f"{kind}/layer_{layer}_width_{width_label(sae.d_sae)}_l0_{round(average_l0)}{affine}"
+
+
+def export_gemma_scope_2(
+    sae: SAE, root: str | Path, layer: int, average_l0: float, metadata: dict[str, Any] | None = None,
+    folder_name: str | None = None,
+) -> Path:
+    """Write ``root/{kind}/layer_{L}_width_{W}_l0_{N}[_affine]/params.safetensors`` and its
+    ``config.json`` (or into ``root/folder_name``); return the weights file's path.
+    ``metadata`` uses gs_lightning's keys (model, site, target_site)."""
+    meta = metadata or {}
+    folder = Path(root) / (folder_name or gemma_scope_2_folder(sae, layer, average_l0, meta.get("site")))
+    tensors = {GEMMA_SCOPE_2_NAMES[k]: v for k, v in jumprelu_tensors(sae).items()}
+    config = {
+        "architecture": "jump_relu",
+        "model_name": meta.get("model") or "",  # SAELens' loader reads it as a string
+        "hf_hook_point_in": _hf_hook_point(meta.get("site"), layer),
+        **({"hf_hook_point_out": _hf_hook_point(meta.get("target_site"), layer)} if sae.is_transcoder else {}),
+        **({"affine_connection": sae.W_skip is not None} if sae.is_transcoder else {}),
+        "width": sae.d_sae,
+        "l0": average_l0,
+        "trained_with": "gs_lightning",
+    }
+    write_folder(folder, {GEMMA_SCOPE_2_WEIGHTS: tensors, "config.json": config})
+    return folder / GEMMA_SCOPE_2_WEIGHTS
+
+
+def _hf_hook_point(site: str | None, layer: int) -> str | None:
+    """Gemma Scope 2's name for a site: a Hugging Face module path with ``.output``/``.input``."""
+    if site is None:
+        return None
+    if ":" in site:  # already a module path: "<path>:output"
+        return site.replace(":", ".")
+    hook = site.split(".", 2)[-1]
+    return HF_HOOK_POINTS[hook].format(L=layer) if hook in HF_HOOK_POINTS else site
+
+
 def export_saelens(
     sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None, feature_density: Tensor | None = None
 ) -> Path:
-    """Write an SAELens folder; ``metadata`` uses gs_lightning's keys (model, site, ...)."""
-    if sae.is_transcoder:
-        raise ConfigError(
-            f"a transcoder ({sae.d_in} -> {sae.d_out}) has no SAELens SAE layout here; "
-            "export it in the Gemma Scope layout (params.npz), which holds transcoders too"
-        )
-    architecture = "standard" if isinstance(sae, ReLUSAE) else "jumprelu"
+    """Write an SAELens folder; ``metadata`` uses gs_lightning's keys (model, site, ...).
+
+    A transcoder is written as SAELens' ``jumprelu_transcoder`` (or ``transcoder`` for a
+    ReLU one), a skip-transcoder as ``jumprelu_skip_transcoder`` (``skip_transcoder``).
+    """
+    relu = isinstance(sae, ReLUSAE)
     tensors = jumprelu_tensors(sae)
-    if architecture == "standard":
+    if relu:
         tensors.pop("threshold")
+    if sae.is_transcoder:
+        architecture = ("" if relu else "jumprelu_") + ("skip_" if sae.W_skip is not None else "") + "transcoder"
+        if sae.W_skip is not None:
+            tensors["W_skip"] = tensors["W_skip"].t().contiguous()  # SAELens: [d_out, d_in]
+    else:
+        architecture = "standard" if relu else "jumprelu"
     meta = metadata or {}
     cfg = {
         "architecture": architecture,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
+        **({"d_out": sae.d_out} if sae.is_transcoder else {}),
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": False,  # Gemma Scope's encoder does not subtract b_dec
@@ -122,6 +199,7 @@ def _saelens_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "model_name": meta.get("model"),
         "hook_name": site,  # our sites are TransformerLens hook names already
+        **({"hook_name_out": meta["target_site"]} if meta.get("target_site") else {}),
         "hook_layer": layer,
         "context_size": meta.get("context_size"),
         "prepend_bos": True,
@@ -138,17 +216,19 @@ def _site_layer(site: str | None) -> int | None:
 
 def export(
     sae: str | list[str],
-    format: Literal["gemma_scope", "saelens"],
+    format: Literal["gemma_scope", "gemma_scope_2", "saelens"],
     out: str,
     layer: int | None = None,
     average_l0: float | None = None,
 ) -> list[Path]:
-    """Export saved SAE folders (from ``callbacks.SaveSAE``) to Gemma Scope or SAELens layout.
+    """Export saved SAE folders (from ``callbacks.SaveSAE``) to Gemma Scope, Gemma Scope 2 or
+    SAELens layout.
 
     Args:
         sae: The saved SAE folder: one path, a list ``"[a, b]"``, or a quoted glob ``"runs/*/sae"``.
-        format: ``gemma_scope`` (params.npz release layout) or ``saelens`` (cfg.json folder).
-        out: Release root (gemma_scope); the SAELens folder to write (saelens, one SAE) or
+        format: ``gemma_scope`` (params.npz release layout), ``gemma_scope_2`` (params.safetensors
+            release layout; the one that holds skip-transcoders) or ``saelens`` (cfg.json folder).
+        out: Release root (gemma_scope, gemma_scope_2); the SAELens folder to write (saelens, one SAE) or
             the folder that receives one SAELens folder per SAE, named after it (several).
         layer: Layer for the release path (one SAE only); default: parsed from the SAE's site.
         average_l0: L0 for the release path (one SAE only); default: the run's final val/l0
@@ -162,12 +242,16 @@ def export(
         targets = [Path(out)] if len(paths) == 1 else [Path(out) / _export_name(path) for path in paths]
     else:
         places = [_release_place(path, model, meta, layer, average_l0) for path, model, meta in loaded]
-        targets = [Path(out) / gemma_scope_folder(*place) for place in places]
+        targets = [Path(out) / (gemma_scope_folder(*place) if format == "gemma_scope" else
+                                gemma_scope_2_folder(model, place[0], place[2], meta.get("site")))
+                   for place, (_, model, meta) in zip(places, loaded)]
     _refuse_clashes(paths, targets)  # before anything is written
     written = []
     for i, ((path, model, meta), target) in enumerate(zip(loaded, targets)):
         if format == "saelens":
             written.append(export_saelens(model, target, meta))
+        elif format == "gemma_scope_2":
+            written.append(export_gemma_scope_2(model, out, places[i][0], places[i][2], meta))
         else:
             written.append(export_gemma_scope(model, out, places[i][0], places[i][2]))
         print(f"wrote {written[-1]}")

@@ -22,6 +22,8 @@ and per-token counts):
 * ``dW_dec = f^T g``, ``db_dec = sum_b g``, ``g_f = g W_dec^T``
 * ``dt = -(t/eps) sum_b(near * g_f) - (1/eps) (c * sum_b(near) + sum_b(near * u))``
 * ``g_pre = mask * g_f``, ``dW_enc = x^T g_pre``, ``db_enc = sum_b g_pre``
+* a skip-transcoder's ``x_hat`` adds ``x @ W_skip``: ``dW_skip = x^T g`` (one more GEMM each
+  way, ``[B, d_in] x [d_in, d_out]``, small next to the ``d_sae``-wide ones)
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class FusedJumpReLULoss(torch.autograd.Function):
     it costs a pass over ``[B, d_sae]``) are float32 sums of ``H(pre - t)`` with the step
     function's pseudo-derivative w.r.t. the threshold. ``x_hat`` (float32) carries no
     gradient. GEMMs run in ``compute_dtype``; threshold comparisons and the threshold
-    gradient in float32.
+    gradient in float32. With ``W_skip [d_in, d_out]`` (a skip-transcoder) ``x_hat`` includes
+    ``x @ W_skip`` and ``W_skip`` gets its gradient.
     """
 
     @staticmethod
@@ -83,6 +86,7 @@ class FusedJumpReLULoss(torch.autograd.Function):
         compute_dtype: torch.dtype,
         target: Tensor | None = None,
         token_l0: bool = False,
+        W_skip: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):  # casts are explicit here
             B, S, cd, dev = x.shape[0], W_enc.shape[1], compute_dtype, x.device
@@ -102,13 +106,17 @@ class FusedJumpReLULoss(torch.autograd.Function):
             fire_counts = mask.sum(0, dtype=torch.float32)
             per_token = mask.sum(1, dtype=torch.float32) if token_l0 else fire_counts.new_zeros(0)
             f = pre.mul_(mask)  # the pre-activation buffer now holds f
-            x_hat = torch.addmm(b_dec.to(cd), f, W_dec.to(cd)).float()
+            x_hat = torch.addmm(b_dec.to(cd), f, W_dec.to(cd))
+            if W_skip is not None:
+                x_hat.addmm_(xc, W_skip.to(cd))
+            x_hat = x_hat.float()
             # A transcoder reconstructs another site's activations of the same tokens.
             err = x_hat - (x if target is None else target).float()
             mse = err.pow(2).sum() / B
         workspace.generation += 1
         ctx.generation = workspace.generation
         ctx.workspace, ctx.bandwidth, ctx.compute_dtype = workspace, bandwidth, cd
+        ctx.skip_dtype = None if W_skip is None else W_skip.dtype
         ctx.save_for_backward(x, W_enc, W_dec, threshold, err)
         ctx.mark_non_differentiable(x_hat)
         return mse, fire_counts, per_token, x_hat
@@ -139,7 +147,9 @@ class FusedJumpReLULoss(torch.autograd.Function):
         grad_t = grad_t - _step_threshold_grad(near, f, grad_counts, grad_token, eps)
         g_pre = g_f.mul_(mask)
         grad_b_enc = g_pre.sum(0, dtype=torch.float32)
-        grad_W_enc = torch.mm(x.to(cd).t(), g_pre)
+        xt = x.to(cd).t()
+        grad_W_enc = torch.mm(xt, g_pre)
+        grad_W_skip = None if ctx.skip_dtype is None else torch.mm(xt, g).to(ctx.skip_dtype)
         return (
             None,
             grad_W_enc.to(W_enc.dtype),
@@ -152,6 +162,7 @@ class FusedJumpReLULoss(torch.autograd.Function):
             None,
             None,
             None,
+            grad_W_skip,
         )
 
 
@@ -181,11 +192,12 @@ def fused_jumprelu_loss(
     compute_dtype: torch.dtype | None = None,
     target: Tensor | None = None,
     token_l0: bool = False,
+    W_skip: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Functional entry point of :class:`FusedJumpReLULoss` (see its docstring)."""
     return FusedJumpReLULoss.apply(
         x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, workspace, compute_dtype or W_enc.dtype, target,
-        token_l0,
+        token_l0, W_skip,
     )
 
 

@@ -7,8 +7,9 @@ it), whether the input scale is folded into the weights, and free-form metadata 
 site, training step, final metrics). Folders are written atomically: into a temporary
 sibling, then renamed, so a crash never leaves a half-written SAE under the final name.
 
-:func:`load_sae` also reads a Gemma Scope ``params.npz`` and an SAELens folder (their
-writers are in :mod:`gs_lightning.export`). Nothing here unpickles.
+:func:`load_sae` also reads a Gemma Scope ``params.npz``, a Gemma Scope 2 folder
+(``params.safetensors`` + ``config.json``) and an SAELens folder (their writers are in
+:mod:`gs_lightning.export`). Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 SAELENS_CFG, SAELENS_WEIGHTS, SAELENS_SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+# Gemma Scope 2 (as SAELens' gemma_3 loader reads it): lower-case weight names, and the skip
+# path of an "affine" transcoder as ``affine_skip_connection [d_in, d_out]`` (our W_skip).
+GEMMA_SCOPE_2_WEIGHTS = "params.safetensors"
+GEMMA_SCOPE_2_NAMES = {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec",
+                       "threshold": "threshold", "W_skip": "affine_skip_connection"}
+# SAELens architectures we read: (our class, whether it has a skip path).
+SAELENS_ARCHITECTURES = {
+    "jumprelu": (JumpReLUSAE, False), "standard": (ReLUSAE, False),
+    "jumprelu_transcoder": (JumpReLUSAE, False), "jumprelu_skip_transcoder": (JumpReLUSAE, True),
+    "transcoder": (ReLUSAE, False), "skip_transcoder": (ReLUSAE, True),
+}
 
 
 def save_sae(sae: SAE, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None,
@@ -85,9 +97,13 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE from any format the project writes, without pickle.
 
     ``path`` is a folder saved by :func:`save_sae` (safetensors + JSON), a Gemma Scope
-    ``params.npz`` (or the folder holding one) or an SAELens folder (``cfg.json``).
+    ``params.npz`` (or the folder holding one), a Gemma Scope 2 ``params.safetensors`` (or
+    its folder) or an SAELens folder (``cfg.json``).
     """
     path = Path(path)
+    if path.name == GEMMA_SCOPE_2_WEIGHTS or (path / GEMMA_SCOPE_2_WEIGHTS).is_file():
+        # Checked first: a Gemma Scope 2 folder has a config.json of its own.
+        return load_gemma_scope_2(path).to(device)
     if not (path / CONFIG_FILE).is_file():
         if path.name == "params.npz" or (path / "params.npz").is_file():
             return load_gemma_scope(path if path.name == "params.npz" else path / "params.npz").to(device)
@@ -173,12 +189,29 @@ def load_gemma_scope(path: str | Path) -> JumpReLUSAE:
     return _build_jumprelu(tensors, path)
 
 
-def _build_jumprelu(tensors: dict[str, Tensor], source: Path) -> JumpReLUSAE:
+def load_gemma_scope_2(path: str | Path) -> JumpReLUSAE:
+    """Load a Gemma Scope 2 ``params.safetensors`` (or its folder) as a :class:`JumpReLUSAE`:
+    an SAE, a transcoder, or with ``affine_skip_connection`` a skip-transcoder."""
+    path = Path(path)
+    path = path if path.name == GEMMA_SCOPE_2_WEIGHTS else path / GEMMA_SCOPE_2_WEIGHTS
+    try:
+        raw = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path}: not a readable safetensors file ({err})") from err
+    missing = [name for key, name in GEMMA_SCOPE_2_NAMES.items() if key != "W_skip" and name not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing keys {missing} (found {sorted(raw)})")
+    tensors = {key: raw[name].float() for key, name in GEMMA_SCOPE_2_NAMES.items() if name in raw}
+    return _build_jumprelu(tensors, path)
+
+
+def _build_jumprelu(tensors: dict[str, Tensor], source: Path, transcoder: bool = False) -> JumpReLUSAE:
     _check_shapes(tensors, source)
     d_in, d_sae = tensors["W_enc"].shape
     d_out = tensors["W_dec"].shape[1]  # a transcoder (e.g. Gemma Scope's MLP transcoders) may differ
     sae = JumpReLUSAE(d_in, d_sae, threshold_parameterization="raw", fused=False,
-                      d_out=None if d_out == d_in else d_out)
+                      d_out=d_out if transcoder or d_out != d_in or "W_skip" in tensors else None,
+                      skip_connection="W_skip" in tensors)
     sae.load_canonical_state_dict(tensors)
     return sae.eval()
 
@@ -190,35 +223,42 @@ def _check_shapes(tensors: dict[str, Tensor], source: Path) -> None:
     # b_dec sets the output width: d_in for an SAE, the target site's for a transcoder.
     d_out = tensors["b_dec"].shape[0] if tensors["b_dec"].dim() == 1 else d_in
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,),
-                "threshold": (d_sae,)}
+                "threshold": (d_sae,), "W_skip": (d_in, d_out)}
     for key, shape in expected.items():
         if key in tensors and tuple(tensors[key].shape) != shape:
             raise ConfigError(f"{source}: {key} has shape {list(tensors[key].shape)}, expected {list(shape)}")
 
 
 def load_saelens(path: str | Path) -> SAE:
-    """Load an SAELens ``jumprelu`` or ``standard`` SAE folder (float32, on CPU)."""
+    """Load an SAELens folder (float32, on CPU): a ``jumprelu`` or ``standard`` SAE, or a
+    ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``, ``transcoder`` or ``skip_transcoder``."""
     path = Path(path)
     cfg = _read_saelens_cfg(path)
     try:
         tensors = {k: v.float() for k, v in load_file(str(path / SAELENS_WEIGHTS)).items()}
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"{path / SAELENS_WEIGHTS}: not a readable safetensors file ({err})") from err
-    needed = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if cfg["architecture"] == "jumprelu" else [])
+    cls, skip = SAELENS_ARCHITECTURES[cfg["architecture"]]
+    needed = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if cls is JumpReLUSAE else []) + \
+        (["W_skip"] if skip else [])
     missing = [k for k in needed if k not in tensors]
     if missing:
         raise ConfigError(f"{path / SAELENS_WEIGHTS}: missing {missing} for a {cfg['architecture']} SAE")
     tensors = {k: tensors[k] for k in needed}
+    if skip:  # SAELens keeps W_skip as [d_out, d_in] and computes x @ W_skip.T
+        tensors["W_skip"] = tensors["W_skip"].t().contiguous()
     _check_shapes(tensors, path / SAELENS_WEIGHTS)
     if tuple(tensors["W_enc"].shape) != (cfg["d_in"], cfg["d_sae"]):
         raise ConfigError(f"{path}: cfg.json says d_in={cfg['d_in']}, d_sae={cfg['d_sae']} but W_enc is "
                           f"{list(tensors['W_enc'].shape)}")
-    if cfg.get("apply_b_dec_to_input", True):
+    transcoder = "transcoder" in cfg["architecture"]
+    if cfg.get("apply_b_dec_to_input", not transcoder):  # SAELens refuses it for transcoders
         # (x - b_dec) W_enc + b_enc == x W_enc + (b_enc - b_dec W_enc): fold into b_enc.
         tensors["b_enc"] = tensors["b_enc"] - tensors["b_dec"] @ tensors["W_enc"]
-    if cfg["architecture"] == "jumprelu":
-        return _build_jumprelu(tensors, path)
-    sae = ReLUSAE(cfg["d_in"], cfg["d_sae"])
+    if cls is JumpReLUSAE:
+        return _build_jumprelu(tensors, path, transcoder)
+    d_out = tensors["W_dec"].shape[1]
+    sae = ReLUSAE(cfg["d_in"], cfg["d_sae"], d_out=d_out if transcoder else None, skip_connection=skip)
     sae.load_canonical_state_dict(tensors)
     return sae.eval()
 
@@ -234,9 +274,9 @@ def _read_saelens_cfg(path: Path) -> dict[str, Any]:
     for key in ("architecture", "d_in", "d_sae"):
         if key not in cfg:
             raise ConfigError(f"{cfg_path}: missing key {key!r}")
-    if cfg["architecture"] not in ("jumprelu", "standard"):
+    if cfg["architecture"] not in SAELENS_ARCHITECTURES:
         raise ConfigError(f"{cfg_path}: architecture {cfg['architecture']!r} is not supported "
-                          "(gs_lightning imports 'jumprelu' and 'standard')")
+                          f"(gs_lightning imports {', '.join(map(repr, SAELENS_ARCHITECTURES))})")
     if cfg.get("normalize_activations", "none") != "none":
         raise ConfigError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} needs a "
                           "scaling factor that is not in the folder; fold it into the weights first")

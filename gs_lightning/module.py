@@ -286,7 +286,7 @@ class SAETrainingModule(pl.LightningModule):
                 firing.update(counts, tokens=x.shape[0])
             else:
                 f = sae.encode(x)
-                x_hat, l0 = sae.decode(f), (f != 0).sum(-1).float()
+                x_hat, l0 = sae.decode(f, x), (f != 0).sum(-1).float()
                 firing.update(f)
             # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
             x_hat = x_hat / out_scale

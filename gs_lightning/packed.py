@@ -74,7 +74,8 @@ class PackedSAE(nn.Module):
     def training_outputs(self, x: Tensor, warmup: float = 1.0, target: Tensor | None = None) -> list[TrainOutput]:
         """Each member's :meth:`SAE.training_output` on the shared batch ``x`` (and ``target``,
         for transcoders)."""
-        if all(isinstance(m, JumpReLUSAE) and m.uses_fused(x) for m in self.members):
+        # The packed kernel has no skip term: skip-transcoders take their own (fused) steps.
+        if all(isinstance(m, JumpReLUSAE) and m.uses_fused(x) and m.W_skip is None for m in self.members):
             return self._fused_jumprelu_outputs(x, warmup, target)
         return [m.training_output(x, warmup, target) for m in self.members]
 

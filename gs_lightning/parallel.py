@@ -48,6 +48,9 @@ def check_supported(sae: Any) -> None:
             "activations select across all latents (a global top-k would need a gather of every rank's "
             "pre-activations), and other variants are not implemented; set model.latent_parallel: false"
         )
+    if sae.W_skip is not None:
+        raise ConfigError("model.latent_parallel does not implement the skip path of a skip-transcoder; "
+                          "set model.sae.init_args.skip_connection: false or model.latent_parallel: false")
     if sae.dense_coefficient > 0 or sae.tracks_dead:
         raise ConfigError(
             "model.latent_parallel does not implement the dense and dead-latent terms (they act per latent, "

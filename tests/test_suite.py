@@ -210,6 +210,8 @@ def test_transcoder_suite_releases_in_the_gemma_scope_layout(tmp_path: Path) -> 
     x = torch.randn(16, 128)
     for entry in index:
         assert entry["gemma_scope"].startswith("tiny-transcoder/layer_1/width_64/")
-        assert entry["saelens"] is None and "transcoder" in entry["saelens_skipped"]
-        released = load_sae(tmp_path / "out" / "release" / entry["gemma_scope"])
-        torch.testing.assert_close(released(x), load_sae(tmp_path / "out" / entry["source"])(x), rtol=0, atol=1e-6)
+        assert entry["saelens"] is not None  # as SAELens' jumprelu_transcoder
+        source = load_sae(tmp_path / "out" / entry["source"])(x)
+        for layout in ("gemma_scope", "saelens"):
+            released = load_sae(tmp_path / "out" / "release" / entry[layout])
+            torch.testing.assert_close(released(x), source, rtol=0, atol=1e-6, msg=layout)

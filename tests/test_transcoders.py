@@ -13,7 +13,7 @@ from torch import nn
 from callbacks import SaveSAE
 from gs_lightning.data.live import LiveActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.export import export_gemma_scope, export_saelens, load_gemma_scope
+from gs_lightning.export import export_gemma_scope, export_saelens, load_gemma_scope, load_saelens
 from gs_lightning.fused import Workspace, fused_packed_jumprelu_loss
 from gs_lightning.io import load_sae
 from gs_lightning.lm import load_language_model
@@ -24,6 +24,7 @@ from gs_lightning.saes import (
     JumpReLU2025SAE,
     JumpReLUSAE,
     MatryoshkaBatchTopKSAE,
+    MatryoshkaJumpReLUSAE,
     ReLUSAE,
     TopKSAE,
 )
@@ -41,6 +42,11 @@ VARIANTS = {
     "BatchTopK": lambda: BatchTopKSAE(D_IN, S, k=6, aux_k=8, d_out=D_OUT),
     "Matryoshka": lambda: MatryoshkaBatchTopKSAE(D_IN, S, k=6, prefixes=[16, 48], aux_k=8, d_out=D_OUT),
     "Gated": lambda: GatedSAE(D_IN, S, sparsity_coefficient=1e-3, d_out=D_OUT),
+    "MatryoshkaJumpReLU": lambda: MatryoshkaJumpReLUSAE(D_IN, S, prefixes=[16, 48], sparsity_coefficient=1e-3,
+                                                        bandwidth=0.05, threshold_init=0.05, d_out=D_OUT),
+    "SkipJumpReLU": lambda: JumpReLUSAE(D_IN, S, sparsity_coefficient=1e-3, bandwidth=0.05, threshold_init=0.05,
+                                        threshold_parameterization="raw", d_out=D_OUT, skip_connection=True),
+    "SkipTopK": lambda: TopKSAE(D_IN, S, k=6, aux_k=8, d_out=D_OUT, skip_connection=True),
 }
 
 
@@ -143,8 +149,10 @@ def test_gemma_scope_layout_holds_a_transcoder(tmp_path) -> None:
     assert back.d_out == D_OUT
     x = _pairs(32)[0]
     torch.testing.assert_close(back(x), sae(x))
-    with pytest.raises(ConfigError, match="transcoder .* no SAELens SAE layout"):
-        export_saelens(sae, tmp_path / "saelens")
+    # SAELens holds it too, as its jumprelu_transcoder (tests/test_skip_transcoders.py loads it there).
+    again = load_saelens(export_saelens(sae, tmp_path / "saelens"))
+    assert again.d_out == D_OUT
+    torch.testing.assert_close(again(x), sae(x))
 
 
 class _TrueMLP(nn.Module):

@@ -21,6 +21,7 @@ from gs_lightning.saes import (
     JumpReLU2025SAE,
     JumpReLUSAE,
     MatryoshkaBatchTopKSAE,
+    MatryoshkaJumpReLUSAE,
     ReLUSAE,
     TopKSAE,
 )
@@ -74,6 +75,12 @@ CASES = {
         lambda: _kill_half(MatryoshkaBatchTopKSAE(D_IN, D_SAE, k=4, prefixes=[8, 24], aux_k=8,
                                                   dead_steps_threshold=5)),
         silent={"mse_prefix_8": ["W_dec[8:]"], "mse_prefix_24": ["W_dec[24:]"]},
+    ),
+    "MatryoshkaJumpReLU": Case(
+        lambda: MatryoshkaJumpReLUSAE(D_IN, D_SAE, prefixes=[8, 24], sparsity_coefficient=0.1, bandwidth=0.05,
+                                      threshold_init=0.05),
+        silent={"mse_prefix_8": ["W_dec[8:]"], "mse_prefix_24": ["W_dec[24:]"],
+                "l0_penalty": ["W_enc", "b_enc", "W_dec", "b_dec"]},
     ),
 }
 

@@ -5,7 +5,7 @@ from gs_lightning.saes.batchtopk import BatchTopKSAE
 from gs_lightning.saes.gated import GatedSAE
 from gs_lightning.saes.jumprelu import JumpReLUSAE
 from gs_lightning.saes.jumprelu_2025 import JumpReLU2025SAE
-from gs_lightning.saes.matryoshka import MatryoshkaBatchTopKSAE
+from gs_lightning.saes.matryoshka import MatryoshkaBatchTopKSAE, MatryoshkaJumpReLUSAE
 from gs_lightning.saes.relu import ReLUSAE
 from gs_lightning.saes.topk import TopKSAE
 
@@ -19,4 +19,5 @@ __all__ = [
     "BatchTopKSAE",
     "GatedSAE",
     "MatryoshkaBatchTopKSAE",
+    "MatryoshkaJumpReLUSAE",
 ]

@@ -7,6 +7,11 @@ same name (that is how a saved SAE records its config), and may override
 :meth:`SAE.auxiliary_losses` (terms that need the input or the reconstruction),
 :meth:`SAE.update_statistics` (per-batch training statistics kept in buffers) and
 :meth:`SAE.training_output` with a faster path that computes the same numbers.
+
+Any variant can be a transcoder (``d_out``: it reads one site and reconstructs another)
+and a skip-transcoder (``skip_connection``: an affine skip path ``x @ W_skip`` added to the
+reconstruction, Paulo, Shabalin and Belrose 2025, "Transcoders beat sparse autoencoders
+for interpretability"; Gemma Scope 2 ships MLP transcoders with and without it).
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class SAE(nn.Module):
             site and reconstructs another), default ``d_in`` (an SAE).
         encoder_init_scale: Norm of the encoder columns at initialisation (the decoder rows
             have unit norm either way).
+        skip_connection: Add a linear skip path to the reconstruction, ``x_hat = f @ W_dec +
+            x @ W_skip + b_dec`` with ``W_skip [d_in, d_out]`` initialised to zero (a
+            skip-transcoder; needs ``d_out``).
     """
 
     training_buffers: tuple[str, ...] = ()
@@ -51,12 +59,15 @@ class SAE(nn.Module):
     module, left out of the exported weights, and kept as they are when weights are loaded."""
 
     def __init__(self, d_in: int, d_sae: int, normalize_decoder: bool = True, d_out: int | None = None,
-                 encoder_init_scale: float = 1.0) -> None:
+                 encoder_init_scale: float = 1.0, skip_connection: bool = False) -> None:
         super().__init__()
         if d_in <= 0 or d_sae <= 0 or (d_out is not None and d_out <= 0):
             raise ValueError(f"d_in, d_sae and d_out must be positive, got d_in={d_in}, d_sae={d_sae}, d_out={d_out}")
         if encoder_init_scale <= 0:
             raise ValueError(f"encoder_init_scale must be > 0, got {encoder_init_scale}")
+        if skip_connection and d_out is None:
+            # On an SAE the skip path would learn the identity and leave the latents nothing to do.
+            raise ValueError("skip_connection needs d_out (a transcoder); an SAE with a skip path learns the identity")
         self.d_in = d_in
         self.d_sae = d_sae
         self.normalize_decoder = normalize_decoder
@@ -67,6 +78,9 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, width))
         self.b_dec = nn.Parameter(torch.zeros(width))
+        self.skip_connection = skip_connection
+        self.W_skip: nn.Parameter | None
+        self.register_parameter("W_skip", nn.Parameter(torch.zeros(d_in, width)) if skip_connection else None)
         self.reset_parameters()
 
     @property
@@ -79,11 +93,19 @@ class SAE(nn.Module):
         """Whether this reconstructs another site than it reads (``d_out`` was given)."""
         return self.d_out is not None
 
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """The linear maps and biases every variant has: ``W_enc, b_enc, W_dec, b_dec``
+        (and ``W_skip`` for a skip-transcoder)."""
+        return ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if self.W_skip is not None else ())
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Decoder rows: random unit directions; ``W_enc = encoder_init_scale * W_dec^T``
         (a transcoder, whose shapes differ, gets random encoder columns of that norm);
-        biases zero."""
+        biases zero; ``W_skip`` zero, so training starts from a plain transcoder and the skip
+        path learns only the linear part of the map that the latents leave over (a random
+        start would add a dense map to every reconstruction for the decoder to cancel)."""
         self.W_dec.copy_(torch.randn_like(self.W_dec))
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
         if self.W_enc.shape == self.W_dec.t().shape and not self.is_transcoder:
@@ -94,6 +116,8 @@ class SAE(nn.Module):
         self.W_enc.mul_(self._encoder_init_scale)
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
 
     # -- the variant's part -------------------------------------------------------------
 
@@ -123,13 +147,25 @@ class SAE(nn.Module):
         """Latent activations ``f`` for inputs ``x [..., d_in]``."""
         return self.activation(self.pre_activation(x))
 
-    def decode(self, f: Tensor) -> Tensor:
-        """Reconstruction ``f @ W_dec + b_dec``."""
-        return f @ self.W_dec + self.b_dec
+    def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """Reconstruction ``f @ W_dec + b_dec``, plus ``x @ W_skip`` for a skip-transcoder,
+        which needs the input ``x`` the latents ``f`` were encoded from."""
+        x_hat = f @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("a skip-transcoder's decode needs the input: call decode(f, x)")
+            x_hat = x_hat + x @ self.W_skip
+        return x_hat
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction of ``x``."""
-        return self.decode(self.encode(x))
+        """Reconstruction of ``x`` (a transcoder's: of its target site)."""
+        return self.decode(self.encode(x), x)
+
+    def reconstruction_losses(self, x: Tensor, target: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+        """Named reconstruction terms for inputs ``x`` whose latents ``f`` reconstruct
+        ``target`` as ``x_hat``: ``mse``, ``||target - x_hat||^2`` summed over the model
+        dimension and averaged over tokens (Matryoshka variants add one term per prefix)."""
+        return {"mse": (x_hat - target).pow(2).sum(-1).mean()}
 
     def training_output(self, x: Tensor, warmup: float = 1.0, target: Tensor | None = None) -> TrainOutput:
         """Reconstruction, weighted loss terms and sparsity statistics for a batch ``x``;
@@ -137,9 +173,8 @@ class SAE(nn.Module):
         target = x if target is None else target
         pre = self.pre_activation(x)
         f = self.activation(pre)
-        x_hat = self.decode(f)
-        mse = (x_hat - target).pow(2).sum(-1).mean()
-        losses = {"mse": mse, **self.sparsity_losses(pre, f, warmup)}
+        x_hat = self.decode(f, x)
+        losses = {**self.reconstruction_losses(x, target, f, x_hat), **self.sparsity_losses(pre, f, warmup)}
         losses.update(self.auxiliary_losses(target, pre, f, x_hat, warmup))
         if self.training:
             # After the losses: a statistic (e.g. which latents are dead) describes the
@@ -174,13 +209,16 @@ class SAE(nn.Module):
         """Make this SAE take raw activations ``x`` where it was trained on ``scale * x``.
 
         ``pre`` is unchanged (so are thresholds), and the reconstruction comes out in raw
-        units: ``W_enc *= scale``, ``W_dec /= target_scale``, ``b_dec /= target_scale``
-        (``target_scale`` is the target site's scale for a transcoder, else ``scale``).
+        units: ``W_enc *= scale``, ``W_dec /= target_scale``, ``b_dec /= target_scale``,
+        ``W_skip *= scale / target_scale`` (``target_scale`` is the target site's scale for a
+        transcoder, else ``scale``).
         """
         out = scale if target_scale is None else target_scale
         self.W_enc.mul_(scale)
         self.W_dec.div_(out)
         self.b_dec.div_(out)
+        if self.W_skip is not None:
+            self.W_skip.mul_(scale / out)
 
     def init_args(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this SAE, read from same-named attributes."""

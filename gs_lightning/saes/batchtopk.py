@@ -28,6 +28,8 @@ class BatchTopKSAE(TopKSAE):
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
         encoder_init_scale: Norm of the encoder columns at initialisation (as in :class:`TopKSAE`).
+        skip_connection: A skip-transcoder (needs ``d_out``): adds ``x @ W_skip`` to the
+            reconstruction, ``W_skip`` zero at first (:class:`~gs_lightning.saes.SAE`).
     """
 
     def __init__(
@@ -41,10 +43,12 @@ class BatchTopKSAE(TopKSAE):
         threshold_decay: float = 0.99,
         d_out: int | None = None,
         encoder_init_scale: float | None = None,
+        skip_connection: bool = False,
     ) -> None:
         if not 0 <= threshold_decay < 1:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, d_out, encoder_init_scale)
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, d_out, encoder_init_scale,
+                         skip_connection)
         self.threshold_decay = threshold_decay
         # -1 marks "no batch seen yet"; float32 like every threshold (see DESIGN.md).
         self.register_buffer("threshold", torch.tensor(-1.0))
@@ -85,7 +89,7 @@ class BatchTopKSAE(TopKSAE):
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
         state = self.state_dict()
-        tensors = {k: state[k].detach() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        tensors = {k: state[k].detach() for k in self.weight_names}
         tensors["threshold"] = self.threshold.clamp(min=0.0).expand(self.d_sae).clone()
         return tensors
 

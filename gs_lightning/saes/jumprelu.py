@@ -33,7 +33,7 @@ class JumpReLUSAE(SAE):
             typical pre-activation at initialisation of inputs scaled to E||x||^2 = 1: the
             kernel must see a fair share of tokens near each threshold for the threshold
             to learn, and a fixed number cannot (Gemma Scope's 0.001 is 0.05 sigma0 at its
-            2B shape, 0.01 sigma0 at the quickstart's; measured in README, "SAE quality").
+            2B shape, 0.01 sigma0 at the quickstart's; measured in docs/results/quality.md).
         threshold_init: Initial threshold of every latent; ``None`` picks ``sigma0 / 10``
             (about half the latents fire at first, as with Gemma Scope's 0.001 at its shape).
         threshold_parameterization: ``raw`` trains the threshold itself, clamped at >= 0;
@@ -46,14 +46,14 @@ class JumpReLUSAE(SAE):
             (Gemma Scope's ``W_enc = W_dec^T``) about half the latents fire on every token
             at first and the reconstruction is ``d_sae / (2 d_in)`` times too large (8x for
             the quickstart); the SAE then spends its first steps shrinking, kills half its
-            latents and ends worse on both L0 and FVU (README, "SAE quality").
+            latents and ends worse on both L0 and FVU (docs/results/quality.md).
         target_l0: Train towards this L0 with the quadratic penalty above instead of the
             mean L0; ``None`` keeps Gemma Scope's mean-L0 term.
         target_per_token: With ``target_l0``, penalise each token's L0 (SAELens' form,
             the default) or, ``False``, the batch's mean L0, ``lambda (2 / T) (mean_b l0_b
             - T)^2``, under which every active latent feels the same pull, as with a
             fixed lambda. Offered because the per-token form left 12-19% of latents
-            never firing at targets 30-60 on the quickstart (README, "SAE quality");
+            never firing at targets 30-60 on the quickstart (docs/results/quality.md);
             whether this form does better has not been measured yet.
         dense_coefficient: Weight of ``sum_i relu(p_i - dense_threshold)``, ``p_i`` being
             latent i's firing frequency in the batch (with the step's pseudo-derivative):
@@ -74,7 +74,7 @@ class JumpReLUSAE(SAE):
             pre-activations up as well (encoder and bias; Anthropic's form). That lifts them
             on every token alike, so they come back firing broadly and spend the L0 budget
             poorly: at the MLP output (lambda 1e-3) FVU 0.0408 against 0.0377 with the
-            thresholds alone, and 0.0632 against 0.0556 at 3e-3 (README, "SAE quality").
+            thresholds alone, and 0.0632 against 0.0556 at 3e-3 (docs/results/quality.md).
         aux_coefficient: Weight of an AuxK loss on dead latents (Gao et al. 2024's remedy
             for TopK, here for JumpReLU): the ``aux_k`` largest ``relu(pre)`` of each
             token's dead latents reconstruct the residual ``x - x_hat`` (a fixed target),
@@ -91,6 +91,9 @@ class JumpReLUSAE(SAE):
             memory traffic); falls back to autograd when gradients to the input are needed.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
+        skip_connection: A skip-transcoder (needs ``d_out``): ``x_hat = f @ W_dec + x @ W_skip
+            + b_dec``, ``W_skip`` zero at first; the fused step computes the skip term and its
+            gradient too. Gemma Scope 2 calls these transcoders ``affine``.
     """
 
     training_buffers = ("tokens_since_fired",)
@@ -115,6 +118,7 @@ class JumpReLUSAE(SAE):
         dead_tokens: int = 32_768,
         fused: bool = True,
         d_out: int | None = None,
+        skip_connection: bool = False,
     ) -> None:
         if threshold_parameterization not in ("log", "raw"):
             raise ValueError(f"threshold_parameterization must be 'log' or 'raw', not {threshold_parameterization!r}")
@@ -135,7 +139,8 @@ class JumpReLUSAE(SAE):
         threshold_init = sigma0 / 10 if threshold_init is None else threshold_init
         if bandwidth <= 0 or threshold_init <= 0:
             raise ValueError(f"bandwidth and threshold_init must be > 0, got {bandwidth}, {threshold_init}")
-        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out, encoder_init_scale=scale)
+        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out, encoder_init_scale=scale,
+                         skip_connection=skip_connection)
         self.sparsity_coefficient = sparsity_coefficient
         self.bandwidth = bandwidth
         self.threshold_init = threshold_init
@@ -273,7 +278,7 @@ class JumpReLUSAE(SAE):
             return super().training_output(x, warmup, target)
         mse, counts, token_l0, x_hat = fused_jumprelu_loss(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold, self.bandwidth, self._workspace,
-            self.compute_dtype(x), target, token_l0=self.needs_token_l0,
+            self.compute_dtype(x), target, token_l0=self.needs_token_l0, W_skip=self.W_skip,
         )
         return self.fused_output(x, target, mse, counts, token_l0, x_hat, warmup)
 
@@ -300,7 +305,8 @@ class JumpReLUSAE(SAE):
         return super().train(mode)
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
-        tensors = {k: self.state_dict()[k].detach() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        state = self.state_dict()
+        tensors = {k: state[k].detach() for k in self.weight_names}
         tensors["threshold"] = self.threshold.detach().clone()
         return tensors
 

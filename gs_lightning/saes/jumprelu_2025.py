@@ -34,6 +34,8 @@ class JumpReLU2025SAE(JumpReLUSAE):
         threshold_parameterization: ``log`` trains log(threshold); ``raw`` the threshold, clamped at >= 0.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
+        skip_connection: A skip-transcoder (needs ``d_out``): adds ``x @ W_skip`` to the
+            reconstruction, ``W_skip`` zero at first (:class:`~gs_lightning.saes.SAE`).
     """
 
     def __init__(
@@ -47,12 +49,13 @@ class JumpReLU2025SAE(JumpReLUSAE):
         threshold_init: float = 0.1,
         threshold_parameterization: Literal["log", "raw"] = "log",
         d_out: int | None = None,
+        skip_connection: bool = False,
     ) -> None:
         # Unit encoder columns at init, as this variant has always had (its scale is
         # unmeasured here); the dead-latent remedies stay off (it has its own pre-act loss).
         super().__init__(d_in, d_sae, sparsity_coefficient, bandwidth, threshold_init, threshold_parameterization,
                          encoder_init_scale=1.0, aux_coefficient=0.0, dead_coefficient=0.0,
-                         fused=False, d_out=d_out)
+                         fused=False, d_out=d_out, skip_connection=skip_connection)
         self.normalize_decoder = False
         self.pre_act_coefficient = pre_act_coefficient
         self.tanh_scale = tanh_scale

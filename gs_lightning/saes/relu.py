@@ -19,10 +19,13 @@ class ReLUSAE(SAE):
         sparsity_coefficient: lambda, the weight of the norm-weighted L1 term.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
+        skip_connection: A skip-transcoder (needs ``d_out``): adds ``x @ W_skip`` to the
+            reconstruction, ``W_skip`` zero at first (:class:`~gs_lightning.saes.SAE`).
     """
 
-    def __init__(self, d_in: int, d_sae: int, sparsity_coefficient: float = 5.0, d_out: int | None = None) -> None:
-        super().__init__(d_in, d_sae, normalize_decoder=False, d_out=d_out)
+    def __init__(self, d_in: int, d_sae: int, sparsity_coefficient: float = 5.0, d_out: int | None = None,
+                 skip_connection: bool = False) -> None:
+        super().__init__(d_in, d_sae, normalize_decoder=False, d_out=d_out, skip_connection=skip_connection)
         self.sparsity_coefficient = sparsity_coefficient
 
     def activation(self, pre: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ class TopKSAE(SAE):
         aux_coefficient: Weight of the AuxK loss. Gao et al. use 1/32 with a 10M-token dead
             window; with the short default window below, 0.25 left 4.2% of latents
             never firing at k 32 in the 1,000-step quick benchmark (7-13% at k 16-64 in
-            the 800-step full run, with gradient clipping; README, "SAE quality").
+            the 800-step full run, with gradient clipping; docs/results/quality.md).
         dead_steps_threshold: A latent that has not fired for this many training steps is
             dead. 100 (about 100k tokens at 1,024 per batch): a window as long as the run
             (the old default, 1,000 steps, in the 1,000-step benchmark) never lets AuxK act.
@@ -44,6 +44,8 @@ class TopKSAE(SAE):
             too large and ended 30% worse in FVU on the quickstart's 1,000-step benchmark,
             and scales 0.25 to 0.5 there (this rule: 0.35) were equally good. A
             transcoder, on which the rule was not measured, keeps unit columns.
+        skip_connection: A skip-transcoder (needs ``d_out``): adds ``x @ W_skip`` to the
+            reconstruction, ``W_skip`` zero at first (:class:`~gs_lightning.saes.SAE`).
     """
 
     training_buffers = ("steps_since_fired",)
@@ -58,6 +60,7 @@ class TopKSAE(SAE):
         dead_steps_threshold: int = 100,
         d_out: int | None = None,
         encoder_init_scale: float | None = None,
+        skip_connection: bool = False,
     ) -> None:
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
@@ -66,7 +69,8 @@ class TopKSAE(SAE):
         scale = encoder_init_scale
         if scale is None:  # the rule is measured on SAEs; a transcoder keeps unit columns
             scale = topk_init_scale(d_in, d_sae, k) if d_out is None else 1.0
-        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out, encoder_init_scale=scale)
+        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out, encoder_init_scale=scale,
+                         skip_connection=skip_connection)
         self.k = k
         self.aux_k = aux_k
         self.aux_coefficient = aux_coefficient

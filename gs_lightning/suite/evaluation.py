@@ -53,7 +53,7 @@ def shard_metrics(sae: SAE, inputs: list[torch.Tensor], targets: list[torch.Tens
         for start in range(0, len(x_all), ROWS_PER_PASS):
             x = x_all[start : start + ROWS_PER_PASS].to(device, torch.float32)
             f = sae.encode(x)
-            fvu.update(y_all[start : start + ROWS_PER_PASS].to(device, torch.float32), sae.decode(f))
+            fvu.update(y_all[start : start + ROWS_PER_PASS].to(device, torch.float32), sae.decode(f, x))
             firing.update(f)
     stats, pooled = firing.compute(), float(fvu.compute())
     return {"l0": float(stats["l0"]), "fvu": pooled, "explained_variance": explained_variance(pooled),
