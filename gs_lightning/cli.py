@@ -100,12 +100,14 @@ EXTRA_SUBCOMMANDS = {
     "export": "gs_lightning.export:export_main",
     "sweep": "gs_lightning.sweep:sweep_main",
     "suite": "gs_lightning.suite.cli:suite_main",
+    "browse": "gs_lightning.browse.build:browse_main",
 }
 DESCRIPTION = (
     "Train and validate sparse autoencoders on language-model activations. Also: "
     "'harvest' (write activation shards), 'evaluate' (L0, FVU, delta LM loss of saved SAEs), "
     "'export' (Gemma Scope / SAELens layouts), 'sweep' (run a W&B sweep file offline), "
-    "'suite' (train, evaluate and release every site x width x sparsity level of one YAML); "
+    "'suite' (train, evaluate and release every site x width x sparsity level of one YAML), "
+    "'browse' (a static feature browser of a saved SAE); "
     "each takes --help."
 )
 

@@ -1,10 +1,12 @@
 """Rebuild the token window around an example from the shards it was harvested into.
 
 A harvest shuffles rows within a bucket, but every row records its context
-(``context_ids``) and position, and a context never spans buckets; so the rows of a
-context are gathered from its bucket's shards, ordered by position and encoded again.
-Special tokens (BOS, EOS between documents) were never stored: a window's ``positions``
-skip them.
+(``context_ids``) and position, and a context never spans buckets; so the rows of the
+wanted contexts are gathered from their buckets' shards, sorted by token key (context,
+then position) and encoded again in blocks of whole contexts. Every window is then looked
+up at once per block (``searchsorted`` over the sorted keys), with no per-example Python
+loop over tensors. Special tokens (BOS, EOS between documents) were never stored: a
+window's ``positions`` skip them.
 """
 
 from __future__ import annotations
@@ -35,47 +37,71 @@ class ContextWindow:
     """``[n]``: the latent's activation on each token."""
 
 
-def context_rows(source: HarvestSource, context_ids: list[int]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
-    """``{context_id: (positions, token_ids, acts)}`` in position order, read from the
-    shards of the contexts' buckets only (each shard once)."""
+ROWS_PER_BLOCK = 4096
+"""Rows encoded at once when windows are rebuilt (whole contexts; at least one)."""
+
+
+def context_rows(source: HarvestSource, context_ids: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(keys, token_ids, acts)`` of every stored row of ``context_ids``, sorted by token key
+    (so by context, then position); read from the shards of the contexts' buckets only."""
     wanted = torch.tensor(sorted(set(context_ids)), dtype=torch.int64)
-    found: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {int(c): [] for c in wanted}
+    keys, token_ids, acts = [], [], []
     for entry in source.shards_of_contexts(wanted.tolist()):
         rows = source.shard(entry)
-        contexts, positions = split_keys(rows.keys, source.context_size)
+        contexts, _ = split_keys(rows.keys, source.context_size)
         hit = torch.isin(contexts, wanted).nonzero().squeeze(1)
-        for c in contexts[hit].unique().tolist():
-            pick = hit[contexts[hit] == c]
-            found[c].append((positions[pick], rows.token_ids[pick].long(), rows.acts[pick]))
-    out = {}
-    for c, parts in found.items():
-        positions = torch.cat([p for p, _, _ in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-        order = positions.argsort()
-        token_ids = torch.cat([t for _, t, _ in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-        acts = torch.cat([a for _, _, a in parts]) if parts else torch.zeros(0, source.d)
-        out[c] = (positions[order], token_ids[order], acts[order])
-    return out
+        keys.append(rows.keys[hit])
+        token_ids.append(rows.token_ids[hit].long())
+        acts.append(rows.acts[hit])
+    if not keys:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, source.d)
+    all_keys = torch.cat(keys)
+    order = all_keys.argsort()
+    return all_keys[order], torch.cat(token_ids)[order], torch.cat(acts)[order]
 
 
 @torch.no_grad()
 def rebuild_windows(sae: SAE, folder: str | Path | HarvestSource, examples: list[tuple[int, int, int]],
                     before: int = 16, after: int = 4) -> list[ContextWindow]:
     """Windows of ``before`` positions before and ``after`` after each example
-    ``(latent, context_id, position)``; every context is read and encoded once."""
+    ``(latent, context_id, position)``; every stored row of the examples' contexts is read
+    and encoded once."""
     source = folder if isinstance(folder, HarvestSource) else HarvestSource(folder)
-    rows = context_rows(source, [c for _, c, _ in examples])
+    if not examples:
+        return []
+    size = source.context_size
+    keys, token_ids, acts = context_rows(source, [c for _, c, _ in examples])
     device = next(sae.parameters()).device
-    by_context: dict[int, list[int]] = {}
-    for i, (_, context_id, _) in enumerate(examples):
-        by_context.setdefault(context_id, []).append(i)
-    windows: list[ContextWindow | None] = [None] * len(examples)
-    for context_id, members in by_context.items():
-        positions, token_ids, acts = rows.pop(context_id)
-        # One context's [tokens, d_sae] at a time: only the needed columns are kept.
-        f = sae.encode(acts.to(device, torch.float32)).cpu()
-        for i in members:
-            latent, _, position = examples[i]
-            keep = (positions >= position - before) & (positions <= position + after)
-            windows[i] = ContextWindow(context_id, position, latent, positions[keep], token_ids[keep],
-                                       f[keep, latent].clone())
-    return windows  # type: ignore[return-value]
+    ex = torch.tensor(examples, dtype=torch.int64)
+    latent, context, position = ex[:, 0], ex[:, 1], ex[:, 2]
+    # Candidate keys of each window, [examples, before + 1 + after]; a candidate is a row
+    # when that key was stored (not BOS/EOS) and lies inside the example's context.
+    offsets = torch.arange(-before, after + 1)
+    wanted = (context * size + position)[:, None] + offsets
+    inside = ((position[:, None] + offsets) >= 0) & ((position[:, None] + offsets) < size)
+    found = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
+    valid = inside & (keys[found] == wanted) if len(keys) else torch.zeros_like(inside)
+    values = torch.zeros(wanted.shape)
+    # Encode in blocks of whole contexts; each example's rows lie in its context's block.
+    stored, counts = split_keys(keys, size)[0].unique_consecutive(return_counts=True)
+    block_of_context: dict[int, tuple[int, int]] = {}
+    start, first, stored_list = 0, 0, stored.tolist()
+    for i, end in enumerate(torch.cumsum(counts, 0).tolist()):
+        if end - start >= ROWS_PER_BLOCK or i == len(stored_list) - 1:
+            block_of_context.update(dict.fromkeys(stored_list[first : i + 1], (start, end)))
+            start, first = end, i + 1
+    by_block: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(context.tolist()):
+        if c in block_of_context:
+            by_block.setdefault(block_of_context[c], []).append(i)
+    for (a, z), members in by_block.items():
+        f = sae.encode(acts[a:z].to(device, torch.float32)).cpu()
+        idx = torch.tensor(members)
+        rows = (found[idx] - a).clamp(0, z - a - 1)
+        values[idx] = torch.where(valid[idx], f[rows, latent[idx, None]], 0.0)
+    windows = []
+    for i, (lat, ctx, pos) in enumerate(examples):
+        keep = valid[i]
+        windows.append(ContextWindow(ctx, pos, lat, (pos + offsets)[keep], token_ids[found[i][keep]],
+                                     values[i][keep].clone()))
+    return windows

@@ -85,14 +85,30 @@ def _mix32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def priority(keys: Tensor, latents: Tensor, seed: int = 0) -> Tensor:
+def key_hash(keys: Tensor, seed: int = 0) -> Tensor:
+    """A 32-bit hash of each token key (computed once per row of a batch)."""
+    h = _mix32((keys >> 32) & 0xFFFFFFFF ^ (seed & 0xFFFFFFFF))
+    return _mix32(h ^ (keys & 0xFFFFFFFF))
+
+
+def latent_salt(latents: Tensor, seed: int = 0) -> Tensor:
+    """A 32-bit hash of each latent id, XORed into the key hash to give each latent its own order."""
+    return _mix32(_mix32(latents.to(torch.int64) ^ (seed & 0xFFFFFFFF)) ^ 0x9E3779B9)
+
+
+def priority(keys: Tensor, latents: Tensor, seed: int = 0, hashed: Tensor | None = None,
+             salt: Tensor | None = None) -> Tensor:
     """A pseudo-random int64 priority per (token key, latent), unique within a latent for
-    token keys below 2^32: a 31-bit hash in the high bits, the key's low 32 bits below."""
-    low = keys & 0xFFFFFFFF
-    h = _mix32(latents.to(torch.int64) ^ (seed & 0xFFFFFFFF))
-    h = _mix32(h ^ (keys >> 32) & 0xFFFFFFFF)
-    h = _mix32(h ^ low)
-    return ((h & 0x7FFFFFFF) << 32) | low
+    token keys below 2^32: a 31-bit hash in the high bits, the key's low 32 bits below.
+
+    The hash is ``key_hash(key) ^ latent_salt(latent)``: for one latent, XOR with a constant
+    permutes the hash values, so its order is as random as the key hash, and a batch hashes
+    each row once instead of each (row, latent) pair. ``hashed`` and ``salt``: the two
+    hashes, when the caller has them already (same result).
+    """
+    hashed = key_hash(keys, seed) if hashed is None else hashed
+    salt = latent_salt(latents, seed) if salt is None else salt
+    return (((hashed ^ salt) & 0x7FFFFFFF) << 32) | (keys & 0xFFFFFFFF)
 
 
 class IntervalSampler:
@@ -112,6 +128,7 @@ class IntervalSampler:
         self.priority = torch.full(shape, _LAST_PRIORITY, dtype=torch.int64, device=device)
         self.values = torch.zeros(shape, device=device)
         self.keys = torch.full(shape, _EMPTY, dtype=torch.int64, device=device)
+        self._salt = latent_salt(torch.arange(d_sae, device=device), seed)
 
     def interval(self, values: Tensor, latents: Tensor) -> Tensor:
         """Interval index of firing ``values`` of ``latents``."""
@@ -121,7 +138,8 @@ class IntervalSampler:
     def update(self, f: Tensor, keys: Tensor, rows: Tensor, latents: Tensor) -> None:
         values = f[rows, latents]
         group = latents * self.n + self.interval(values, latents)
-        prio = priority(keys[rows], latents, self.seed)
+        row_hash = key_hash(keys, self.seed)  # one hash per row, then one XOR per firing entry
+        prio = priority(keys[rows], latents, hashed=row_hash[rows], salt=self._salt[latents])
         keep = prio < self.priority[group, -1]  # beats the current s-th lowest of its group
         if not keep.any():
             return
