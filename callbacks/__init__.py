@@ -4,6 +4,7 @@ Installed next to the ``gs_lightning`` package, so ``callbacks.SaveSAE`` resolve
 gs_lightning is installed, not only from the repository root.
 """
 
+from callbacks.browser import BuildBrowser
 from callbacks.delta_lm_loss import DeltaLMLoss
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.plots import SavePlots
@@ -14,5 +15,5 @@ from callbacks.save_sae import SaveSAE
 from callbacks.summary import FinalSummary
 from callbacks.throughput import Throughput
 
-__all__ = ["DeltaLMLoss", "FinalSummary", "LastCheckpoint", "RunSummary", "SaveOnSigterm", "SavePlots", "SaveSAE",
+__all__ = ["BuildBrowser", "DeltaLMLoss", "FinalSummary", "LastCheckpoint", "RunSummary", "SaveOnSigterm", "SavePlots", "SaveSAE",
            "StepProgressBar", "Throughput"]

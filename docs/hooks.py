@@ -30,10 +30,10 @@ CLI_MARKER = "<!-- cli-help -->"
 HELP_COMMANDS: list[tuple[str, list[str]]] = [
     ("python -m gs_lightning", ["--help"]),
     *[(f"python -m gs_lightning {sub}", [sub, "--help"])
-      for sub in ("fit", "validate", "harvest", "evaluate", "export", "sweep", "suite")],
+      for sub in ("fit", "validate", "harvest", "evaluate", "export", "sweep", "suite", "browse")],
     *[(f"fit --model.sae.help gs_lightning.saes.{name}", ["fit", "--model.sae.help", f"gs_lightning.saes.{name}"])
       for name in ("JumpReLUSAE", "JumpReLU2025SAE", "ReLUSAE", "TopKSAE", "BatchTopKSAE",
-                   "MatryoshkaBatchTopKSAE", "GatedSAE")],
+                   "MatryoshkaBatchTopKSAE", "MatryoshkaJumpReLUSAE", "GatedSAE")],
     *[(f"fit --data.help gs_lightning.data.{name}", ["fit", "--data.help", f"gs_lightning.data.{name}"])
       for name in ("LiveActivationDataModule", "ShardedActivationDataModule", "SyntheticActivationDataModule",
                    "TensorActivationDataModule")],

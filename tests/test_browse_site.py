@@ -9,16 +9,20 @@ import json
 import shutil
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
+from callbacks import BuildBrowser, SaveSAE
 from gs_lightning.browse import collect
 from gs_lightning.browse.build import browse
 from gs_lightning.browse.records import token_strings
+from gs_lightning.data import ShardedActivationDataModule
 from gs_lightning.errors import ConfigError
 from gs_lightning.harvest import HarvestConfig, harvest
 from gs_lightning.io import save_sae
 from gs_lightning.lm import load_language_model
+from gs_lightning.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
 
 SITE = "blocks.1.hook_resid_post"
@@ -98,6 +102,15 @@ def test_site_data_equal_the_collected_figures(site) -> None:
         assert row[6].split() == list(dict.fromkeys(t for e in tops if (t := e["tokens"][e["peak"]].strip())))[:6]
 
 
+def test_token_strings_spell_the_text() -> None:
+    # Byte-level BPE spells bytes as characters (a curly quote is 3 of them): mapped back.
+    _, tokenizer = load_language_model("gs-lightning/tiny-gemma2-kjv")
+    strings = token_strings(tokenizer)
+    text = "And Simon’s house stood round about;\nthe LORD’s temple."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "".join(strings[i] for i in ids) == text == tokenizer.decode(ids)
+
+
 def test_neuronpedia_json_has_the_saedashboard_fields(site) -> None:
     folder = site["index"].parent / "neuronpedia"
     batches = [json.loads(p.read_text()) for p in sorted(folder.glob("batch-*.json"))]
@@ -125,6 +138,23 @@ def test_browse_takes_one_sae_a_list_or_a_glob(site, tmp_path) -> None:
     assert all(p.is_file() for p in built)
     with pytest.raises(ConfigError, match="sae: the pattern"):
         browse(str(tmp_path / "nothing*" / "sae"), **quick)
+
+
+def test_build_browser_callback_browses_the_saved_sae(site, tmp_path) -> None:
+    data = ShardedActivationDataModule(path=str(site["folder"]), batch_size=100, val_shards=1)
+    module = SAETrainingModule(JumpReLUSAE(128, 32), lr=1e-3)
+    browser = BuildBrowser(k=2, intervals=1, samples=1, neuronpedia=False)
+    trainer = pl.Trainer(max_steps=3, callbacks=[SaveSAE(), browser], default_root_dir=tmp_path,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    log_dir = Path(trainer.log_dir)
+    assert browser.built == [log_dir / "browser" / "index.html"] and browser.built[0].is_file()
+    records = _records(browser.built[0])
+    assert len(records) == 32 and sum(r["count"] for r in records) > 0
+    misordered = pl.Trainer(max_steps=1, callbacks=[BuildBrowser(), SaveSAE()], default_root_dir=tmp_path,
+                            enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match="list callbacks.SaveSAE before it"):
+        misordered.fit(SAETrainingModule(JumpReLUSAE(128, 32)), data)
 
 
 def _chromium() -> str:

@@ -274,3 +274,16 @@ def test_the_readme_quickstart_runs_and_its_sae_exports(in_repo: None, tmp_path:
         args[args.index("--out") + 1] = str(tmp_path / f"release_{i}")
         (written,) = main(args)
         assert load_sae(written).W_dec.shape == (2048, 128)
+
+
+def test_the_cli_reference_covers_every_subcommand_and_variant() -> None:
+    # docs/hooks.py lists what it captures --help of; a new subcommand or variant must join it.
+    import gs_lightning.saes as saes
+    from gs_lightning.saes.base import SAE
+
+    documented = {args[0] for _, args in HOOKS.HELP_COMMANDS if args and not args[0].startswith("-")}
+    assert {"fit", "validate", *EXTRA_SUBCOMMANDS} <= documented
+    variants = {name for name in saes.__all__ if isinstance(getattr(saes, name), type)
+                and issubclass(getattr(saes, name), SAE) and name not in ("SAE", "PackedSAE")}
+    helped = {args[2].rsplit(".", 1)[1] for _, args in HOOKS.HELP_COMMANDS if args[:2] == ["fit", "--model.sae.help"]}
+    assert variants <= helped

@@ -110,7 +110,9 @@ def _browse_one(sae_path: Path, output: str | None, shards: str | None, tokens: 
     print(f"browse: {sae} over {source.tokens:,} tokens of {folder}")
     data = collect(model_sae, folder, k=k, intervals=intervals, samples=samples, device=device)
     model, tokenizer = shared_language_model(source.manifest["model"], source.manifest.get("revision"))
-    data.extras = decoder_data(model_sae.W_dec.detach(), model, data.site, logits, neighbours)
+    # A transcoder's decoder writes to its target site: its logit effects are read there.
+    data.extras = decoder_data(model_sae.W_dec.detach(), model, meta.get("target_site") or data.site, logits,
+                               neighbours)
     strings = token_strings(tokenizer)
     summary = _summary(sae_path, model_sae, data, meta, out)
     dataset = str(source.manifest.get("harvest", {}).get("text", ""))

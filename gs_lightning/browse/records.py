@@ -23,19 +23,35 @@ def token_strings(tokenizer: Any) -> list[str]:
     """How each token id reads in running text, for the whole vocabulary.
 
     Single-token ``decode`` drops a SentencePiece token's leading space, so the token
-    pieces are mapped instead: ``▁`` (SentencePiece) and ``Ġ`` (byte-level BPE) become a
-    space, ``Ċ`` a newline, and ``<0x0A>``-style byte tokens their character.
+    pieces are mapped instead. SentencePiece vocabularies: ``▁`` is a space and
+    ``<0x0A>``-style byte tokens are their byte. Byte-level BPE vocabularies (GPT-2's
+    scheme, which spells every byte as a printable character: ``Ġ`` a space, ``âĢĻ`` the
+    three bytes of a right quote): the characters are mapped back to bytes and decoded as
+    UTF-8 (a token holding part of a character shows a replacement mark).
     """
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    pieces = [piece or "" for piece in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+    byte_level = any(piece.startswith("Ġ") for piece in pieces)
+    to_byte = {char: byte for byte, char in _byte_alphabet().items()}
     out = []
     for piece in pieces:
-        piece = piece or ""
         byte = _BYTE_TOKEN.match(piece)
         if byte:
             out.append(chr(int(byte.group(1), 16)))
+        elif byte_level and all(c in to_byte for c in piece):
+            out.append(bytes(to_byte[c] for c in piece).decode("utf-8", errors="replace"))
         else:
-            out.append(piece.replace("▁", " ").replace("Ġ", " ").replace("Ċ", "\n"))
+            out.append(piece.replace("▁", " "))
     return out
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """Byte-level BPE's printable spelling of each byte: printable Latin-1 bytes stand for
+    themselves, the other 68 take the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in alphabet]
+    alphabet.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return alphabet
 
 
 def example_keys(data: LatentData, latents: range) -> list[tuple[int, int, int]]:

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gs_lightning.metrics import DENSE_THRESHOLD
+
 ASSETS = Path(__file__).with_name("assets")
 INDEX_COLUMNS = ("id", "frequency", "max", "mean", "l0_share", "flag", "search")
 SEARCH_TOKENS = 6
@@ -37,7 +39,7 @@ SEARCH_TOKENS = 6
 
 
 def write_site(out: str | Path, summary: dict[str, Any], records: Iterable[dict[str, Any]], d_sae: int,
-               dense_threshold: float = 0.1, chunk_size: int = 256) -> Path:
+               dense_threshold: float = DENSE_THRESHOLD, chunk_size: int = 256) -> Path:
     """Write the site into ``out`` (replacing it) and return its ``index.html``.
 
     Built in ``<out>.partial`` and renamed at the end, so an interrupted build never
@@ -50,7 +52,7 @@ def write_site(out: str | Path, summary: dict[str, Any], records: Iterable[dict[
         records: One latent record per latent, ids ``0 .. d_sae - 1`` in order (see the
             module docstring); consumed once, chunk by chunk.
         d_sae: Number of latents.
-        dense_threshold: Frequency above which a latent is flagged dense.
+        dense_threshold: Frequency above which a latent is flagged dense (evaluate's, 0.1).
         chunk_size: Latent records per data file.
     """
     out = Path(out)
