@@ -82,6 +82,7 @@ def test_site_data_equal_the_collected_figures(site) -> None:
     for r in records:
         i = r["id"]
         assert r["count"] == int(data.count[i]) and r["max"] == pytest.approx(float(data.max[i]))
+        assert "input_neighbours" not in r  # only transcoders have an input side apart
         assert r["frequency"] == pytest.approx(int(data.count[i]) / data.tokens)
         top = r["groups"][0]
         assert top["kind"] == "top" and len(top["examples"]) == int((data.top_keys[i] >= 0).sum())
@@ -138,6 +139,30 @@ def test_browse_takes_one_sae_a_list_or_a_glob(site, tmp_path) -> None:
     assert all(p.is_file() for p in built)
     with pytest.raises(ConfigError, match="sae: the pattern"):
         browse(str(tmp_path / "nothing*" / "sae"), **quick)
+
+
+def test_a_transcoder_is_browsed_on_both_sides(tmp_path) -> None:
+    sites = ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+    config = HarvestConfig(output=str(tmp_path / "harvest"), sites=sites, context_size=32, model_batch_size=4,
+                           max_tokens=300, dtype="float32", shuffle_bucket_tokens=300, shard_tokens=300)
+    folders = harvest(config)
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(128, 16, d_out=128).eval()
+    path = save_sae(sae, tmp_path / "sae", 1.0, {"model": config.model, "site": sites[0], "target_site": sites[1],
+                                               "text": "kjv", "context_size": 32})
+    [index] = browse(str(path), shards=str(folders[sites[0]]), k=2, intervals=0, neuronpedia=False,
+                     neighbours=3, logits=4)
+    records = _records(index)
+    # Input side: nearest latents by encoder direction; output side: the decoder's logits at the MLP output.
+    enc = torch.nn.functional.normalize(sae.W_enc.detach().T, dim=1)
+    sims = (enc @ enc.T).fill_diagonal_(-torch.inf)
+    model, _ = load_language_model(config.model)
+    gain = 1 + model.model.norm.weight.float()
+    logits = (sae.W_dec.detach() * gain) @ model.get_output_embeddings().weight.float().T
+    strings = token_strings(load_language_model(config.model)[1])
+    for r in records:
+        assert [n for n, _ in r["input_neighbours"]] == sims[r["id"]].topk(3).indices.tolist()
+        assert [t for t, _ in r["effects"][0]["promoted"]] == [strings[t] for t in logits[r["id"]].topk(4).indices]
 
 
 def test_build_browser_callback_browses_the_saved_sae(site, tmp_path) -> None:

@@ -44,7 +44,7 @@ HOOKS = _load_hooks()
 
 
 def bash_blocks(markdown: str) -> list[str]:
-    return re.findall(r"^```bash\n(.*?)\n```", markdown, re.S | re.M)
+    return re.findall(r"^```bash\n(.*?)\n```", markdown, re.DOTALL | re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,13 @@ def check_command(command: DocCommand, capsys: pytest.CaptureFixture[str]) -> No
 
 def check_sweep(options: dict, command: DocCommand, capsys: pytest.CaptureFixture[str]) -> None:
     """Each run a local sweep would start, and its packed form, parses as a ``fit``."""
-    from gs_lightning.sweep import base_args, load_spec, packed_name, run_args, suggestions
+    from gs_lightning.sweep import (
+        base_args,
+        load_spec,
+        packed_name,
+        run_args,
+        suggestions,
+    )
 
     spec = load_spec(options["spec"])
     runs = suggestions(spec, options.get("count"), options.get("seed", 0))
@@ -223,7 +229,7 @@ def test_every_relative_link_resolves() -> None:
     generated = {ROOT / "docs" / page for page in HOOKS.generated_pages()}
     broken = []
     for path in DOC_FILES:
-        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)  # links in code are text
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.DOTALL | re.MULTILINE)  # links in code are text
         for target in LINK.findall(text):
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue
@@ -278,7 +284,7 @@ def test_the_readme_quickstart_runs_and_its_sae_exports(in_repo: None, tmp_path:
 
 def test_the_cli_reference_covers_every_subcommand_and_variant() -> None:
     # docs/hooks.py lists what it captures --help of; a new subcommand or variant must join it.
-    import gs_lightning.saes as saes
+    from gs_lightning import saes
     from gs_lightning.saes.base import SAE
 
     documented = {args[0] for _, args in HOOKS.HELP_COMMANDS if args and not args[0].startswith("-")}

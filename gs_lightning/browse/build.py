@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from gs_lightning.browse.collect import LatentData, collect
 from gs_lightning.browse.contexts import rebuild_windows
-from gs_lightning.browse.decoder import decoder_data
+from gs_lightning.browse.decoder import decoder_data, nearest_latents
 from gs_lightning.browse.records import (
     example_keys,
     latent_records,
@@ -113,6 +113,9 @@ def _browse_one(sae_path: Path, output: str | None, shards: str | None, tokens: 
     # A transcoder's decoder writes to its target site: its logit effects are read there.
     data.extras = decoder_data(model_sae.W_dec.detach(), model, meta.get("target_site") or data.site, logits,
                                neighbours)
+    if getattr(model_sae, "is_transcoder", False):  # its input side: latents that read alike
+        near = nearest_latents(model_sae.W_enc.detach().T, neighbours)
+        data.extras.update({f"input_{key}": value for key, value in near.items()})
     strings = token_strings(tokenizer)
     summary = _summary(sae_path, model_sae, data, meta, out)
     dataset = str(source.manifest.get("harvest", {}).get("text", ""))

@@ -116,6 +116,9 @@ def latent_records(data: LatentData, latents: range, windows: list[ContextWindow
         if "neighbour_ids" in extras:
             record["neighbours"] = [[n, round(c, 4)] for n, c in zip(extras["neighbour_ids"][i].tolist(),
                                                                      extras["neighbour_cosines"][i].tolist())]
+        if "input_neighbour_ids" in extras:  # a transcoder: what its encoder reads, compared
+            record["input_neighbours"] = [[n, round(c, 4)] for n, c in zip(
+                extras["input_neighbour_ids"][i].tolist(), extras["input_neighbour_cosines"][i].tolist())]
         yield record
 
 

@@ -18,7 +18,8 @@ A latent record (what :func:`write_site` takes, one per latent, in id order)::
      "groups": [{"kind": "top" | "interval", "title": str, "bin_min": float, "bin_max": float,
                  "bin_contains": float, "examples": [{"tokens": [str], "values": [float], "peak": int}]}],
      "effects": [{"title": str, "promoted": [[token, value]], "suppressed": [[token, value]]}],
-     "neighbours": [[latent, cosine]]}
+     "neighbours": [[latent, cosine]],
+     "input_neighbours": [[latent, cosine]]}       (transcoders only: by encoder direction)
 """
 
 from __future__ import annotations

@@ -163,14 +163,18 @@ function latentView(view, id) {
       effects.append(el("div", {}, el("h4", {}, side.title), el("div", { class: "cols" },
         tokenTable("promotes", side.promoted, "promoted"), tokenTable("suppresses", side.suppressed, "suppressed"))));
     }
-    if (rec.neighbours && rec.neighbours.length) {
-      const near = el("table", { class: "neighbours" }, el("tr", {}, el("th", { class: "text" }, "nearest latents"),
-                                                         el("th", {}, "decoder cos")));
-      for (const [other, cos] of rec.neighbours) {
+    // Nearest latents by decoder direction (what they write) and, for a transcoder, by
+    // encoder direction (what they read: its input side).
+    for (const [key, title, label] of [["neighbours", "neighbours", "decoder cos"],
+                                       ["input_neighbours", "input side: neighbours", "encoder cos"]]) {
+      if (!(rec[key] && rec[key].length)) continue;
+      const near = el("table", { class: key }, el("tr", {}, el("th", { class: "text" }, "nearest latents"),
+                                                  el("th", {}, label)));
+      for (const [other, cos] of rec[key]) {
         near.append(el("tr", {}, el("td", { class: "text" }, el("a", { href: `#latent=${other}` }, other)),
                        el("td", {}, fmt(cos))));
       }
-      effects.append(el("div", {}, el("h4", {}, "neighbours"), near));
+      effects.append(el("div", {}, el("h4", {}, title), near));
     }
     box.append(effects);
     for (const group of rec.groups) {
