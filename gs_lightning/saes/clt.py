@@ -124,6 +124,12 @@ class CrossLayerTranscoder(SAE):
         """One scale per layer, broadcast over ``[batch, n_layers, d]``."""
         return (self.n_layers, 1)
 
+    @property
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per weight of the encoders and of the L (L + 1) / 2
+        decoders (forward 2, backward 4)."""
+        return 6 * (self.W_enc.numel() + sum(W.numel() for W in self.W_dec))
+
     def make_parameters(self) -> None:
         L, n, d, d_out = self.n_layers, self.d_sae // self.n_layers, self.d_in, self.out_width
         self.W_enc = nn.Parameter(torch.empty(L, d, n))
