@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from gs_lightning.io import save_sae
+from gs_lightning.io import plain_scale, save_sae
 from gs_lightning.parallel import whole_saes
 
 
@@ -42,8 +42,8 @@ class SaveSAE(pl.Callback):
                 metadata["sweep_member"] = name
             target = path if name is None else path.parent / name / path.name
             target_scale = getattr(pl_module, "target_scale", None)
-            self.saved_paths[name] = save_sae(sae, target, float(pl_module.input_scale), metadata,
-                                              None if target_scale is None else float(target_scale))
+            self.saved_paths[name] = save_sae(sae, target, plain_scale(pl_module.input_scale), metadata,
+                                              None if target_scale is None else plain_scale(target_scale))
             print(f"saved SAE to {self.saved_paths[name]}", flush=True)
         self.saved_path = next(iter(self.saved_paths.values()))
 

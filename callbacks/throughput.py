@@ -87,7 +87,13 @@ def sae_flops_per_token(pl_module: pl.LightningModule) -> float:
     may differ).
     """
     named = pl_module.named_saes() if hasattr(pl_module, "named_saes") else [(None, pl_module.sae)]
-    return float(sum(6 * sae.d_sae * (sae.d_in + (getattr(sae, "d_out", None) or sae.d_in)) for _, sae in named))
+
+    def flops(sae: Any) -> float:
+        if hasattr(sae, "flops_per_token"):  # a dictionary of another shape counts its own
+            return float(sae.flops_per_token)
+        return 6 * sae.d_sae * (sae.d_in + (getattr(sae, "d_out", None) or sae.d_in))
+
+    return float(sum(flops(sae) for _, sae in named))
 
 
 # Lightning's ThroughputMonitor callback logs a rolling per-step window under its own keys,

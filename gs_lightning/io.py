@@ -51,22 +51,31 @@ SAELENS_ARCHITECTURES = {
 }
 
 
-def save_sae(sae: SAE, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None,
-             target_scale: float | None = None) -> Path:
+def plain_scale(scale: float | Tensor | list[float]) -> float | list[float]:
+    """A scale as JSON holds it: a float, or a list with one per stacked site (a CLT's layers)."""
+    values = torch.as_tensor(scale, dtype=torch.float64).flatten().tolist()
+    return values[0] if len(values) == 1 and not isinstance(scale, list) else values
+
+
+def save_sae(sae: SAE, path: str | Path, input_scale: float | list[float] = 1.0,
+             metadata: dict[str, Any] | None = None, target_scale: float | list[float] | None = None) -> Path:
     """Save ``sae`` so that it takes raw activations (``input_scale`` folded in) and, for a
-    transcoder, reconstructs raw target activations (``target_scale`` folded in).
+    transcoder, reconstructs raw target activations (``target_scale`` folded in); a list
+    holds one scale per stacked site.
 
     ``sae`` itself is left untouched; a folded copy is written.
     """
     path = Path(path)
     folded = copy.deepcopy(sae).cpu().float()
-    folded.fold_input_scale(float(input_scale), None if target_scale is None else float(target_scale))
+    input_scale = plain_scale(input_scale)
+    target_scale = None if target_scale is None else plain_scale(target_scale)
+    folded.fold_input_scale(input_scale, target_scale)
     config = {
         "format_version": FORMAT_VERSION,
         "class_path": f"{type(sae).__module__}.{type(sae).__qualname__}",
         "init_args": folded.init_args(),
-        "input_scale_folded": float(input_scale),
-        **({} if target_scale is None else {"target_scale_folded": float(target_scale)}),
+        "input_scale_folded": input_scale,
+        **({} if target_scale is None else {"target_scale_folded": target_scale}),
         "metadata": metadata or {},
     }
     return write_folder(path, {WEIGHTS_FILE: folded.canonical_state_dict(), CONFIG_FILE: config})

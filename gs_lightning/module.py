@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +29,12 @@ def check_widths(sae: SAE | PackedSAE, datamodule: Any) -> None:
             f"model.sae.init_args.d_in={sae.d_in} but {name} yields "
             f"activations of width {datamodule.d_in}; set model.sae.init_args.d_in: {datamodule.d_in}"
         )
+    stacked, wanted = getattr(datamodule, "stacked_sites", None), getattr(sae, "stacked_sites", None)
+    if stacked != wanted:
+        def says(n: int | None) -> str:
+            return "one site per batch" if n is None else f"{n} stacked sites"
+        raise ConfigError(f"the SAE reads {says(wanted)} but {name} yields {says(stacked)}; "
+                          "a cross-layer transcoder needs one input site per layer (AlignedShardsDataModule)")
     paired = bool(getattr(datamodule, "paired", False))
     if paired and sae.d_out is None:
         raise ConfigError(
@@ -107,20 +114,23 @@ class SAETrainingModule(pl.LightningModule):
             if sweep is not None:
                 raise ConfigError("model.latent_parallel shards one SAE; it cannot be combined with model.sweep")
             parallel.check_supported(sae)
+        if sae.stacked_sites is not None and sweep is not None:
+            raise ConfigError("model.sweep packs single-site SAEs; it cannot train a cross-layer transcoder")
             if optimizer != "adam":  # bitsandbytes' kernels take plain tensors, not DTensor shards
                 raise ConfigError("model.latent_parallel trains with model.optimizer: adam only")
         self._lrs: list[float | None] = [None]
         if sweep is not None:
             self.sae, self._lrs = build_packed(sae, sweep)
-        self.register_buffer("input_scale", torch.ones((), dtype=torch.float64))
+        # One scalar per site: a shape that broadcasts over a batch (per layer for a CLT).
+        self.register_buffer("input_scale", torch.ones(sae.scale_shape, dtype=torch.float64))
         if sae.d_out is not None:  # a transcoder: its target site has its own scale
-            self.register_buffer("target_scale", torch.ones((), dtype=torch.float64))
+            self.register_buffer("target_scale", torch.ones(sae.scale_shape, dtype=torch.float64))
         # Tokens since each latent last fired; float64 counts exactly up to 2^53 tokens.
         shape = (sae.d_sae,) if sweep is None else (len(self._lrs), sae.d_sae)
         self.register_buffer("tokens_since_fired", torch.zeros(shape, dtype=torch.float64))
         # torchmetrics states: pooled over every validation token and summed across ranks.
         if sweep is None:
-            self.val_fvu, self.val_l0, self.val_mse = PooledFVU(sae.out_width), MeanMetric(), MeanMetric()
+            self.val_fvu, self.val_l0, self.val_mse = PooledFVU(math.prod(sae.out_shape)), MeanMetric(), MeanMetric()
             self.val_firing = FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
         else:
             self.val_fvu = nn.ModuleList([PooledFVU(sae.out_width) for _ in self._lrs])
@@ -151,9 +161,9 @@ class SAETrainingModule(pl.LightningModule):
             return
         check_widths(self.sae, datamodule)
         # A checkpoint restored after setup overwrites this with the scale it trained on.
-        self.input_scale.fill_(float(datamodule.input_scale))
+        self.input_scale.copy_(_as_scale(datamodule.input_scale, self.input_scale))
         if hasattr(self, "target_scale"):
-            self.target_scale.fill_(float(datamodule.target_scale))
+            self.target_scale.copy_(_as_scale(datamodule.target_scale, self.target_scale))
 
     def configure_model(self) -> None:
         if self.hparams.get("latent_parallel") and not parallel.is_sharded(self.sae):
@@ -290,10 +300,10 @@ class SAETrainingModule(pl.LightningModule):
                 firing.update(f)
             # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
             x_hat = x_hat / out_scale
-            val_fvu.update(target, x_hat)
+            val_fvu.update(target.flatten(1), x_hat.flatten(1))  # stacked sites: one row per token
             self.log(metric_key("val/fvu", name), val_fvu, on_step=False, on_epoch=True, prog_bar=i == 0)
             val_l0.update(l0)
-            val_mse.update((x_hat - target).pow(2).sum(-1))
+            val_mse.update((x_hat - target).pow(2).flatten(1).sum(-1))
             self.log(metric_key("val/l0", name), val_l0, on_step=False, on_epoch=True)
             self.log(metric_key("val/mse", name), val_mse, on_step=False, on_epoch=True)
 
@@ -309,6 +319,14 @@ class SAETrainingModule(pl.LightningModule):
             self.log(metric_key("val/never_fire_frac", name), stats["dead_frac"].float(), sync_dist=True)
             self.log(metric_key("val/dense_frac", name), stats["dense_frac"].float(), sync_dist=True)
             firing.reset()
+
+
+def _as_scale(value: float | list[float], like: Tensor) -> Tensor:
+    """The data's scale (a float, or one per stacked site) in the shape of the buffer ``like``."""
+    scale = torch.as_tensor(value, dtype=like.dtype)
+    if scale.numel() != like.numel():
+        raise ConfigError(f"the data has {scale.numel()} site scales but the SAE expects {like.numel()}")
+    return scale.reshape(like.shape)
 
 
 def _item(metrics: nn.Module, i: int) -> Any:

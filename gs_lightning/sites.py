@@ -2,6 +2,11 @@
 
 A site is a string, either a TransformerLens hook name as SAELens uses them::
 
+    blocks.{L}.hook_resid_pre    input of decoder layer L (== hidden_states[L])
+    blocks.{L}.hook_resid_mid    the residual stream between attention and MLP: the input of
+                                 the pre-MLP norm (Gemma's pre_feedforward_layernorm,
+                                 Llama's post_attention_layernorm, GPT-2's ln_2); what a
+                                 cross-layer transcoder reads
     blocks.{L}.hook_resid_post   output of decoder layer L (== hidden_states[L+1])
     blocks.{L}.hook_mlp_in       input of the MLP (after pre_feedforward_layernorm in Gemma 2)
     blocks.{L}.hook_mlp_out      output of post_feedforward_layernorm (Gemma 2) or of .mlp
@@ -27,10 +32,10 @@ from transformers import PretrainedConfig
 
 from gs_lightning.errors import ConfigError
 
-_TL_SITE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_in|hook_mlp_out|attn\.hook_z)$")
+_TL_SITE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_in|hook_mlp_out|attn\.hook_z)$")
 _MODULE_SITE = re.compile(r"^([A-Za-z_][\w.]*):(input|output)$")
 _FORMS = (
-    "blocks.{L}.hook_resid_post, blocks.{L}.hook_mlp_in, blocks.{L}.hook_mlp_out, blocks.{L}.attn.hook_z, "
+    "blocks.{L}.hook_resid_pre, blocks.{L}.hook_resid_mid, blocks.{L}.hook_resid_post, blocks.{L}.hook_mlp_in, blocks.{L}.hook_mlp_out, blocks.{L}.attn.hook_z, "
     "'<module.path>:output' or '<module.path>:input'"
 )
 
@@ -49,6 +54,10 @@ LAYER_LIST_PATHS = (
 )
 _MLP_OUT_PATHS = ("post_feedforward_layernorm", "mlp")
 _MLP_PATHS = ("mlp",)  # its input is the MLP input (after the pre-MLP norm)
+# The pre-MLP norm, whose input is the residual stream after attention. Gemma 2/3 also have
+# a post_attention_layernorm, but there it normalises the attention output: Gemma's name
+# must come first.
+_PRE_MLP_NORM_PATHS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
 _ATTN_OUT_PROJ_PATHS = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attn.out_proj")
 
 
@@ -57,7 +66,7 @@ class SiteSpec:
     """A parsed site: ``layer`` is set for TransformerLens names, ``path`` for module paths."""
 
     site: str
-    hook: Literal["resid_post", "mlp_in", "mlp_out", "attn_z", "module"]
+    hook: Literal["resid_pre", "resid_mid", "resid_post", "mlp_in", "mlp_out", "attn_z", "module"]
     layer: int | None = None
     path: str | None = None
     io: Literal["input", "output"] = "output"
@@ -67,9 +76,9 @@ def parse_site(site: str) -> SiteSpec:
     """Parse a site string (syntax only; see :func:`resolve_site` for the module)."""
     m = _TL_SITE.match(site)
     if m:
-        hook = {"hook_resid_post": "resid_post", "hook_mlp_in": "mlp_in", "hook_mlp_out": "mlp_out",
-                "attn.hook_z": "attn_z"}
-        io = "input" if m.group(2) in ("attn.hook_z", "hook_mlp_in") else "output"
+        hook = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
+                "hook_mlp_in": "mlp_in", "hook_mlp_out": "mlp_out", "attn.hook_z": "attn_z"}
+        io = "output" if m.group(2) in ("hook_resid_post", "hook_mlp_out") else "input"
         return SiteSpec(site, hook[m.group(2)], layer=int(m.group(1)), io=io)
     m = _MODULE_SITE.match(site)
     if m:
@@ -158,6 +167,10 @@ def resolve_site(model: nn.Module, site: str) -> tuple[nn.Module, Literal["input
     layer = layers[spec.layer]
     if spec.hook == "resid_post":
         return layer, "output"
+    if spec.hook == "resid_pre":
+        return layer, "input"
+    if spec.hook == "resid_mid":
+        return _first_submodule(layer, _PRE_MLP_NORM_PATHS, site), "input"
     if spec.hook == "mlp_out":
         return _first_submodule(layer, _MLP_OUT_PATHS, site), "output"
     if spec.hook == "mlp_in":
@@ -219,7 +232,8 @@ class ActivationExtractor:
             return module.register_forward_hook(lambda _m, _a, out: self._store(site, out))
 
         def pre_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._store(site, args if args else next(iter(kwargs.values())))
+            # A decoder layer may be called with hidden_states as a keyword (hook_resid_pre).
+            self._store(site, args if args else kwargs.get("hidden_states", next(iter(kwargs.values()))))
 
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 

@@ -1,6 +1,7 @@
 """Every YAML in configs/ parses against the code; the small ones run end to end."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,7 @@ SMALL_DATA = {
                                  "scale_estimate_tokens": 1024},
     "SyntheticActivationDataModule": {"batch_size": 256, "n_tokens": 8192},
     "ShardedActivationDataModule": {"batch_size": 256, "window_tokens": 2048},
+    "AlignedShardsDataModule": {"batch_size": 256, "window_tokens": 2048},
 }
 
 
@@ -67,6 +69,18 @@ def _harvest_small(root: Path) -> list[str]:
             "--data.init_args.val_path", paths["harvest_quickstart_val.yaml"]]
 
 
+def _harvest_small_aligned(root: Path, config: Path) -> list[str]:
+    """Harvest a few thousand tokens of every site the config streams; its data paths there."""
+    data = yaml.safe_load(config.read_text())["data"]["init_args"]
+    sites = [Path(p).name for p in data["input_paths"] + data.get("target_paths", [])]
+    harvest = Path(__file__).parent.parent / "configs" / "harvest_quickstart_clt.yaml"
+    main(["harvest", "--config", str(harvest), "--output", str(root), "--max_tokens", "4096",
+          "--shard_tokens", "1024", "--shuffle_bucket_tokens", "2048"])
+    inputs, targets = sites[: len(data["input_paths"])], sites[len(data["input_paths"]) :]
+    return ["--data.init_args.input_paths", json.dumps([str(root / s) for s in inputs]),
+            "--data.init_args.target_paths", json.dumps([str(root / s) for s in targets])]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.name not in NEEDS_HUB | MULTI_PROCESS], ids=lambda p: p.name)
 def test_small_config_runs(path: Path, tmp_path: Path, capsys) -> None:
@@ -75,6 +89,8 @@ def test_small_config_runs(path: Path, tmp_path: Path, capsys) -> None:
                  for arg in (f"--data.init_args.{key}", str(value))]
     if source == "ShardedActivationDataModule":  # CI has no harvested shards: make a tiny set
         data_args += _harvest_small(tmp_path / "harvest")
+    if source == "AlignedShardsDataModule":
+        data_args += _harvest_small_aligned(tmp_path / "harvest", path)
     main(["fit", "--config", str(path), "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
           "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *data_args])
     out = capsys.readouterr().out

@@ -95,6 +95,33 @@ def test_mlp_in_is_pre_feedforward_layernorm_output(gemma, ids):
     torch.testing.assert_close(acts["blocks.1.hook_mlp_out"], mlp_out)
 
 
+def test_resid_pre_and_mid_add_up_to_resid_post(gemma, ids):
+    # resid_pre is the layer's input (hidden_states[L]); resid_mid is the stream after
+    # attention, which the MLP branch (pre-norm, MLP, post-norm) adds to: resid_post.
+    sites = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+    acts = _extract(gemma, sites, ids)
+    with torch.no_grad():
+        hidden = gemma(ids, output_hidden_states=True).hidden_states
+        layer = gemma.model.layers[1]
+        mlp = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(acts[sites[1]])))
+    torch.testing.assert_close(acts[sites[0]], hidden[1])
+    torch.testing.assert_close(acts[sites[1]], _reference(gemma, layer.pre_feedforward_layernorm, ids, "input"))
+    torch.testing.assert_close(acts[sites[1]] + mlp, acts[sites[2]])
+    assert not torch.allclose(acts[sites[0]], acts[sites[1]])
+    assert site_dim(gemma, sites[1]) == 64
+
+
+def test_resid_mid_on_llama_is_the_pre_mlp_norm_input(ids):
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=512)).eval()
+    layer = llama.model.layers[0]
+    acts = _extract(llama, ["blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"], ids)
+    with torch.no_grad():
+        mlp = layer.mlp(layer.post_attention_layernorm(acts["blocks.0.hook_resid_mid"]))
+    torch.testing.assert_close(acts["blocks.0.hook_resid_mid"] + mlp, acts["blocks.0.hook_resid_post"])
+
+
 def test_hook_z_is_o_proj_input(gemma, ids):
     ref = _reference(gemma, gemma.model.layers[2].self_attn.o_proj, ids, "input")
     acts = _extract(gemma, ["blocks.2.attn.hook_z"], ids)
@@ -204,7 +231,7 @@ def test_mlp_out_without_post_norm_is_the_mlp_output():
     [
         ("blocks.3.hook_resid_post", ["blocks.3.hook_resid_post", "3 layers"]),
         ("blocks.7.attn.hook_z", ["blocks.7.attn.hook_z", "3 layers"]),
-        ("blocks.0.hook_resid_pre", ["blocks.0.hook_resid_pre"]),
+        ("blocks.0.hook_attn_out", ["blocks.0.hook_attn_out"]),
         ("model.layers.0.mlpp:output", ["model.layers.0.mlpp:output", "mlp"]),
         ("model.layers.0.mlp:middle", ["model.layers.0.mlp:middle"]),
         ("resid", ["'resid'"]),

@@ -47,6 +47,12 @@ class ActivationDataModule(pl.LightningDataModule):
         return False
 
     @property
+    def stacked_sites(self) -> int | None:
+        """Number of aligned input sites stacked in each batch (``[batch, n, d_in]``), or
+        None when a batch holds one site (``[batch, d_in]``)."""
+        return None
+
+    @property
     def input_scale(self) -> float:
         """Scalar applied to every activation before the SAE sees it (valid after ``setup``)."""
         raise NotImplementedError

@@ -64,7 +64,7 @@ class _EpochStream:
             batches = DataLoader(_WorkerShare(dm.reader, plan, self.rank), batch_size=None,
                                  num_workers=dm.num_workers, pin_memory=dm.reader.pin_memory, collate_fn=as_is)
         for batch in batches:
-            yield _to_float(batch) if self.as_float else batch
+            yield dm.finish_batch(batch) if self.as_float else batch
 
 
 class ShardedActivationDataModule(ActivationDataModule):
@@ -128,16 +128,16 @@ class ShardedActivationDataModule(ActivationDataModule):
         self.val_shards, self.window_tokens, self.num_workers = val_shards, window_tokens, num_workers
         self.verify_checksums, self.model, self.pin_memory = verify_checksums, model, pin_memory
         self.manifests: list[dict[str, Any]] = []
-        sites = [self._split(self._blocks(self.paths), self.paths)]
-        if self.target_paths:
-            sites.append(self._split(self._blocks(self.target_paths), self.target_paths))
-            _check_aligned(sites[0][0], sites[1][0])
+        site_paths = self._site_paths()
+        sites = [self._split(self._blocks(paths), paths) for paths in site_paths]
+        for (other, _), paths in zip(sites[1:], site_paths[1:]):
+            _check_aligned(sites[0][0], other, paths)
         train = [t for t, _ in sites]
         self._val_blocks: list[list[Block]] = [v for _, v in sites]
         if self.val_paths:
+            if len(sites) > 1:
+                raise ConfigError("val_path with several sites is not supported; hold out val_shards instead")
             self._val_blocks[0] += self._blocks(self.val_paths, self.paths[0])
-            if self.target_paths:
-                raise ConfigError("val_path with target_path is not supported; hold out val_shards instead")
         self.reader = WindowReader(train, batch_size, seed, blocks_per_window(train[0], window_tokens),
                                    verify_checksums)
         self._state = {"epoch": 0, "window": 0, "offset": 0}
@@ -145,6 +145,10 @@ class ShardedActivationDataModule(ActivationDataModule):
         self._consumed = 0
         self._val: tuple[Tensor, ...] | None = None
         self._scales: list[float] | None = None
+
+    def _site_paths(self) -> list[list[str]]:
+        """The folders of each site streamed, the first site first (the others align with it)."""
+        return [self.paths] + ([self.target_paths] if self.target_paths else [])
 
     def _blocks(self, paths: list[str], like: str | None = None) -> list[Block]:
         """Every shard of ``paths``: folders of one site and width (those of folder ``like``, or of the first)."""
@@ -300,6 +304,10 @@ class ShardedActivationDataModule(ActivationDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Training batches travel in the storage dtype and become float32 on the device,
         # where the conversion is cheap.
+        return self.finish_batch(batch)
+
+    def finish_batch(self, batch: Batch) -> Any:
+        """A batch as the training module takes it: float32 (done on the device in training)."""
         return _to_float(batch)
 
 
@@ -307,13 +315,13 @@ def _to_float(batch: Batch) -> Batch:
     return tuple(b.float() for b in batch) if isinstance(batch, tuple) else batch.float()
 
 
-def _check_aligned(inputs: list[Block], targets: list[Block]) -> None:
-    """Input and target sites must list the same shards with the same token counts."""
-    counts = [e["tokens"] for _, e, _ in inputs], [e["tokens"] for _, e, _ in targets]
+def _check_aligned(first: list[Block], other: list[Block], paths: list[str]) -> None:
+    """Every site streamed with the first must list the same shards with the same token counts."""
+    counts = [e["tokens"] for _, e, _ in first], [e["tokens"] for _, e, _ in other]
     if counts[0] != counts[1]:
-        raise ConfigError(f"{files.join(targets[0][0], MANIFEST)}: its shards do not line up with "
-                          f"{files.join(inputs[0][0], MANIFEST)} (token counts differ); target_path must "
-                          "come from the same harvest as path")
+        raise ConfigError(f"{files.join(paths[0], MANIFEST)}: its shards do not line up with "
+                          f"{files.join(first[0][0], MANIFEST)} (token counts differ); sites streamed "
+                          "together must come from the same harvest")
 
 
 def _as_list(path: str | list[str] | None) -> list[str]:

@@ -73,20 +73,39 @@ class SAE(nn.Module):
         self.normalize_decoder = normalize_decoder
         self.d_out = d_out
         self._encoder_init_scale = encoder_init_scale
-        width = self.out_width
-        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(torch.empty(d_sae, width))
-        self.b_dec = nn.Parameter(torch.zeros(width))
         self.skip_connection = skip_connection
-        self.W_skip: nn.Parameter | None
-        self.register_parameter("W_skip", nn.Parameter(torch.zeros(d_in, width)) if skip_connection else None)
+        self.make_parameters()
         self.reset_parameters()
+
+    def make_parameters(self) -> None:
+        """Create the weights (values come from :meth:`reset_parameters`): ``W_enc [d_in, d_sae]``,
+        ``b_enc [d_sae]``, ``W_dec [d_sae, out_width]``, ``b_dec [out_width]`` and ``W_skip``
+        (None without a skip path). A dictionary of another shape overrides this."""
+        width = self.out_width
+        self.W_enc = nn.Parameter(torch.empty(self.d_in, self.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, width))
+        self.b_dec = nn.Parameter(torch.zeros(width))
+        self.W_skip: nn.Parameter | None
+        self.register_parameter("W_skip", nn.Parameter(torch.zeros(self.d_in, width)) if self.skip_connection else None)
 
     @property
     def out_width(self) -> int:
         """Width of the reconstruction: ``d_out`` for a transcoder, else ``d_in``."""
         return self.d_in if self.d_out is None else self.d_out
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """Shape of one token's reconstruction: ``(out_width,)``."""
+        return (self.out_width,)
+
+    stacked_sites: int | None = None
+    """Number of aligned sites stacked in each input (``[batch, n, d_in]``); None: one site, ``[batch, d_in]``."""
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """Shape of the input (and target) scale that broadcasts over a batch: ``()``, one scalar."""
+        return ()
 
     @property
     def is_transcoder(self) -> bool:

@@ -1,0 +1,278 @@
+"""Cross-layer transcoder (CLT) with JumpReLU latents.
+
+A CLT over ``L`` layers has, for every layer ``l``, ``n = d_sae / L`` latents that read
+the residual stream before layer ``l``'s MLP and write to the MLP output of layer ``l``
+and of every later layer (Ameisen et al. 2025, "Circuit Tracing: Revealing Computational
+Graphs in Language Models"; Gemma Scope 2 ships them for Gemma 3)::
+
+    pre_l  = x_l @ W_enc[l] + b_enc[l]                    x_l: blocks.{l}.hook_resid_mid
+    f_l    = JumpReLU(pre_l; threshold[l])
+    y_hat_m = b_dec[m] + sum_{l <= m} f_l @ W_dec[l][:, m - l]   y_m: blocks.{m}.hook_mlp_out
+
+``W_dec[l]`` is ``[n, L - l, d_out]``: the decoders of the ``(l, m)`` pairs with ``m >= l``,
+``L (L + 1) / 2`` of them (circuit-tracer's layout; Gemma Scope 2's ``w_dec`` is the full
+``[L, n, L, d]`` with the pairs ``m < l`` unused).
+
+Why the residual stream before the MLP (``hook_resid_mid``) and not the MLP's normalised
+input (``hook_mlp_in``): the circuit-tracing paper's features read the residual stream,
+circuit-tracer loads CLTs with ``feature_input_hook="hook_resid_mid"`` by default, and
+Gemma Scope 2 describes its CLT latents as reading the residual stream. Reading before the
+norm also keeps each encoder a linear function of the stream, which attribution graphs
+rely on (the norm's per-token scale would sit between them).
+
+The training recipe is Gemma Scope's JumpReLU one, per latent: the reconstruction loss is
+the squared error summed over the model dimension and over layers, averaged over tokens;
+the sparsity term is lambda times the number of active latents summed over layers (or, with
+``target_l0``, the quadratic penalty around a per-layer target, summed over layers). Each
+latent's decoder, concatenated over the layers it writes to, is kept at unit norm, as a
+JumpReLU SAE's decoder row is (Anthropic instead leaves it free and weights the sparsity
+term by its norm; with unit norm the two coincide).
+
+Latents are numbered layer-major: latent ``l * n + i`` is latent ``i`` of layer ``l``, so
+``encode`` returns ``[batch, d_sae]`` as any SAE does and the training module's firing
+statistics and dead-latent counters apply unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gs_lightning.functional import jumprelu, step
+from gs_lightning.saes.base import SAE
+
+
+class CrossLayerTranscoder(SAE):
+    """A cross-layer transcoder: JumpReLU latents per layer, each decoding to its own layer's
+    MLP output and every later one (see the module docstring for the maths and sources).
+
+    Inputs are ``[batch, n_layers, d_in]`` (the stacked ``hook_resid_mid`` of every layer,
+    as :class:`~gs_lightning.data.AlignedShardsDataModule` yields them); reconstructions are
+    ``[batch, n_layers, d_out]``.
+
+    Args:
+        n_layers: Number of layers L the CLT spans (layers 0..L-1 of its data).
+        d_in: Width of the residual stream each encoder reads.
+        d_sae: Total number of latents, split evenly over the layers (a multiple of n_layers).
+        sparsity_coefficient: lambda, the weight of the sparsity term (after warm-up).
+        bandwidth: eps of the rectangle kernel; None picks ``encoder_init_scale / sqrt(d_in)``
+            as :class:`~gs_lightning.saes.JumpReLUSAE` does.
+        threshold_init: Initial threshold of every latent; None picks ``bandwidth / 10``
+            (with the default bandwidth).
+        encoder_init_scale: Norm of each encoder column at initialisation; None picks
+            ``sqrt(2 d_in / n)`` with n the latents per layer (the transcoder default of
+            :class:`~gs_lightning.saes.JumpReLUSAE`).
+        target_l0: Train each layer towards this L0 with the per-token quadratic penalty
+            ``lambda mean_b sum_l (2 / T) (l0_bl - T)^2``; None keeps the L0 term
+            ``lambda mean_b sum_l l0_bl``.
+        d_out: Width of the MLP outputs reconstructed; default ``d_in``.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        d_in: int,
+        d_sae: int,
+        sparsity_coefficient: float = 1e-3,
+        bandwidth: float | None = None,
+        threshold_init: float | None = None,
+        encoder_init_scale: float | None = None,
+        target_l0: float | None = None,
+        d_out: int | None = None,
+    ) -> None:
+        if n_layers < 1 or d_sae % n_layers:
+            raise ValueError(f"d_sae={d_sae} must be a positive multiple of n_layers={n_layers}")
+        per_layer = d_sae // n_layers
+        scale = (2 * d_in / per_layer) ** 0.5 if encoder_init_scale is None else encoder_init_scale
+        sigma0 = scale / d_in**0.5
+        bandwidth = sigma0 if bandwidth is None else bandwidth
+        threshold_init = sigma0 / 10 if threshold_init is None else threshold_init
+        if bandwidth <= 0 or threshold_init <= 0:
+            raise ValueError(f"bandwidth and threshold_init must be > 0, got {bandwidth}, {threshold_init}")
+        self.n_layers = n_layers  # read by make_parameters, which the parent's constructor calls
+        super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_in if d_out is None else d_out,
+                         encoder_init_scale=scale)
+        self.sparsity_coefficient = sparsity_coefficient
+        self.bandwidth = bandwidth
+        self.threshold_init = threshold_init
+        self.encoder_init_scale = scale
+        self.target_l0 = target_l0
+        with torch.no_grad():
+            self.raw_threshold.fill_(threshold_init)
+
+    # -- shapes -------------------------------------------------------------------------
+
+    @property
+    def latents_per_layer(self) -> int:
+        """n, the latents that read each layer."""
+        return self.d_sae // self.n_layers
+
+    @property
+    def stacked_sites(self) -> int:  # type: ignore[override]
+        """Inputs stack one site per layer."""
+        return self.n_layers
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (self.n_layers, self.out_width)
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """One scale per layer, broadcast over ``[batch, n_layers, d]``."""
+        return (self.n_layers, 1)
+
+    @property
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per weight of the encoders and of the L (L + 1) / 2
+        decoders (forward 2, backward 4)."""
+        return 6 * (self.W_enc.numel() + sum(W.numel() for W in self.W_dec))
+
+    def make_parameters(self) -> None:
+        L, n, d, d_out = self.n_layers, self.d_sae // self.n_layers, self.d_in, self.out_width
+        self.W_enc = nn.Parameter(torch.empty(L, d, n))
+        self.b_enc = nn.Parameter(torch.zeros(L, n))
+        self.W_dec = nn.ParameterList([nn.Parameter(torch.empty(n, L - l, d_out)) for l in range(L)])
+        self.b_dec = nn.Parameter(torch.zeros(L, d_out))
+        self.register_parameter("W_skip", None)
+        # float32 always: bf16 would round the threshold's small Adam updates away.
+        self.raw_threshold = nn.Parameter(torch.zeros(L, n, dtype=torch.float32))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each latent's decoder (over the layers it writes to) a random unit vector; encoder
+        columns random of norm ``encoder_init_scale``; biases zero."""
+        for W in self.W_dec:
+            W.copy_(torch.randn_like(W))
+        self.after_optimizer_step()
+        self.W_enc.copy_(torch.randn_like(self.W_enc))
+        self.W_enc.mul_(self._encoder_init_scale / self.W_enc.norm(dim=1, keepdim=True))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @property
+    def threshold(self) -> Tensor:
+        """``[n_layers, n]`` thresholds, float32."""
+        return self.raw_threshold.float()
+
+    # -- forward ------------------------------------------------------------------------
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """``[batch, n_layers, n]``: layer l's pre-activations read layer l's input."""
+        return torch.einsum("bld,ldn->bln", x, self.W_enc) + self.b_enc
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """``[batch, d_sae]`` latents (layer-major) from ``[batch, n_layers, n]`` pre-activations."""
+        return jumprelu(pre.flatten(-2), self.threshold.flatten(), self.bandwidth)
+
+    def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """``[batch, n_layers, d_out]``: each layer's MLP output from the latents of it and of
+        every earlier layer."""
+        L, n = self.n_layers, self.latents_per_layer
+        f = f.unflatten(-1, (L, n))
+        y = f.new_zeros(*f.shape[:-2], L, self.out_width)
+        for l, W in enumerate(self.W_dec):
+            # One GEMM per source layer writes all its target layers at once.
+            y[..., l:, :] += (f[..., l, :] @ W.flatten(1)).unflatten(-1, (L - l, self.out_width))
+        return y + self.b_dec
+
+    def sparsity_losses(self, pre: Tensor, f: Tensor, warmup: float) -> dict[str, Tensor]:
+        s = step(pre.flatten(-2), self.threshold.flatten(), self.bandwidth).unflatten(-1, pre.shape[-2:])
+        layer_l0 = s.sum(-1)  # [batch, n_layers]
+        if self.target_l0 is None:
+            penalty = layer_l0.sum(-1).mean()
+        else:
+            T = float(self.target_l0)
+            penalty = ((2.0 / T) * (layer_l0 - T).pow(2)).sum(-1).mean()
+        return {"l0_penalty": warmup * self.sparsity_coefficient * penalty}
+
+    def reconstruction_losses(self, x: Tensor, target: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+        """``mse``: squared error summed over the model dimension and the layers, mean over tokens."""
+        return {"mse": (x_hat - target).pow(2).sum((-2, -1)).mean()}
+
+    # -- decoder norm and saving --------------------------------------------------------
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each latent's (concatenated) decoder."""
+        for W in self.W_dec:
+            if W.grad is not None:
+                w = W.flatten(1) / W.flatten(1).norm(dim=1, keepdim=True)
+                g = W.grad.view(W.shape[0], -1)
+                g.sub_((g * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Renormalise each latent's decoder to unit norm; clamp thresholds at >= 0."""
+        for W in self.W_dec:
+            W.div_(W.flatten(1).norm(dim=1).view(-1, 1, 1))
+        self.raw_threshold.clamp_(min=0.0)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float | Sequence[float],  # type: ignore[override]
+                         target_scale: float | Sequence[float] | None = None) -> None:
+        """Make the CLT take raw activations: ``W_enc[l] *= scale[l]``; the output of layer m
+        comes out in raw units, ``W_dec[l][:, m - l] /= target_scale[m]``, ``b_dec[m] /=
+        target_scale[m]``. A float applies to every layer."""
+        s = _per_layer(scale, self.n_layers, self.W_enc)
+        t = s if target_scale is None else _per_layer(target_scale, self.n_layers, self.W_enc)
+        self.W_enc.mul_(s.view(-1, 1, 1))
+        for l, W in enumerate(self.W_dec):
+            W.div_(t[l:].view(1, -1, 1))
+        self.b_dec.div_(t.view(-1, 1))
+
+    def canonical_state_dict(self) -> dict[str, Tensor]:
+        """``W_enc [L, d_in, n]``, ``b_enc [L, n]``, ``threshold [L, n]``, ``b_dec [L, d_out]``
+        and ``W_dec.{l} [n, L - l, d_out]``."""
+        tensors = {k: v.detach() for k, v in self.state_dict().items() if k != "raw_threshold"}
+        tensors["threshold"] = self.threshold.detach().clone()
+        return tensors
+
+    @torch.no_grad()
+    def load_canonical_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        tensors = dict(tensors)
+        tensors["raw_threshold"] = tensors.pop("threshold").float()
+        super().load_canonical_state_dict(tensors)
+
+
+def _per_layer(scale: float | Sequence[float] | Tensor, n_layers: int, like: Tensor) -> Tensor:
+    t = torch.as_tensor(scale, dtype=like.dtype, device=like.device).flatten()
+    return t.expand(n_layers) if t.numel() == 1 else t
+
+
+# -- memory --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CLTMemory:
+    """Parameters and training memory of a CLT (and of per-layer transcoders of equal total latents)."""
+
+    decoder_pairs: int
+    """Number of (source, target) layer pairs with a decoder: L (L + 1) / 2."""
+    parameters: int
+    per_layer_transcoder_parameters: int
+    """The same latents as L separate transcoders (each decoding to its own layer only)."""
+    bytes_per_parameter: int
+    """Weights + gradients + Adam's two moments, at the given byte widths."""
+
+    @property
+    def training_bytes(self) -> int:
+        return self.parameters * self.bytes_per_parameter
+
+    @property
+    def ratio_to_per_layer(self) -> float:
+        return self.parameters / self.per_layer_transcoder_parameters
+
+
+def clt_memory(n_layers: int, d_model: int, d_sae: int, weight_bytes: int = 4, optimizer_bytes: int = 8) -> CLTMemory:
+    """Memory of training a CLT of ``d_sae`` total latents over ``n_layers`` layers of width
+    ``d_model``: weights and gradients at ``weight_bytes`` each, Adam's moments at
+    ``optimizer_bytes`` per parameter (8 for fp32, 2 for 8-bit Adam). Activations not included."""
+    L, n, d = n_layers, d_sae // n_layers, d_model
+    pairs = L * (L + 1) // 2
+    small = L * n * 2 + L * d  # b_enc, threshold, b_dec
+    clt = L * d * n + pairs * n * d + small
+    per_layer = L * d * n + L * n * d + small
+    return CLTMemory(pairs, clt, per_layer, 2 * weight_bytes + optimizer_bytes)

@@ -1,0 +1,178 @@
+"""CrossLayerTranscoder: forward and training step against hand-written references, the
+one-layer case against a JumpReLU transcoder, saving with per-layer scales, memory, and a
+kill-and-resume fit on aligned shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from gs_lightning.data import AlignedShardsDataModule
+from gs_lightning.functional import rectangle
+from gs_lightning.io import load_sae, save_sae
+from gs_lightning.module import SAETrainingModule
+from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.saes.clt import CrossLayerTranscoder, clt_memory
+from tests.test_aligned import _sibling
+from tests.test_shards import write_folder
+
+L, D, N, B = 3, 4, 5, 16
+
+
+def _clt(target_l0: float | None = None, seed: int = 0) -> CrossLayerTranscoder:
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(L, D, L * N, sparsity_coefficient=0.3, bandwidth=0.5, target_l0=target_l0)
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.3)
+        clt.b_dec.normal_(0, 0.3)
+        clt.raw_threshold.uniform_(0.1, 0.6)
+    return clt
+
+
+def _data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
+
+
+def test_forward_is_the_sum_over_source_layers() -> None:
+    clt = _clt()
+    x, _ = _data()
+    f = clt.encode(x)
+    assert f.shape == (B, L * N)
+    y = clt.decode(f)
+    for l in range(L):
+        pre = x[:, l] @ clt.W_enc[l] + clt.b_enc[l]
+        torch.testing.assert_close(f[:, l * N : (l + 1) * N], pre * (pre > clt.threshold[l]))
+    for m in range(L):
+        ref = clt.b_dec[m] + sum(f[:, l * N : (l + 1) * N] @ clt.W_dec[l][:, m - l] for l in range(m + 1))
+        torch.testing.assert_close(y[:, m], ref)
+
+
+@pytest.mark.parametrize("target_l0", [None, 2.0])
+def test_training_step_matches_hand_computed_gradients(target_l0: float | None) -> None:
+    clt = _clt(target_l0)
+    x, y = _data()
+    warmup = 0.5
+    out = clt.training_output(x, warmup, y)
+    sum(out.losses.values()).backward()
+
+    with torch.no_grad():  # the same numbers by hand, without autograd
+        W_enc, b_enc, t, b_dec = clt.W_enc, clt.b_enc, clt.threshold, clt.b_dec
+        eps, lam = clt.bandwidth, warmup * clt.sparsity_coefficient
+        pre = torch.stack([x[:, l] @ W_enc[l] + b_enc[l] for l in range(L)], 1)  # [B, L, N]
+        on = (pre > t).float()
+        f = pre * on
+        y_hat = torch.stack([b_dec[m] + sum(f[:, l] @ clt.W_dec[l][:, m - l] for l in range(m + 1))
+                             for m in range(L)], 1)
+        mse = (y_hat - y).pow(2).sum((1, 2)).mean()
+        layer_l0 = on.sum(-1)
+        if target_l0 is None:
+            penalty, dpenalty = layer_l0.sum(-1).mean(), torch.full_like(layer_l0, 1.0 / B)
+        else:
+            penalty = ((2 / target_l0) * (layer_l0 - target_l0) ** 2).sum(-1).mean()
+            dpenalty = (4 / target_l0) * (layer_l0 - target_l0) / B  # d penalty / d l0_bl
+        g = 2 * (y_hat - y) / B  # d mse / d y_hat
+        dW_dec = [torch.einsum("bn,bkd->nkd", f[:, l], g[:, l:]) for l in range(L)]
+        df = torch.stack([torch.einsum("bkd,nkd->bn", g[:, l:], clt.W_dec[l]) for l in range(L)], 1)
+        kernel = rectangle((pre - t) / eps)
+        dpre = df * on  # no gradient through the jump to pre
+        dt = (-(t / eps) * kernel * df).sum(0) + lam * (-(1 / eps) * kernel * dpenalty[..., None]).sum(0)
+        dW_enc = torch.einsum("bld,bln->ldn", x, dpre)
+
+    assert out.losses["mse"].item() == pytest.approx(mse.item(), rel=1e-6)
+    assert out.losses["l0_penalty"].item() == pytest.approx((lam * penalty).item(), rel=1e-6)
+    assert out.l0.item() == pytest.approx(layer_l0.sum(-1).mean().item())
+    assert torch.equal(out.fire_counts, on.flatten(1).sum(0).long())
+    torch.testing.assert_close(clt.b_dec.grad, g.sum(0))
+    for l in range(L):
+        torch.testing.assert_close(clt.W_dec[l].grad, dW_dec[l])
+    torch.testing.assert_close(clt.W_enc.grad, dW_enc)
+    torch.testing.assert_close(clt.b_enc.grad, dpre.sum(0))
+    torch.testing.assert_close(clt.raw_threshold.grad, dt)
+    assert dt.abs().sum() > 0  # some pre-activations fall in the kernel: the check bites
+
+
+def test_one_layer_is_a_jumprelu_transcoder() -> None:
+    clt = CrossLayerTranscoder(1, D, N, sparsity_coefficient=0.3, bandwidth=0.5, d_out=3)
+    sae = JumpReLUSAE(D, N, sparsity_coefficient=0.3, bandwidth=0.5, d_out=3, fused=False,
+                      dead_coefficient=0.0, aux_coefficient=0.0)
+    with torch.no_grad():
+        sae.W_enc.copy_(clt.W_enc[0])
+        sae.W_dec.copy_(clt.W_dec[0][:, 0])
+        clt.raw_threshold.uniform_(0.0, 0.5)
+        sae.raw_threshold.copy_(clt.raw_threshold[0])
+    x, y = torch.randn(B, D), torch.randn(B, 3)
+    a, b = clt.training_output(x[:, None], 1.0, y[:, None]), sae.training_output(x, 1.0, y)
+    assert a.losses.keys() == b.losses.keys()
+    for k in a.losses:
+        torch.testing.assert_close(a.losses[k], b.losses[k])
+    sum(a.losses.values()).backward()
+    sum(b.losses.values()).backward()
+    torch.testing.assert_close(clt.W_enc.grad[0], sae.W_enc.grad)
+    torch.testing.assert_close(clt.W_dec[0].grad[:, 0], sae.W_dec.grad)
+    torch.testing.assert_close(clt.raw_threshold.grad[0], sae.raw_threshold.grad)
+
+
+def test_decoder_stays_unit_norm_over_the_layers_it_writes() -> None:
+    clt = _clt()
+    x, y = _data()
+    sum(clt.training_output(x, 1.0, y).losses.values()).backward()
+    clt.before_optimizer_step()
+    for W in clt.W_dec:  # no gradient along a latent's own (concatenated) decoder
+        assert (W.grad * W).sum((1, 2)).abs().max() < 1e-5
+    torch.optim.SGD(clt.parameters(), lr=5.0).step()
+    clt.after_optimizer_step()
+    for W in clt.W_dec:
+        torch.testing.assert_close(W.flatten(1).norm(dim=1), torch.ones(N))
+    assert clt.threshold.min() >= 0
+
+
+def test_saved_clt_takes_raw_activations_per_layer(tmp_path) -> None:
+    clt = _clt()
+    x, _ = _data()
+    s, t = [0.5, 2.0, 3.0], [4.0, 0.25, 1.5]
+    raw_in = x / torch.tensor(s)[:, None]
+    expected = clt(x) / torch.tensor(t)[:, None]  # trained on scaled inputs, reported raw
+    loaded = load_sae(save_sae(clt, tmp_path / "clt", s, {"model": "m"}, t))
+    assert isinstance(loaded, CrossLayerTranscoder)
+    torch.testing.assert_close(loaded(raw_in), expected, rtol=1e-5, atol=1e-5)
+    assert clt_memory(L, D, L * N).parameters == sum(p.numel() for p in clt.parameters())
+
+
+def test_memory_grows_with_the_decoder_pairs() -> None:
+    m = clt_memory(26, 2304, 26 * 16384)
+    assert m.decoder_pairs == 351
+    assert m.parameters == 26 * 2304 * 16384 + 351 * 16384 * 2304 + 26 * 16384 * 2 + 26 * 2304
+    assert m.ratio_to_per_layer == pytest.approx((1 + 351 / 26) / 2, rel=1e-3)
+    assert m.training_bytes == 16 * m.parameters  # fp32 weights, grads and two Adam moments
+
+
+def _fit(folders: list[str], root: Path, steps: int, ckpt: str | None = None) -> dict[str, torch.Tensor]:
+    pl.seed_everything(0)
+    dm = AlignedShardsDataModule(folders[:2], folders[2:], batch_size=64, window_tokens=256)
+    module = SAETrainingModule(CrossLayerTranscoder(2, 8, 32), lr=1e-2, lr_warmup_steps=3, sparsity_warmup_steps=5)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, default_root_dir=root,
+                         callbacks=[ModelCheckpoint(dirpath=root, every_n_train_steps=7, save_top_k=-1)],
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    assert module.input_scale.shape == (2, 1)
+    assert module.input_scale[1, 0] == pytest.approx(dm.input_scale[1]) and module.input_scale[1, 0] != module.input_scale[0, 0]
+    return {k: v.clone() for k, v in module.sae.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_kill_and_resume_fit_is_bit_exact(tmp_path) -> None:
+    first = write_folder(tmp_path / "site0", n_shards=6, rows=128)
+    folders = [str(first)] + [str(_sibling(first, tmp_path / f"site{k}", k, f"blocks.{k}.hook_mlp_out"))
+                              for k in range(1, 4)]
+    full = _fit(folders, tmp_path / "full", 17)
+    _fit(folders, tmp_path / "killed", 7)
+    resumed = _fit(folders, tmp_path / "resumed", 17, ckpt=str(tmp_path / "killed" / "epoch=0-step=7.ckpt"))
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
