@@ -33,10 +33,10 @@ HELP_COMMANDS: list[tuple[str, list[str]]] = [
       for sub in ("fit", "validate", "harvest", "evaluate", "export", "sweep", "suite", "browse")],
     *[(f"fit --model.sae.help gs_lightning.saes.{name}", ["fit", "--model.sae.help", f"gs_lightning.saes.{name}"])
       for name in ("JumpReLUSAE", "JumpReLU2025SAE", "ReLUSAE", "TopKSAE", "BatchTopKSAE",
-                   "MatryoshkaBatchTopKSAE", "MatryoshkaJumpReLUSAE", "GatedSAE")],
+                   "MatryoshkaBatchTopKSAE", "MatryoshkaJumpReLUSAE", "GatedSAE", "CrossLayerTranscoder")],
     *[(f"fit --data.help gs_lightning.data.{name}", ["fit", "--data.help", f"gs_lightning.data.{name}"])
-      for name in ("LiveActivationDataModule", "ShardedActivationDataModule", "SyntheticActivationDataModule",
-                   "TensorActivationDataModule")],
+      for name in ("LiveActivationDataModule", "ShardedActivationDataModule", "AlignedShardsDataModule",
+                   "SyntheticActivationDataModule", "TensorActivationDataModule")],
 ]
 HELP_COLUMNS = "90"  # argparse wraps help at $COLUMNS: a fixed width keeps the page stable
 

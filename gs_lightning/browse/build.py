@@ -203,5 +203,5 @@ def _layer(site: str) -> int:
 
 def browse_main(args: list[str]) -> list[Path]:
     """Entry point of ``python -m gs_lightning browse``."""
-    torch.set_grad_enabled(False)
-    return CLI(browse, args=args, as_positional=False, prog="python -m gs_lightning browse")
+    with torch.no_grad():  # not set_grad_enabled(False): an in-process caller keeps its autograd
+        return CLI(browse, args=args, as_positional=False, prog="python -m gs_lightning browse")
