@@ -11,7 +11,13 @@ from safetensors.torch import load_file
 
 from gs_lightning.cli import main
 from gs_lightning.data import AlignedShardsDataModule, ShardedActivationDataModule
-from gs_lightning.data.shard_format import MANIFEST, encode_shard, shard_entry, shard_name, write_manifest
+from gs_lightning.data.shard_format import (
+    MANIFEST,
+    encode_shard,
+    shard_entry,
+    shard_name,
+    write_manifest,
+)
 from gs_lightning.errors import ConfigError
 from tests.test_shards import write_folder
 
