@@ -114,10 +114,10 @@ class SAETrainingModule(pl.LightningModule):
             if sweep is not None:
                 raise ConfigError("model.latent_parallel shards one SAE; it cannot be combined with model.sweep")
             parallel.check_supported(sae)
-        if sae.stacked_sites is not None and sweep is not None:
-            raise ConfigError("model.sweep packs single-site SAEs; it cannot train a cross-layer transcoder")
             if optimizer != "adam":  # bitsandbytes' kernels take plain tensors, not DTensor shards
                 raise ConfigError("model.latent_parallel trains with model.optimizer: adam only")
+        if sae.stacked_sites is not None and sweep is not None:
+            raise ConfigError("model.sweep packs single-site SAEs; it cannot train a cross-layer transcoder")
         self._lrs: list[float | None] = [None]
         if sweep is not None:
             self.sae, self._lrs = build_packed(sae, sweep)
