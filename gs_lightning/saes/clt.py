@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from gs_lightning.functional import jumprelu, step
 from gs_lightning.saes.base import SAE
+from gs_lightning.saes.jumprelu import recipe_defaults
 
 
 class CrossLayerTranscoder(SAE):
@@ -85,13 +86,9 @@ class CrossLayerTranscoder(SAE):
     ) -> None:
         if n_layers < 1 or d_sae % n_layers:
             raise ValueError(f"d_sae={d_sae} must be a positive multiple of n_layers={n_layers}")
-        per_layer = d_sae // n_layers
-        scale = (2 * d_in / per_layer) ** 0.5 if encoder_init_scale is None else encoder_init_scale
-        sigma0 = scale / d_in**0.5
-        bandwidth = sigma0 if bandwidth is None else bandwidth
-        threshold_init = sigma0 / 10 if threshold_init is None else threshold_init
-        if bandwidth <= 0 or threshold_init <= 0:
-            raise ValueError(f"bandwidth and threshold_init must be > 0, got {bandwidth}, {threshold_init}")
+        # A JumpReLU transcoder's defaults at the latents of one layer.
+        scale, bandwidth, threshold_init = recipe_defaults(d_in, d_sae // n_layers, True, encoder_init_scale,
+                                                          bandwidth, threshold_init)
         self.n_layers = n_layers  # read by make_parameters, which the parent's constructor calls
         super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_in if d_out is None else d_out,
                          encoder_init_scale=scale)

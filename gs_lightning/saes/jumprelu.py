@@ -13,6 +13,25 @@ from gs_lightning.saes.base import SAE, TrainOutput
 from gs_lightning.saes.topk import data_parallel_world
 
 
+def recipe_defaults(d_in: int, d_sae: int, transcoder: bool, encoder_init_scale: float | None,
+                    bandwidth: float | None, threshold_init: float | None) -> tuple[float, float, float]:
+    """The default recipe's ``(encoder_init_scale, bandwidth, threshold_init)`` where not given.
+
+    Encoder columns of norm ``2 d_in / d_sae`` (``sqrt`` of it for a transcoder, whose
+    target is another site), so the first reconstruction has the input's size; bandwidth
+    ``sigma0 = scale / sqrt(d_in)``, the typical initial pre-activation, and threshold a tenth of it.
+    """
+    scale = encoder_init_scale
+    if scale is None:
+        scale = (2 * d_in / d_sae) ** 0.5 if transcoder else 2 * d_in / d_sae
+    sigma0 = scale / d_in**0.5
+    bandwidth = sigma0 if bandwidth is None else bandwidth
+    threshold_init = sigma0 / 10 if threshold_init is None else threshold_init
+    if bandwidth <= 0 or threshold_init <= 0:
+        raise ValueError(f"bandwidth and threshold_init must be > 0, got {bandwidth}, {threshold_init}")
+    return scale, bandwidth, threshold_init
+
+
 class JumpReLUSAE(SAE):
     """JumpReLU SAE: ``f = pre * H(pre - threshold)``, loss MSE + lambda * L0.
 
@@ -131,14 +150,8 @@ class JumpReLUSAE(SAE):
             )
         if dead_tokens <= 0 or aux_k <= 0:
             raise ValueError(f"dead_tokens and aux_k must be > 0, got {dead_tokens}, {aux_k}")
-        scale = encoder_init_scale
-        if scale is None:
-            scale = 2 * d_in / d_sae if d_out is None else (2 * d_in / d_sae) ** 0.5
-        sigma0 = scale / d_in**0.5
-        bandwidth = sigma0 if bandwidth is None else bandwidth
-        threshold_init = sigma0 / 10 if threshold_init is None else threshold_init
-        if bandwidth <= 0 or threshold_init <= 0:
-            raise ValueError(f"bandwidth and threshold_init must be > 0, got {bandwidth}, {threshold_init}")
+        scale, bandwidth, threshold_init = recipe_defaults(d_in, d_sae, d_out is not None, encoder_init_scale,
+                                                          bandwidth, threshold_init)
         super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out, encoder_init_scale=scale,
                          skip_connection=skip_connection)
         self.sparsity_coefficient = sparsity_coefficient
