@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -119,25 +120,27 @@ def _browse_one(sae_path: Path, output: str | None, shards: str | None, tokens: 
     strings = token_strings(tokenizer)
     summary = _summary(sae_path, model_sae, data, meta, out)
     dataset = str(source.manifest.get("harvest", {}).get("text", ""))
-    features: list[dict[str, Any]] = []
-    records = _records(model_sae, source, data, strings, before, after, features if neuronpedia else None, dataset)
-    index = write_site(out, summary, records, data.d_sae)
-    if neuronpedia:
-        _write_neuronpedia(out / "neuronpedia", features, data, features_per_batch)
+    # Neuronpedia batches are written as records stream past (never all held), beside the
+    # site's folder, which write_site replaces whole; moved in once the site is written.
+    batches = _NeuronpediaBatches(out.with_name(out.name + ".neuronpedia.partial"), data, dataset,
+                                  features_per_batch) if neuronpedia else None
+    index = write_site(out, summary, _records(model_sae, source, data, strings, before, after, batches), data.d_sae)
+    if batches is not None:
+        batches.close(out / "neuronpedia")
     print(f"browse: wrote {index} ({time.perf_counter() - started:.0f} s); open it in a browser (file://)")
     return index
 
 
 def _records(sae: Any, source: HarvestSource, data: LatentData, strings: list[str], before: int, after: int,
-             features: list[dict[str, Any]] | None, dataset: str):
+             batches: _NeuronpediaBatches | None):
     """Site records in id order, rebuilding windows ``LATENTS_PER_PASS`` latents at a time."""
     bar = tqdm(total=data.d_sae, desc="browse: examples", unit="latent")
     for start in range(0, data.d_sae, LATENTS_PER_PASS):
         latents = range(start, min(data.d_sae, start + LATENTS_PER_PASS))
         windows = rebuild_windows(sae, source, example_keys(data, latents), before, after)
         for record in latent_records(data, latents, windows, strings):
-            if features is not None:
-                features.append(neuronpedia_feature(record, data, dataset))
+            if batches is not None:
+                batches.add(record)
             bar.update(1)
             yield record
     bar.close()
@@ -186,14 +189,36 @@ def _relative(target: Path, start: Path) -> str:
     return os.path.relpath(target.resolve(), start.resolve())
 
 
-def _write_neuronpedia(folder: Path, features: list[dict[str, Any]], data: LatentData, per_batch: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    layer = _layer(data.site)
-    for n, start in enumerate(range(0, len(features), per_batch)):
-        batch = {"model_id": data.model.split("/")[-1], "layer": layer, "sae_set": data.site,
-                 "features": features[start : start + per_batch]}
-        (folder / f"batch-{n}.json").write_text(json.dumps(batch, allow_nan=False))
-    print(f"browse: wrote {len(features):,} features to {folder} (Neuronpedia's upload JSON)")
+class _NeuronpediaBatches:
+    """Neuronpedia's upload JSON, ``batch-N.json`` of ``per_batch`` features, written as they come."""
+
+    def __init__(self, folder: Path, data: LatentData, dataset: str, per_batch: int) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.folder, self.data, self.dataset, self.per_batch = folder, data, dataset, per_batch
+        self.pending: list[dict[str, Any]] = []
+        self.written = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.pending.append(neuronpedia_feature(record, self.data, self.dataset))
+        if len(self.pending) == self.per_batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        batch = {"model_id": self.data.model.split("/")[-1], "layer": _layer(self.data.site),
+                 "sae_set": self.data.site, "features": self.pending}
+        (self.folder / f"batch-{self.written // self.per_batch}.json").write_text(json.dumps(batch, allow_nan=False))
+        self.written += len(self.pending)
+        self.pending = []
+
+    def close(self, target: Path) -> None:
+        """Write the last batch and move the folder to ``target``."""
+        self._flush()
+        shutil.rmtree(target, ignore_errors=True)
+        self.folder.rename(target)
+        print(f"browse: wrote {self.written:,} features to {target} (Neuronpedia's upload JSON)")
 
 
 def _layer(site: str) -> int:
