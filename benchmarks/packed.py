@@ -35,8 +35,14 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import CLI
 
+from gs_lightning.console import quiet_third_party
 from gs_lightning.data import ShardedActivationDataModule
-from gs_lightning.data.shard_format import encode_shard, shard_entry, shard_name, write_manifest
+from gs_lightning.data.shard_format import (
+    encode_shard,
+    shard_entry,
+    shard_name,
+    write_manifest,
+)
 from gs_lightning.module import SAETrainingModule
 from gs_lightning.packed import PackedSAE
 from gs_lightning.saes import JumpReLUSAE
@@ -184,5 +190,6 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, k: int = 8, dev
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # Lightning's adverts and notices, as the CLI drops them
     CLI(main, as_positional=False)
     sys.stdout.flush()

@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -57,6 +56,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from gs_lightning import frontier
+from gs_lightning.console import quiet_third_party
 from gs_lightning.data import ShardedActivationDataModule
 from gs_lightning.harvest import HarvestConfig, harvest
 from gs_lightning.lm import load_language_model
@@ -444,4 +444,5 @@ def parse(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # Lightning's adverts and notices, as the CLI drops them
     main(**parse())
