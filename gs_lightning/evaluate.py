@@ -20,12 +20,13 @@ from jsonargparse import CLI
 from tqdm import tqdm
 
 from gs_lightning.errors import ConfigError
+from gs_lightning.evaluation.replacement import ReplacementPart, replacement_metrics
 from gs_lightning.io import load_sae, load_sae_config, sae_paths
 from gs_lightning.lm import shared_language_model
 from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
 from gs_lightning.plots import plot_density, plot_frontier
 from gs_lightning.saes import SAE
-from gs_lightning.sites import ActivationExtractor
+from gs_lightning.sites import ActivationExtractor, site_span
 from gs_lightning.splice import delta_lm_loss
 from gs_lightning.text import content_mask, iter_contexts, iter_texts
 
@@ -65,8 +66,13 @@ def evaluate(
     n_contexts: int = 128,
     batch_size: int = 8,
     context_size: int | None = None,
+    together: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate saved SAEs on held-out text and write ``<output>.csv`` and ``<output>.json``.
+
+    A dictionary over stacked sites (a cross-layer transcoder) is scored as a replacement
+    model: every site it writes replaced at once; its JSON row adds ``fvu_sites`` and
+    ``l0_sites`` (FVU per written site, L0 per read site).
 
     Args:
         saes: Saved SAE folders (each with sae.safetensors and config.json): one path, a list
@@ -76,30 +82,86 @@ def evaluate(
         n_contexts: Held-out contexts per SAE (from the split the SAE's data validated on).
         batch_size: Contexts per forward pass.
         context_size: Tokens per context; default: the context size the SAE was trained with.
+        together: Score all the SAEs as one replacement model (e.g. one transcoder per layer,
+            to compare with a cross-layer transcoder): every site any of them writes replaced at
+            once, one row. They must share a model and write different sites.
     """
-    rows, densities = [], {}
-    for path in tqdm(sae_paths(saes), desc="evaluate", unit="sae"):
-        meta = _metadata(path)
-        model, tokenizer = shared_language_model(meta["model"], meta.get("revision"))  # loaded once per model
-        texts = iter_texts(meta["text"], split=meta.get("val_split", "validation"),
-                           column=meta.get("text_column", "text"))
-        contexts = list(itertools.islice(iter_contexts(texts, tokenizer, context_size or meta["context_size"]),
-                                         n_contexts))
-        sae = load_sae(path)
-        target_site = meta.get("target_site")  # a transcoder reads site, replaces target_site
-        row: dict[str, Any] = {"sae": str(path), "site": meta["site"] if target_site is None
-                               else f"{meta['site']} -> {target_site}", "d_sae": sae.d_sae}
-        row.update(reconstruction_metrics(sae, model, tokenizer, meta["site"], contexts, batch_size, target_site))
-        densities[str(path)] = row.pop("density")
-        spliced = delta_lm_loss(model, tokenizer, sae, target_site or meta["site"], contexts, batch_size,
-                                source_site=meta["site"] if target_site else None)
-        row.update({k: spliced[k] for k in COLUMNS if k in spliced})
-        rows.append(row)
+    paths = sae_paths(saes)
+    if together:
+        rows, densities = _evaluate_together(paths, n_contexts, batch_size, context_size)
+    else:
+        rows, densities = [], {}
+        for path in tqdm(paths, desc="evaluate", unit="sae"):
+            row = _evaluate_one(path, n_contexts, batch_size, context_size)
+            densities[str(path)] = row.pop("density")
+            rows.append(row)
     _write_table(rows, Path(output))
     frontier = plot_frontier(rows, Path(f"{output}_frontier.png"))
     density = plot_density(densities, Path(f"{output}_density.png"))
     print(f"wrote {frontier} and {density}")
     return rows
+
+
+def _contexts(meta: dict[str, Any], tokenizer: Any, n_contexts: int, context_size: int | None) -> list[torch.Tensor]:
+    """Held-out contexts from the split the SAE's data validated on."""
+    texts = iter_texts(meta["text"], split=meta.get("val_split", "validation"), column=meta.get("text_column", "text"))
+    return list(itertools.islice(iter_contexts(texts, tokenizer, context_size or meta["context_size"]), n_contexts))
+
+
+def _evaluate_one(path: str, n_contexts: int, batch_size: int, context_size: int | None) -> dict[str, Any]:
+    """One SAE's row, with its per-latent ``density``."""
+    meta = _metadata(path)
+    model, tokenizer = shared_language_model(meta["model"], meta.get("revision"))  # loaded once per model
+    contexts = _contexts(meta, tokenizer, n_contexts, context_size)
+    sae = load_sae(path)
+    if sae.stacked_sites is not None:
+        return _replacement_row([_part(path, sae, meta)], model, tokenizer, contexts, batch_size, str(path))
+    target_site = meta.get("target_site")  # a transcoder reads site, replaces target_site
+    row: dict[str, Any] = {"sae": str(path), "site": meta["site"] if target_site is None
+                           else f"{meta['site']} -> {target_site}", "d_sae": sae.d_sae}
+    row.update(reconstruction_metrics(sae, model, tokenizer, meta["site"], contexts, batch_size, target_site))
+    spliced = delta_lm_loss(model, tokenizer, sae, target_site or meta["site"], contexts, batch_size,
+                            source_site=meta["site"] if target_site else None)
+    row.update({k: spliced[k] for k in COLUMNS if k in spliced})
+    return row
+
+
+def _part(path: str, sae: SAE, meta: dict[str, Any]) -> ReplacementPart:
+    """The saved dictionary with the sites it reads and writes, from its metadata."""
+    if sae.stacked_sites is not None:
+        inputs = meta.get("input_sites")
+        if not inputs:
+            raise ConfigError(f"{path}/config.json: metadata lacks input_sites (the sites the dictionary stacks)")
+        return ReplacementPart(sae, list(inputs), list(meta.get("target_sites") or inputs), name=str(path))
+    return ReplacementPart(sae, [meta["site"]], [meta.get("target_site") or meta["site"]], name=str(path))
+
+
+def _replacement_row(parts: list[ReplacementPart], model: Any, tokenizer: Any, contexts: list[torch.Tensor],
+                     batch_size: int, name: str) -> dict[str, Any]:
+    metrics = replacement_metrics(model, tokenizer, parts, contexts, batch_size)
+    reads = [s for p in parts for s in p.input_sites]
+    writes = [s for p in parts for s in p.output_sites]
+    row = {"sae": name, "site": f"{site_span(reads)} -> {site_span(writes)}" if reads != writes else site_span(reads),
+           "d_sae": sum(p.sae.d_sae for p in parts), "explained_variance": explained_variance(metrics["fvu"]),
+           "ce_spliced": metrics["ce_replaced"], **metrics}
+    print(f"{name}: FVU per site " + ", ".join(f"{s} {v:.4g}" for s, v in metrics["fvu_sites"].items()))
+    print(f"{name}: L0 per site " + ", ".join(f"{s} {v:.4g}" for s, v in metrics["l0_sites"].items()))
+    return row
+
+
+def _evaluate_together(paths: list[str], n_contexts: int, batch_size: int,
+                       context_size: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row: every SAE of ``paths`` in one replacement model."""
+    metas = [_metadata(path) for path in paths]
+    models = {(m["model"], m.get("revision")) for m in metas}
+    if len(models) > 1:
+        raise ConfigError(f"--together needs SAEs of one model; got {sorted(str(m) for m in models)}")
+    model, tokenizer = shared_language_model(metas[0]["model"], metas[0].get("revision"))
+    contexts = _contexts(metas[0], tokenizer, n_contexts, context_size)
+    parts = [_part(path, load_sae(path), meta) for path, meta in zip(paths, metas)]
+    row = _replacement_row(parts, model, tokenizer, contexts, batch_size, "together: " + ", ".join(paths))
+    return [row], {row["sae"]: row.pop("density")}
+
 
 
 def _metadata(path: str) -> dict[str, Any]:

@@ -132,6 +132,10 @@ class SAETrainingModule(pl.LightningModule):
         if sweep is None:
             self.val_fvu, self.val_l0, self.val_mse = PooledFVU(math.prod(sae.out_shape)), MeanMetric(), MeanMetric()
             self.val_firing = FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
+            # Stacked sites (a CLT, a crosscoder): FVU per output site, L0 per block of latents.
+            sites = sae.out_shape[0] if len(sae.out_shape) > 1 else 0
+            self.val_site_fvu = nn.ModuleList([PooledFVU(sae.out_width) for _ in range(sites)])
+            self.val_site_l0 = nn.ModuleList([MeanMetric() for _ in range(sae.latent_blocks or 0)])
         else:
             self.val_fvu = nn.ModuleList([PooledFVU(sae.out_width) for _ in self._lrs])
             self.val_l0 = nn.ModuleList([MeanMetric() for _ in self._lrs])
@@ -298,8 +302,10 @@ class SAETrainingModule(pl.LightningModule):
                 f = sae.encode(x)
                 x_hat, l0 = sae.decode(f, x), (f != 0).sum(-1).float()
                 firing.update(f)
+                self._log_blocks(f)
             # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
             x_hat = x_hat / out_scale
+            self._log_sites(target, x_hat)
             val_fvu.update(target.flatten(1), x_hat.flatten(1))  # stacked sites: one row per token
             self.log(metric_key("val/fvu", name), val_fvu, on_step=False, on_epoch=True, prog_bar=i == 0)
             val_l0.update(l0)
@@ -307,6 +313,21 @@ class SAETrainingModule(pl.LightningModule):
             self.log(metric_key("val/l0", name), val_l0, on_step=False, on_epoch=True)
             self.log(metric_key("val/mse", name), val_mse, on_step=False, on_epoch=True)
 
+
+    def _log_sites(self, target: Tensor, x_hat: Tensor) -> None:
+        """``val/fvu_site{j}``: FVU of stacked output site j (raw units, pooled over validation)."""
+        for j, metric in enumerate(getattr(self, "val_site_fvu", ())):
+            metric.update(target[:, j], x_hat[:, j])
+            self.log(f"val/fvu_site{j}", metric, on_step=False, on_epoch=True)
+
+    def _log_blocks(self, f: Tensor) -> None:
+        """``val/l0_site{j}``: active latents of block j (a CLT's latents reading layer j)."""
+        metrics = getattr(self, "val_site_l0", ())
+        if len(metrics):
+            per_block = (f != 0).view(f.shape[0], len(metrics), -1).sum(-1).float()
+            for j, metric in enumerate(metrics):
+                metric.update(per_block[:, j])
+                self.log(f"val/l0_site{j}", metric, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
         # Firing statistics are pooled over every validation token (and rank) before they

@@ -287,3 +287,8 @@ def site_dim(model: nn.Module, site: str) -> int:
     probe = torch.zeros(1, 1, dtype=torch.long, device=device)
     with ActivationExtractor(model, [site]) as extract:
         return int(extract(probe, torch.ones_like(probe))[site].shape[-1])
+
+
+def site_span(sites: list[str]) -> str:
+    """A list of sites in a few words: ``blocks.0.hook_mlp_out .. blocks.3.hook_mlp_out (4 sites)``."""
+    return sites[0] if len(sites) == 1 else f"{sites[0]} .. {sites[-1]} ({len(sites)} sites)"

@@ -10,11 +10,12 @@ keep their clean activation, and only predictions made from content positions co
 
 A transcoder reads ``source_site`` and its output replaces ``site`` (e.g. the MLP input
 in, the MLP output replaced): the source is captured earlier in the same forward pass.
+:func:`spliced_lm_loss` replaces several sites at once (a replacement model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from gs_lightning.sites import resolve_site
 from gs_lightning.text import content_mask
 
 
-class _Splice:
+class Splice:
     """A hook that rewrites a site's activation at content positions with ``fn(x)``."""
 
     def __init__(self, model: nn.Module, site: str) -> None:
@@ -60,7 +61,7 @@ class _Splice:
         self.handle.remove()
 
 
-class _Capture:
+class Capture:
     """A hook that keeps the latest activation of a site (a transcoder's input)."""
 
     def __init__(self, model: nn.Module, site: str) -> None:
@@ -100,8 +101,8 @@ def delta_lm_loss(
     """
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
-    capture = _Capture(model, source_site) if source_site is not None else None
-    splice = _Splice(model, site)
+    capture = Capture(model, source_site) if source_site is not None else None
+    splice = Splice(model, site)
     out_scale = input_scale if target_scale is None else target_scale
     if capture is None:
         def reconstruct(x: Tensor) -> Tensor:
@@ -109,20 +110,36 @@ def delta_lm_loss(
     else:
         def reconstruct(x: Tensor) -> Tensor:
             return sae(capture.value * input_scale) / out_scale
-    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
-    tokens = 0
     try:
-        batch: list[Tensor] = []
-        for context in [*contexts, None]:
-            if context is not None:
-                batch.append(context)
-            if batch and (context is None or len(batch) == batch_size):
-                tokens += _accumulate(model, tokenizer, reconstruct, splice, torch.stack(batch).to(device), sums)
-                batch = []
+        return spliced_lm_loss(model, tokenizer, [splice], [reconstruct], contexts, batch_size)
     finally:
         splice.close()
         if capture is not None:
             capture.close()
+
+
+@torch.no_grad()
+def spliced_lm_loss(
+    model: nn.Module, tokenizer: Any, splices: Sequence[Splice], replacements: Sequence[Callable[[Tensor], Tensor]],
+    contexts: Iterable[Tensor], batch_size: int = 8, before_forward: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Clean, spliced and zero-ablated cross-entropy with every splice active at once.
+
+    In the spliced run splice i rewrites its site with ``replacements[i]``; in the zero run
+    every site is zeroed. ``before_forward`` runs before each forward pass (e.g. to clear
+    captured inputs). Keys as :func:`delta_lm_loss`'s.
+    """
+    device = next(model.parameters()).device
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    tokens = 0
+    batch: list[Tensor] = []
+    for context in [*contexts, None]:
+        if context is not None:
+            batch.append(context)
+        if batch and (context is None or len(batch) == batch_size):
+            ids = torch.stack(batch).to(device)
+            tokens += _accumulate(model, tokenizer, splices, replacements, ids, sums, before_forward)
+            batch = []
     if tokens == 0:
         raise ValueError("no content tokens to evaluate")
     clean, spliced, zero = (sums[k] / tokens for k in ("clean", "spliced", "zero"))
@@ -132,18 +149,26 @@ def delta_lm_loss(
     }
 
 
-def _accumulate(model: nn.Module, tokenizer: Any, reconstruct: Callable[[Tensor], Tensor], splice: _Splice,
-                ids: Tensor, sums: dict[str, float]) -> int:
+def _accumulate(model: nn.Module, tokenizer: Any, splices: Sequence[Splice],
+                replacements: Sequence[Callable[[Tensor], Tensor]], ids: Tensor, sums: dict[str, float],
+                before_forward: Callable[[], None] | None) -> int:
     content = content_mask(ids, tokenizer)
     keep = content[:, :-1]  # a prediction counts when it is made from a content position
-    splice.mask = content
-    runs = {"clean": None, "spliced": reconstruct, "zero": torch.zeros_like}
+    for splice in splices:
+        splice.mask = content
+    runs = {"clean": [None] * len(splices), "spliced": list(replacements), "zero": [torch.zeros_like] * len(splices)}
     logps = {}
-    for name, fn in runs.items():
-        splice.fn = fn
-        ce, logps[name] = _next_token_stats(model(input_ids=ids).logits, ids, keep)
-        sums[name] += float(ce)
-    splice.fn = None
+    try:
+        for name, fns in runs.items():
+            for splice, fn in zip(splices, fns):
+                splice.fn = fn
+            if before_forward is not None:
+                before_forward()
+            ce, logps[name] = _next_token_stats(model(input_ids=ids).logits, ids, keep)
+            sums[name] += float(ce)
+    finally:
+        for splice in splices:
+            splice.fn = None
     clean, spliced = logps["clean"], logps["spliced"]
     sums["kl"] += float((clean.exp() * (clean - spliced)).sum())
     return int(keep.sum())

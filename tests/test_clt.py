@@ -176,3 +176,32 @@ def test_kill_and_resume_fit_is_bit_exact(tmp_path) -> None:
     resumed = _fit(folders, tmp_path / "resumed", 17, ckpt=str(tmp_path / "killed" / "epoch=0-step=7.ckpt"))
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_validation_reports_fvu_per_site_and_l0_per_layer(tmp_path) -> None:
+    first = write_folder(tmp_path / "site0", n_shards=6, rows=128)
+    folders = [str(first)] + [str(_sibling(first, tmp_path / f"site{k}", k, f"blocks.{k}.hook_mlp_out"))
+                              for k in range(1, 4)]
+    pl.seed_everything(0)
+    dm = AlignedShardsDataModule(folders[:2], folders[2:], batch_size=64, window_tokens=256)
+    module = SAETrainingModule(CrossLayerTranscoder(2, 8, 32, sparsity_coefficient=0.0), lr=1e-2,
+                               lr_warmup_steps=1, sparsity_warmup_steps=1)
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         val_check_interval=6, check_val_every_n_epoch=None)
+    trainer.fit(module, datamodule=dm)
+    got = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    with torch.no_grad():  # brute force over the whole validation set, in raw units
+        pairs = [dm.finish_batch(b) for b in dm.val_dataloader()]
+        x = torch.cat([b[0] for b in pairs]).float()
+        y = torch.cat([b[1] for b in pairs]).float()
+        f = module.sae.encode(x * module.input_scale.float())
+        y_hat = module.sae.decode(f) / module.target_scale.float()
+    for j in range(2):
+        fvu = (y[:, j] - y_hat[:, j]).pow(2).sum() / (y[:, j] - y[:, j].mean(0)).pow(2).sum()
+        assert got[f"val/fvu_site{j}"] == pytest.approx(float(fvu), rel=1e-4)
+        l0 = (f[:, j * 16 : (j + 1) * 16] != 0).sum(-1).float().mean()
+        assert got[f"val/l0_site{j}"] == pytest.approx(float(l0), rel=1e-5) and 0 < float(l0) < 16
+    assert got["val/l0_site0"] + got["val/l0_site1"] == pytest.approx(got["val/l0"], rel=1e-5)
+    assert got["val/fvu_site0"] != pytest.approx(got["val/fvu_site1"], rel=1e-3)

@@ -95,6 +95,8 @@ def test_small_config_runs(path: Path, tmp_path: Path, capsys) -> None:
           "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *data_args])
     out = capsys.readouterr().out
     assert "final (step 6): val/l0" in out
+    if "callbacks.DeltaLMLoss" in path.read_text():
+        assert "val/delta_loss" in out.split("final (step 6)")[1]
     assert list(tmp_path.rglob("sae/sae.safetensors"))
 
 

@@ -18,6 +18,7 @@ from gs_lightning.data.reader import Batch
 from gs_lightning.data.shards import ShardedActivationDataModule
 from gs_lightning.errors import ConfigError
 from gs_lightning.scaling import ScalingScheme
+from gs_lightning.sites import site_span
 
 
 class AlignedShardsDataModule(ShardedActivationDataModule):
@@ -117,10 +118,10 @@ class AlignedShardsDataModule(ShardedActivationDataModule):
         meta = super().metadata
         sites = [self._manifest_of(p)["site"] for p in self.input_paths + self.target_site_paths]
         n = self.stacked_sites
-        meta.update(site=_span(sites[:n]), input_sites=sites[:n], source=self.input_paths, input_scale=None,
+        meta.update(site=site_span(sites[:n]), input_sites=sites[:n], source=self.input_paths, input_scale=None,
                     input_scales=None if self._scales is None else self.input_scale)
         if self.target_site_paths:
-            meta.update(target_site=_span(sites[n:]), target_sites=sites[n:], target_source=self.target_site_paths, d_out=self.d_out,
+            meta.update(target_site=site_span(sites[n:]), target_sites=sites[n:], target_source=self.target_site_paths, d_out=self.d_out,
                         target_scales=None if self._scales is None else self.target_scale)
         return meta
 
@@ -133,7 +134,3 @@ class AlignedShardsDataModule(ShardedActivationDataModule):
             return inputs
         return inputs, torch.stack([p.float() for p in parts[n:]], dim=1)
 
-
-def _span(sites: list[str]) -> str:
-    """A list of sites in a few words: ``blocks.0.hook_mlp_out .. blocks.3.hook_mlp_out (4 sites)``."""
-    return sites[0] if len(sites) == 1 else f"{sites[0]} .. {sites[-1]} ({len(sites)} sites)"

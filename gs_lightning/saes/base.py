@@ -102,6 +102,10 @@ class SAE(nn.Module):
     stacked_sites: int | None = None
     """Number of aligned sites stacked in each input (``[batch, n, d_in]``); None: one site, ``[batch, d_in]``."""
 
+    latent_blocks: int | None = None
+    """For a stacked dictionary whose latents come in equal contiguous blocks, one per input
+    site (a CLT's layers), the number of blocks: L0 is then also reported per block. None otherwise."""
+
     @property
     def scale_shape(self) -> tuple[int, ...]:
         """Shape of the input (and target) scale that broadcasts over a batch: ``()``, one scalar."""

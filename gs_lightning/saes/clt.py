@@ -113,6 +113,11 @@ class CrossLayerTranscoder(SAE):
         return self.n_layers
 
     @property
+    def latent_blocks(self) -> int:  # type: ignore[override]
+        """Latents come layer-major, one block per layer."""
+        return self.n_layers
+
+    @property
     def out_shape(self) -> tuple[int, ...]:
         return (self.n_layers, self.out_width)
 
