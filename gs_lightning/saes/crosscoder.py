@@ -79,8 +79,8 @@ class Crosscoder(SAE):
         causality: ``acausal``: every latent reads and writes every site; ``weakly_causal``:
             a latent of site l reads site l only and writes sites l..S-1.
         sparsity_coefficient: lambda, the weight of the sparsity term (after warm-up).
-        bandwidth: eps of the rectangle kernel; None picks ``encoder_init_scale / sqrt(S d_in)``
-            as :class:`~gs_lightning.saes.JumpReLUSAE` does on the concatenated sites.
+        bandwidth: eps of the rectangle kernel; None picks ``encoder_init_scale / sqrt(d_in)``,
+            the typical initial pre-activation when every site has unit mean squared norm.
         threshold_init: Initial threshold of every latent; None picks ``bandwidth / 10``
             (with the default bandwidth).
         encoder_init_scale: Norm of each encoder column at initialisation; None picks
@@ -109,8 +109,11 @@ class Crosscoder(SAE):
             raise ValueError(f"n_sites={n_sites} must be >= 1")
         if causality == "weakly_causal" and d_sae % n_sites:
             raise ValueError(f"d_sae={d_sae} must be a multiple of n_sites={n_sites} for a weakly causal crosscoder")
-        scale, bandwidth, threshold_init = recipe_defaults(n_sites * d_in, d_sae, False, encoder_init_scale,
-                                                          bandwidth, threshold_init)
+        # JumpReLU's SAE default on the concatenated sites, 2 S d_in / d_sae; sigma0 = scale /
+        # sqrt(d_in) (not sqrt(S d_in)) as each site, not the concatenation, has unit mean
+        # squared norm under the default scaling.
+        scale = 2 * n_sites * d_in / d_sae if encoder_init_scale is None else encoder_init_scale
+        scale, bandwidth, threshold_init = recipe_defaults(d_in, d_sae, False, scale, bandwidth, threshold_init)
         # Read by make_parameters, which the parent's constructor calls.
         self.n_sites = n_sites
         self.causality = causality
