@@ -13,7 +13,7 @@ from gs_lightning.data import AlignedShardsDataModule
 from gs_lightning.functional import rectangle
 from gs_lightning.io import load_sae, save_sae
 from gs_lightning.module import SAETrainingModule
-from gs_lightning.saes import CrossLayerTranscoder, Crosscoder, JumpReLUSAE
+from gs_lightning.saes import Crosscoder, CrossLayerTranscoder, JumpReLUSAE
 from gs_lightning.saes.crosscoder import crosscoder_parameters
 from tests.test_aligned import _sibling
 from tests.test_shards import write_folder
