@@ -23,15 +23,14 @@ site::
 So perturbing ``x_s`` changes only the reconstructions of sites ``>= s``. The weights a mask
 would zero (a latent reading another site than its own, or writing to an earlier one) do
 not exist: the weights are the CLT's, but the sites read and the sites reconstructed are the
-same ones. Sources for this form: the crosscoders note describes the weakly causal variant
-it trained as "each feature is assigned an encoder layer i; its encoder reads in from layer
-i alone, and its decoder attempts to reconstruct layer i and all subsequent layers", and
-Kamath et al. 2025 ("Tracing Attention Computation Through Attention QK",
-https://transformer-circuits.pub/2025/attention-qk/index.html) define their weakly causal
-crosscoders the same way (features read the residual stream at layer L and reconstruct
-layers L, L+1, ..., last). McDougall et al. 2025 (Gemma Scope 2, "Announcing Gemma Scope 2",
-LessWrong) release "weakly causal crosscoders trained on the concatenation of 4 layers"
-without spelling out the masks in what we could find; we assume Anthropic's definition. A
+same ones. Sources for this form: in the crosscoders note's weakly causal experiments each
+latent has one encoder layer, reads that layer only, and reconstructs it and all later
+layers; Kamath et al. 2025 ("Tracing Attention Computation Through Attention QK",
+https://transformer-circuits.pub/2025/attention-qk/index.html) use weakly causal
+crosscoders defined the same way (read the residual stream at layer L, reconstruct layers
+L to the last). McDougall et al. 2025 (Gemma Scope 2; "Announcing Gemma Scope 2",
+LessWrong) ship weakly causal crosscoders over 4 concatenated layers but, in what we could
+find, do not spell out which weights are masked; we assume Anthropic's definition. A
 broader reading in which a latent of site ``l`` reads every site ``<= l`` is not what either
 Anthropic source describes and is not implemented.
 
