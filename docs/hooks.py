@@ -33,7 +33,7 @@ HELP_COMMANDS: list[tuple[str, list[str]]] = [
       for sub in ("fit", "validate", "harvest", "evaluate", "export", "sweep", "suite", "browse")],
     *[(f"fit --model.sae.help gs_lightning.saes.{name}", ["fit", "--model.sae.help", f"gs_lightning.saes.{name}"])
       for name in ("JumpReLUSAE", "JumpReLU2025SAE", "ReLUSAE", "TopKSAE", "BatchTopKSAE",
-                   "MatryoshkaBatchTopKSAE", "MatryoshkaJumpReLUSAE", "GatedSAE", "CrossLayerTranscoder")],
+                   "MatryoshkaBatchTopKSAE", "MatryoshkaJumpReLUSAE", "GatedSAE", "CrossLayerTranscoder", "Crosscoder")],
     *[(f"fit --data.help gs_lightning.data.{name}", ["fit", "--data.help", f"gs_lightning.data.{name}"])
       for name in ("LiveActivationDataModule", "ShardedActivationDataModule", "AlignedShardsDataModule",
                    "SyntheticActivationDataModule", "TensorActivationDataModule")],

@@ -3,6 +3,7 @@
 from gs_lightning.saes.base import SAE, TrainOutput
 from gs_lightning.saes.batchtopk import BatchTopKSAE
 from gs_lightning.saes.clt import CrossLayerTranscoder
+from gs_lightning.saes.crosscoder import Crosscoder
 from gs_lightning.saes.gated import GatedSAE
 from gs_lightning.saes.jumprelu import JumpReLUSAE
 from gs_lightning.saes.jumprelu_2025 import JumpReLU2025SAE
@@ -22,4 +23,5 @@ __all__ = [
     "MatryoshkaBatchTopKSAE",
     "MatryoshkaJumpReLUSAE",
     "CrossLayerTranscoder",
+    "Crosscoder",
 ]
