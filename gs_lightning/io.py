@@ -123,8 +123,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
             return load_gemma_scope(path if path.name == "params.npz" else path / "params.npz").to(device)
         if (path / SAELENS_CFG).is_file():
             return load_saelens(path).to(device)
-        if (path / "W_enc_0.safetensors").is_file():
-            from gs_lightning.release.circuit_tracer import load_circuit_tracer  # which imports this module
+        if (path / "W_enc_0.safetensors").is_file():  # circuit-tracer's CLT folder
+            # Imported here: that module imports this one.
+            from gs_lightning.release.circuit_tracer import load_circuit_tracer
 
             return load_circuit_tracer(path).to(device)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE

@@ -15,7 +15,10 @@ from safetensors.torch import load_file, save_file
 from gs_lightning.errors import ConfigError
 from gs_lightning.export import export
 from gs_lightning.io import load_sae, save_sae
-from gs_lightning.release.circuit_tracer import export_circuit_tracer, load_circuit_tracer
+from gs_lightning.release.circuit_tracer import (
+    export_circuit_tracer,
+    load_circuit_tracer,
+)
 from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.saes.clt import CrossLayerTranscoder
 
@@ -61,14 +64,14 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == [
         f"W_{k}_{i}.safetensors" for k in ("dec", "enc") for i in range(L)] + ["config.yaml"]
     with safe_open(str(folder / "W_enc_1.safetensors"), "pt") as f:
-        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == {
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == {  # noqa: SIM118 (not a dict)
             "W_enc_1": (N, D), "b_enc_1": (N,), "b_dec_1": (D,), "threshold_1": (N,)}
         assert torch.equal(f.get_tensor("W_enc_1"), clt.W_enc[1].t())  # circuit-tracer's [n, d]
     assert load_file(str(folder / "W_dec_1.safetensors"))["W_dec_1"].shape == (N, L - 1, D)
     for back in (load_circuit_tracer(folder), load_sae(folder)):
         assert isinstance(back, CrossLayerTranscoder) and back.init_args() == clt.init_args()
         theirs = back.canonical_state_dict()
-        assert theirs.keys() == clt.canonical_state_dict().keys()
+        assert set(theirs) == set(clt.canonical_state_dict())
         for key, value in clt.canonical_state_dict().items():
             assert torch.equal(theirs[key], value), key
         f = back.encode(x)
