@@ -124,11 +124,6 @@ def load_circuit_tracer(path: str | Path) -> CrossLayerTranscoder:
     return clt.eval()
 
 
-def is_circuit_tracer_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder in circuit-tracer's CLT layout (it has ``W_enc_0.safetensors``)."""
-    return (Path(path) / "W_enc_0.safetensors").is_file()
-
-
 def _read(file: Path) -> dict[str, Tensor]:
     if not file.is_file():
         raise ConfigError(f"not a circuit-tracer CLT folder: {file} is missing")
