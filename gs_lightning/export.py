@@ -1,4 +1,5 @@
-"""Export to and import from the formats the ecosystem reads: Gemma Scope and SAELens.
+"""Export to and import from the formats the ecosystem reads: Gemma Scope and SAELens
+(and, through :mod:`gs_lightning.release.circuit_tracer`, circuit-tracer's CLT folder).
 
 * Gemma Scope release layout: ``layer_{L}/width_{W}/average_l0_{N}/params.npz`` with
   float32 ``W_enc [d, d_sae]``, ``W_dec [d_sae, d]``, ``b_enc``, ``b_dec``, ``threshold``.
@@ -47,7 +48,8 @@ from gs_lightning.io import (  # noqa: F401  (the readers are re-exported here, 
     sae_paths,
     write_folder,
 )
-from gs_lightning.saes import SAE, ReLUSAE
+from gs_lightning.release.circuit_tracer import export_circuit_tracer
+from gs_lightning.saes import SAE, CrossLayerTranscoder, ReLUSAE
 
 
 def jumprelu_tensors(sae: SAE) -> dict[str, Tensor]:
@@ -216,20 +218,22 @@ def _site_layer(site: str | None) -> int | None:
 
 def export(
     sae: str | list[str],
-    format: Literal["gemma_scope", "gemma_scope_2", "saelens"],
+    format: Literal["gemma_scope", "gemma_scope_2", "saelens", "circuit_tracer"],
     out: str,
     layer: int | None = None,
     average_l0: float | None = None,
 ) -> list[Path]:
     """Export saved SAE folders (from ``callbacks.SaveSAE``) to Gemma Scope, Gemma Scope 2 or
-    SAELens layout.
+    SAELens layout, or saved cross-layer transcoders to circuit-tracer's.
 
     Args:
         sae: The saved SAE folder: one path, a list ``"[a, b]"``, or a quoted glob ``"runs/*/sae"``.
         format: ``gemma_scope`` (params.npz release layout), ``gemma_scope_2`` (params.safetensors
-            release layout; the one that holds skip-transcoders) or ``saelens`` (cfg.json folder).
-        out: Release root (gemma_scope, gemma_scope_2); the SAELens folder to write (saelens, one SAE) or
-            the folder that receives one SAELens folder per SAE, named after it (several).
+            release layout; the one that holds skip-transcoders), ``saelens`` (cfg.json folder) or
+            ``circuit_tracer`` (a CrossLayerTranscoder as W_enc_{i}/W_dec_{i}.safetensors + config.yaml,
+            the folder circuit-tracer's load_clt reads).
+        out: Release root (gemma_scope, gemma_scope_2); the folder to write (saelens, circuit_tracer; one
+            SAE) or the folder that receives one such folder per SAE, named after it (several).
         layer: Layer for the release path (one SAE only); default: parsed from the SAE's site.
         average_l0: L0 for the release path (one SAE only); default: the run's final val/l0
             (or train/l0).
@@ -238,7 +242,9 @@ def export(
     if len(paths) > 1 and (layer is not None or average_l0 is not None):
         raise ConfigError(f"--layer and --average_l0 name one SAE's release path; --sae gave {len(paths)}")
     loaded = [(path, load_sae(path), load_sae_config(path).get("metadata", {})) for path in paths]  # names a bad one
-    if format == "saelens":
+    for path, model, _ in loaded:  # before anything is written
+        _refuse_kind(path, model, format)
+    if format in ("saelens", "circuit_tracer"):
         targets = [Path(out)] if len(paths) == 1 else [Path(out) / _export_name(path) for path in paths]
     else:
         places = [_release_place(path, model, meta, layer, average_l0) for path, model, meta in loaded]
@@ -250,12 +256,25 @@ def export(
     for i, ((path, model, meta), target) in enumerate(zip(loaded, targets)):
         if format == "saelens":
             written.append(export_saelens(model, target, meta))
+        elif format == "circuit_tracer":
+            written.append(export_circuit_tracer(model, target, meta))
         elif format == "gemma_scope_2":
             written.append(export_gemma_scope_2(model, out, places[i][0], places[i][2], meta))
         else:
             written.append(export_gemma_scope(model, out, places[i][0], places[i][2]))
         print(f"wrote {written[-1]}")
     return written
+
+
+def _refuse_kind(path: str, sae: SAE, format: str) -> None:
+    """circuit_tracer holds cross-layer transcoders only, and the other formats one site's dictionary."""
+    clt = isinstance(sae, CrossLayerTranscoder)
+    if format == "circuit_tracer" and not clt:
+        raise ConfigError(f"{path}: a {type(sae).__name__} cannot be written as circuit_tracer, which holds "
+                          "cross-layer transcoders only; use gemma_scope, gemma_scope_2 or saelens")
+    if format != "circuit_tracer" and clt:
+        raise ConfigError(f"{path}: a CrossLayerTranscoder cannot be written as {format}, which holds one "
+                          "site's dictionary; use --format circuit_tracer")
 
 
 def _release_place(path: str, sae: SAE, meta: dict[str, Any], layer: int | None,

@@ -9,7 +9,8 @@ sibling, then renamed, so a crash never leaves a half-written SAE under the fina
 
 :func:`load_sae` also reads a Gemma Scope ``params.npz``, a Gemma Scope 2 folder
 (``params.safetensors`` + ``config.json``) and an SAELens folder (their writers are in
-:mod:`gs_lightning.export`). Nothing here unpickles.
+:mod:`gs_lightning.export`), and circuit-tracer's CLT folder
+(:mod:`gs_lightning.release.circuit_tracer`). Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -82,7 +84,7 @@ def save_sae(sae: SAE, path: str | Path, input_scale: float | list[float] = 1.0,
 
 
 def write_folder(path: str | Path, files: dict[str, Any]) -> Path:
-    """Write a folder atomically: ``*.json`` entries are dicts, the others tensor dicts
+    """Write a folder atomically: ``*.json`` and ``*.yaml`` entries are dicts, the others tensor dicts
     saved as safetensors; all go into a temporary sibling that is then renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,8 @@ def write_folder(path: str | Path, files: dict[str, Any]) -> Path:
         for name, content in files.items():
             if name.endswith(".json"):
                 (tmp / name).write_text(json.dumps(content, indent=2, default=_jsonable) + "\n")
+            elif name.endswith(".yaml"):
+                (tmp / name).write_text(yaml.safe_dump(content, sort_keys=False))
             else:
                 save_file({k: v.detach().contiguous() for k, v in content.items()}, str(tmp / name))
         if path.exists():
@@ -107,7 +111,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
     ``path`` is a folder saved by :func:`save_sae` (safetensors + JSON), a Gemma Scope
     ``params.npz`` (or the folder holding one), a Gemma Scope 2 ``params.safetensors`` (or
-    its folder) or an SAELens folder (``cfg.json``).
+    its folder), an SAELens folder (``cfg.json``) or circuit-tracer's cross-layer transcoder
+    folder (``W_enc_0.safetensors``, ...).
     """
     path = Path(path)
     if path.name == GEMMA_SCOPE_2_WEIGHTS or (path / GEMMA_SCOPE_2_WEIGHTS).is_file():
@@ -118,6 +123,11 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
             return load_gemma_scope(path if path.name == "params.npz" else path / "params.npz").to(device)
         if (path / SAELENS_CFG).is_file():
             return load_saelens(path).to(device)
+        if (path / "W_enc_0.safetensors").is_file():  # circuit-tracer's CLT folder
+            # Imported here: that module imports this one.
+            from gs_lightning.release.circuit_tracer import load_circuit_tracer
+
+            return load_circuit_tracer(path).to(device)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for p in (config_path, weights_path):
         if not p.is_file():

@@ -1,0 +1,1 @@
+"""Release formats: writing dictionaries in the layouts other tools load."""
