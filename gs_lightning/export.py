@@ -272,9 +272,10 @@ def _refuse_kind(path: str, sae: SAE, format: str) -> None:
     if format == "circuit_tracer" and not clt:
         raise ConfigError(f"{path}: a {type(sae).__name__} cannot be written as circuit_tracer, which holds "
                           "cross-layer transcoders only; use gemma_scope, gemma_scope_2 or saelens")
-    if format != "circuit_tracer" and clt:
-        raise ConfigError(f"{path}: a CrossLayerTranscoder cannot be written as {format}, which holds one "
-                          "site's dictionary; use --format circuit_tracer")
+    if format != "circuit_tracer" and sae.stacked_sites is not None:
+        hint = "use --format circuit_tracer" if clt else "keep gs_lightning's own folder (load_sae reads it)"
+        raise ConfigError(f"{path}: a {type(sae).__name__} over {sae.stacked_sites} stacked sites cannot be "
+                          f"written as {format}, which holds one site's dictionary; {hint}")
 
 
 def _release_place(path: str, sae: SAE, meta: dict[str, Any], layer: int | None,

@@ -228,9 +228,14 @@ def test_a_short_fit_on_aligned_shards(tmp_path) -> None:
     before = [W.detach().clone() for W in module.sae.W_dec]
     trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, default_root_dir=tmp_path,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         limit_val_batches=0, num_sanity_val_steps=0)
+                         num_sanity_val_steps=0, val_check_interval=4, check_val_every_n_epoch=None)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 4
+    # FVU per site and L0 per site's latents, beside the pooled figures.
+    got = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert sum(got[f"val/l0_site{j}"] for j in range(4)) == pytest.approx(got["val/l0"], rel=1e-5)
+    fvus = [got[f"val/fvu_site{j}"] for j in range(4)]
+    assert min(fvus) <= got["val/fvu"] <= max(fvus) and len(set(fvus)) == 4
     assert module.input_scale.shape == (4, 1) and not hasattr(module, "target_scale")
     assert module.input_scale[3, 0] == pytest.approx(dm.input_scale[3]) != module.input_scale[0, 0]
     assert all(not torch.equal(a, b) for a, b in zip(before, module.sae.W_dec))
@@ -246,3 +251,14 @@ def test_bad_inputs_name_the_value() -> None:
         cc(torch.randn(B, 2, D))
     with pytest.raises(ValueError, match=r"got shape \[16, 12\]"):
         cc(torch.randn(B, S * D))
+
+
+def test_replacement_takes_the_weakly_causal_form_only() -> None:
+    """Replacing every site in one forward pass needs site m's reconstruction to ignore later sites."""
+    from gs_lightning.errors import ConfigError
+    from gs_lightning.evaluation import ReplacementPart, check_causal
+
+    sites = [f"blocks.{k}.hook_resid_mid" for k in range(S)]
+    check_causal(ReplacementPart(_cc("weakly_causal"), sites, sites))
+    with pytest.raises(ConfigError, match="acausal"):
+        check_causal(ReplacementPart(_cc("acausal"), sites, sites))

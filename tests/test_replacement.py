@@ -47,7 +47,7 @@ def _clt(cross: bool, seed: int = 0) -> CrossLayerTranscoder:
     with torch.no_grad():
         clt.W_enc.mul_(0.05)
         clt.raw_threshold.fill_(0.05)
-        for l, W in enumerate(clt.W_dec):
+        for W in clt.W_dec:
             W.mul_(2.0)
             if not cross:
                 W[:, 1:] = 0

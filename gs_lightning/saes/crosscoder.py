@@ -147,6 +147,11 @@ class Crosscoder(SAE):
         return self.n_sites
 
     @property
+    def latent_blocks(self) -> int | None:  # type: ignore[override]
+        """Weakly causal: one block of latents per site (L0 is also reported per site); acausal: None."""
+        return self.n_sites if self.causality == "weakly_causal" else None
+
+    @property
     def out_shape(self) -> tuple[int, ...]:
         return (self.n_sites, self.d_in)
 
