@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gs_lightning.errors import ConfigError
 from gs_lightning.saes import SAE
-from gs_lightning.sites import resolve_site
+from gs_lightning.sites import parse_site, resolve_site
 from gs_lightning.text import content_mask
 
 
@@ -30,6 +31,12 @@ class Splice:
     """A hook that rewrites a site's activation at content positions with ``fn(x)``."""
 
     def __init__(self, model: nn.Module, site: str) -> None:
+        if parse_site(site).hook == "resid_mid":
+            # Read at the pre-MLP norm's input: rewriting it there would change what the MLP
+            # sees but not the residual stream the layer adds the MLP's output to.
+            raise ConfigError(f"site={site!r} cannot be replaced in the model (the residual connection keeps "
+                              "the original); reading it is fine (a CLT's input), replacing it gives no delta LM "
+                              "loss. Train on blocks.L.hook_resid_pre or hook_resid_post to splice the stream.")
         self.module, self.io = resolve_site(model, site)
         self.fn: Callable[[Tensor], Tensor] | None = None
         self.mask: Tensor | None = None

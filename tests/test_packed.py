@@ -17,7 +17,7 @@ from gs_lightning.fused import Workspace, fused_jumprelu_loss, fused_packed_jump
 from gs_lightning.io import load_sae, load_sae_config
 from gs_lightning.module import SAETrainingModule
 from gs_lightning.packed import PackedSAE
-from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE, TopKSAE
+from gs_lightning.saes import SAE, JumpReLUSAE, MatryoshkaJumpReLUSAE, ReLUSAE, TopKSAE
 
 D, S = 16, 64
 
@@ -103,20 +103,41 @@ CASES = {
                  {"sparsity_coefficient": [1e-3, 1e-2, 3e-2], "lr": [2e-3, 5e-3, 1e-2]}),
     "topk": (TopKSAE(D, S, k=4, aux_k=8, dead_steps_threshold=5), {"k": [2, 6], "lr": [3e-3, 1e-2]}),
     "relu": (ReLUSAE(D, S), {"sparsity_coefficient": [0.1, 1.0], "seed": [1, 2], "lr": [1e-3, 4e-3]}),
+    # Gemma Scope 2's dictionaries: no batched kernel, each member takes its own step on the shared read.
+    "matryoshka_jumprelu": (MatryoshkaJumpReLUSAE(D, S, prefixes=[16, 32], threshold_init=0.05),
+                            {"sparsity_coefficient": [1e-3, 1e-2], "lr": [2e-3, 5e-3]}),
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+class _Pairs(pl.LightningDataModule):
+    """(input, target) batches of a synthetic transcoder: the target a fixed nonlinear map of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4096, D, generator=g)
+        self.pairs = list(zip(x.split(256), torch.relu(x @ torch.randn(D, D, generator=g)).split(256)))
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.pairs, batch_size=None)
+
+
+SKIP_CASE = (JumpReLUSAE(D, S, d_out=D, skip_connection=True, threshold_init=0.05),
+             {"sparsity_coefficient": [1e-3, 1e-2], "lr": [2e-3, 5e-3]})
+
+
+@pytest.mark.parametrize("case", [*CASES, "skip_transcoder"])
 def test_packed_training_equals_separate_training(case: str) -> None:
-    template, sweep = CASES[case]
+    template, sweep = SKIP_CASE if case == "skip_transcoder" else CASES[case]
+    data = _Pairs if case == "skip_transcoder" else _data
     hp = dict(lr_warmup_steps=5, sparsity_warmup_steps=10, gradient_clip_norm=0.5)
     pl.seed_everything(0)
     packed = SAETrainingModule(template, sweep=sweep, **hp)
     initial = [copy.deepcopy(sae) for sae in _members(packed)]
-    _fit(packed, 30)
+    _fit(packed, 30, data())
     for sae, start, lr in zip(_members(packed), initial, sweep["lr"]):
         alone = SAETrainingModule(copy.deepcopy(start), lr=lr, **hp)
-        _fit(alone, 30)
+        _fit(alone, 30, data())
         moved = sum((p - q).abs().sum() for p, q in zip(sae.parameters(), start.parameters()))
         assert moved > 0.1  # trained, not a copy of the start
         for (name, p), q in zip(sae.state_dict().items(), alone.sae.state_dict().values()):

@@ -226,3 +226,13 @@ def test_evaluate_scores_a_clt_and_a_transcoder_set_as_replacement_models(lm, tm
     alone = evaluate(str(tmp_path / "t*"), output=str(tmp_path / "alone"), n_contexts=6, batch_size=4)
     assert len(alone) == 2 and max(r["delta_loss"] for r in alone) < together["delta_loss"]
     assert json.loads((tmp_path / "set.json").read_text())[0]["fvu_sites"].keys() == {_out(0), _out(1)}
+
+
+def test_resid_mid_is_read_but_never_replaced(lm) -> None:
+    """Rewriting the pre-MLP norm's input leaves the residual stream as it was: no delta LM loss."""
+    model, tokenizer, contexts = lm
+    sae = JumpReLUSAE(D, N)
+    with pytest.raises(ConfigError, match="hook_resid_mid' cannot be replaced"):
+        delta_lm_loss(model, tokenizer, sae, _mid(1), contexts, 4)
+    with pytest.raises(ConfigError, match="cannot be replaced"):
+        replacement_metrics(model, tokenizer, [ReplacementPart(sae, [_mid(1)], [_mid(1)])], contexts, 4)
