@@ -54,15 +54,14 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from gs_lightning.functional import jumprelu, step
-from gs_lightning.saes.base import SAE
-from gs_lightning.saes.clt import _per_layer
+from gs_lightning.functional import jumprelu
+from gs_lightning.saes.blocked import BlockedJumpReLU, per_site
 from gs_lightning.saes.jumprelu import recipe_defaults
 
 Causality = Literal["acausal", "weakly_causal"]
 
 
-class Crosscoder(SAE):
+class Crosscoder(BlockedJumpReLU):
     """A JumpReLU crosscoder over ``n_sites`` stacked sites, acausal or weakly causal (see the
     module docstring for the maths and sources).
 
@@ -138,6 +137,11 @@ class Crosscoder(SAE):
         return [(slice(l, l + 1), slice(l, S)) for l in range(S)]
 
     @property
+    def n_blocks(self) -> int:
+        """Blocks of latents: 1 (acausal) or n_sites (weakly causal)."""
+        return len(self.blocks)
+
+    @property
     def latents_per_block(self) -> int:
         """Latents per block: d_sae (acausal) or d_sae / n_sites (weakly causal)."""
         return self.d_sae // len(self.blocks)
@@ -189,11 +193,6 @@ class Crosscoder(SAE):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
-    @property
-    def threshold(self) -> Tensor:
-        """``[d_sae]`` thresholds, float32."""
-        return self.raw_threshold.float()
-
     # -- forward ------------------------------------------------------------------------
 
     def pre_activation(self, x: Tensor) -> Tensor:
@@ -216,38 +215,6 @@ class Crosscoder(SAE):
             x_hat[..., w, :] += (f[..., k * n : (k + 1) * n] @ W.flatten(1)).unflatten(-1, W.shape[1:])
         return x_hat + self.b_dec
 
-    def sparsity_losses(self, pre: Tensor, f: Tensor, warmup: float) -> dict[str, Tensor]:
-        s = step(pre, self.threshold, self.bandwidth)
-        block_l0 = s.unflatten(-1, (len(self.blocks), -1)).sum(-1).reshape(-1, len(self.blocks))  # [tokens, blocks]
-        if self.target_l0 is None:
-            penalty = block_l0.sum(-1).mean()
-        else:
-            T = float(self.target_l0)
-            penalty = ((2.0 / T) * (block_l0 - T).pow(2)).sum(-1).mean()
-        return {"l0_penalty": warmup * self.sparsity_coefficient * penalty}
-
-    def reconstruction_losses(self, x: Tensor, target: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
-        """``mse``: squared error summed over ``d_in`` and the sites, mean over tokens."""
-        return {"mse": (x_hat - target).pow(2).sum((-2, -1)).mean()}
-
-    # -- decoder norm and saving --------------------------------------------------------
-
-    @torch.no_grad()
-    def before_optimizer_step(self) -> None:
-        """Remove the gradient component parallel to each latent's (concatenated) decoder."""
-        for W in self.W_dec:
-            if W.grad is not None:
-                w = W.flatten(1) / W.flatten(1).norm(dim=1, keepdim=True)
-                g = W.grad.view(W.shape[0], -1)
-                g.sub_((g * w).sum(1, keepdim=True) * w)
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Renormalise each latent's decoder to unit norm; clamp thresholds at >= 0."""
-        for W in self.W_dec:
-            W.div_(W.flatten(1).norm(dim=1).view(-1, 1, 1))
-        self.raw_threshold.clamp_(min=0.0)
-
     @torch.no_grad()
     def fold_input_scale(self, scale: float | Sequence[float],  # type: ignore[override]
                          target_scale: float | Sequence[float] | None = None) -> None:
@@ -255,25 +222,13 @@ class Crosscoder(SAE):
         for every site s a block reads, ``W_dec[.][:, s] /= scale[s]`` and ``b_dec[s] /=
         scale[s]`` for every site it writes. A float applies to every site; ``target_scale``
         (if given) replaces ``scale`` on the output side."""
-        s = _per_layer(scale, self.n_sites, self.b_dec)
-        t = s if target_scale is None else _per_layer(target_scale, self.n_sites, self.b_dec)
+        s = per_site(scale, self.n_sites, self.b_dec)
+        t = s if target_scale is None else per_site(target_scale, self.n_sites, self.b_dec)
         for (r, w), W_enc, W_dec in zip(self.blocks, self.W_enc, self.W_dec):
             W_enc.mul_(s[r].view(-1, 1, 1))
             W_dec.div_(t[w].view(1, -1, 1))
         self.b_dec.div_(t.view(-1, 1))
 
-    def canonical_state_dict(self) -> dict[str, Tensor]:
-        """``W_enc.{k} [sites read, d_in, n]``, ``W_dec.{k} [n, sites written, d_in]`` per block
-        k, ``b_enc [d_sae]``, ``threshold [d_sae]``, ``b_dec [n_sites, d_in]``."""
-        tensors = {k: v.detach() for k, v in self.state_dict().items() if k != "raw_threshold"}
-        tensors["threshold"] = self.threshold.detach().clone()
-        return tensors
-
-    @torch.no_grad()
-    def load_canonical_state_dict(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        tensors["raw_threshold"] = tensors.pop("threshold").float()
-        super().load_canonical_state_dict(tensors)
 
 
 def crosscoder_parameters(n_sites: int, d_in: int, d_sae: int, causality: Causality = "acausal") -> int:
