@@ -7,7 +7,9 @@ At one shape (default: B=2048 tokens, L=4 layers, d=256, n=4096 latents per laye
    ``[B, d] @ [d, n]``, the decoder to its ``L - l`` target layers ``[B, n] @ [n, (L - l) d]``,
    and the backward GEMMs ``dW_dec``, ``df`` and ``dW_enc`` (the input gradient is not
    needed), each timed alone into a preallocated output;
-2. the CLT's training step (forward, backward, Adam, decoder constraint) in fp32;
+2. the CLT's training step (forward, backward, Adam, decoder constraint) in fp32, with the
+   fused step (:mod:`gs_lightning.saes.clt_fused`, the default) and through autograd
+   (``fused=False``);
 3. the same latents as L per-layer JumpReLU transcoders (``n`` latents each, the fused step),
    whose GEMMs are the CLT's with only the ``l -> l`` decoders.
 
@@ -15,10 +17,11 @@ GEMM FLOPs the CLT step executes: ``4 B L d n`` (encoders forward and ``dW_enc``
 ``6 B P n d`` (decoders forward, ``dW_dec`` and ``df``) with ``P = L (L + 1) / 2`` decoder
 pairs; for L = 1 this is the single-site step's ``10 B d n``. Ends with ``result:`` lines:
 
-* ``clt_step_peak_fraction``: CLT step GEMM FLOP/s over the peak on its shapes;
+* ``clt_step_peak_fraction``: fused CLT step GEMM FLOP/s over the peak on its shapes;
 * ``transcoders_step_peak_fraction``: the same for the per-layer transcoders;
 * ``clt_vs_transcoders_step_seconds``: CLT step time / per-layer transcoders' (the decoder
-  pairs make the CLT do ``(4 L + 6 P) / (10 L)`` times the work: 1.9x at L = 4).
+  pairs make the CLT do ``(4 L + 6 P) / (10 L)`` times the work: 1.9x at L = 4);
+* ``clt_fused_vs_autograd``: autograd CLT step time / fused CLT step time.
 
 Run: ``python benchmarks/clt_step.py [--batch 2048 --layers 4 --d 256 --n 4096 --device auto]``.
 """
@@ -59,10 +62,10 @@ def clt_gemm_peak(B: int, L: int, d: int, n: int, device: torch.device) -> float
     return clt_gemm_flops(B, L, d, n) / seconds
 
 
-def clt_step_seconds(B: int, L: int, d: int, n: int, device: torch.device, repeats: int) -> float:
+def clt_step_seconds(B: int, L: int, d: int, n: int, device: torch.device, repeats: int, fused: bool = True) -> float:
     """Median seconds of one CLT training step (forward, backward, Adam, decoder constraint)."""
     torch.manual_seed(0)
-    clt = CrossLayerTranscoder(L, d, L * n).to(device).train()
+    clt = CrossLayerTranscoder(L, d, L * n, fused=fused).to(device).train()
     optimizer = torch.optim.Adam(clt.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=True)
     x = torch.randn(B, L, d, device=device) / d**0.5
     y = torch.randn(B, L, d, device=device) / d**0.5
@@ -100,10 +103,12 @@ def main(batch: int = 2048, layers: int = 4, d: int = 256, n: int = 4096, device
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     peak = clt_gemm_peak(B, L, d, n, dev)
     clt = clt_step_seconds(B, L, d, n, dev, repeats)
+    plain = clt_step_seconds(B, L, d, n, dev, max(2, repeats // 2), fused=False)
     # L transcoders of n latents: the fused single-site step, L times.
     transcoders = L * bare_step_seconds(B, d, n, dev, fused=True, bf16=False, repeats=repeats)
     rows = [("fp32 GEMM peak (CLT step shapes)", None, flops, peak),
-            ("CLT step fp32", clt, flops, flops / clt),
+            ("CLT step fp32 (fused)", clt, flops, flops / clt),
+            ("CLT step fp32 (autograd)", plain, flops, flops / plain),
             (f"{L} per-layer transcoders fp32 (fused)", transcoders, per_layer_flops, per_layer_flops / transcoders)]
     print(f"\n{'configuration':38s} {'ms/step':>9s} {'tokens/s':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>9s} "
           f"{'of fp32 peak':>13s}")
@@ -113,7 +118,8 @@ def main(batch: int = 2048, layers: int = 4, d: int = 256, n: int = 4096, device
         print(f"{name:38s} {ms} {tps} {work / 1e9:11.2f} {rate / 1e9:9.1f} {rate / peak:13.2f}")
     results = {"clt_step_peak_fraction": flops / clt / peak,
                "transcoders_step_peak_fraction": per_layer_flops / transcoders / peak,
-               "clt_vs_transcoders_step_seconds": clt / transcoders}
+               "clt_vs_transcoders_step_seconds": clt / transcoders,
+               "clt_fused_vs_autograd": plain / clt}
     print(f"\nthe CLT does {flops / per_layer_flops:.2f}x the per-layer transcoders' GEMM work")
     for key, value in results.items():
         print(f"result: {key} {value:.3f}")

@@ -59,6 +59,13 @@ class Workspace:
         self._buffers.clear()
 
 
+def autocast_dtype(x: Tensor, default: torch.dtype) -> torch.dtype:
+    """The dtype a fused step's GEMMs run in on ``x``'s device: autocast's when it is
+    enabled there, else ``default`` (the weights' dtype)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else default
+
+
 class FusedJumpReLULoss(torch.autograd.Function):
     """Returns ``(mse, fire_counts, token_l0, x_hat)`` for a JumpReLU SAE on a batch ``x``.
 
@@ -144,7 +151,7 @@ class FusedJumpReLULoss(torch.autograd.Function):
         near_g = torch.mul(g_f, near, out=f).sum(0, dtype=torch.float32)
         t = threshold.float()
         grad_t = -(t / eps) * near_g
-        grad_t = grad_t - _step_threshold_grad(near, f, grad_counts, grad_token, eps)
+        grad_t = grad_t - step_threshold_grad(near, f, grad_counts, grad_token, eps)
         g_pre = g_f.mul_(mask)
         grad_b_enc = g_pre.sum(0, dtype=torch.float32)
         xt = x.to(cd).t()
@@ -166,7 +173,7 @@ class FusedJumpReLULoss(torch.autograd.Function):
         )
 
 
-def _step_threshold_grad(near: Tensor, scratch: Tensor, grad_counts: Tensor | None, grad_token: Tensor | None,
+def step_threshold_grad(near: Tensor, scratch: Tensor, grad_counts: Tensor | None, grad_token: Tensor | None,
                          eps: Tensor | float) -> Tensor:
     """``(1/eps) (c * sum_b near + sum_b near * u)`` summed over the batch dim (-2): the
     threshold gradient of the step counts, with its sign flipped. ``near`` is ``[..., B, S]``,
@@ -297,7 +304,7 @@ class FusedPackedJumpReLULoss(torch.autograd.Function):
         # f is no longer needed: reuse its buffer for near * g_f (and near * u).
         near_g = torch.mul(g_f, near, out=f).sum(1, dtype=torch.float32)
         t = threshold.float()
-        grad_t = -(t / eps) * near_g - _step_threshold_grad(near, f, grad_counts, grad_token, bandwidth)
+        grad_t = -(t / eps) * near_g - step_threshold_grad(near, f, grad_counts, grad_token, bandwidth)
         g_pre = g_f.mul_(mask)
         grad_b_enc = g_pre.sum(1, dtype=torch.float32)
         xt = x.to(cd).t()

@@ -1,9 +1,11 @@
 """CrossLayerTranscoder: forward and training step against hand-written references, the
-one-layer case against a JumpReLU transcoder, saving with per-layer scales, memory, and a
-kill-and-resume fit on aligned shards."""
+fused step against autograd, the one-layer case against a JumpReLU transcoder, saving with
+per-layer scales, memory, and a kill-and-resume fit on aligned shards."""
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -23,9 +25,10 @@ from tests.test_shards import write_folder
 L, D, N, B = 3, 4, 5, 16
 
 
-def _clt(target_l0: float | None = None, seed: int = 0) -> CrossLayerTranscoder:
+def _clt(target_l0: float | None = None, seed: int = 0, fused: bool = True) -> CrossLayerTranscoder:
     torch.manual_seed(seed)
-    clt = CrossLayerTranscoder(L, D, L * N, sparsity_coefficient=0.3, bandwidth=0.5, target_l0=target_l0)
+    clt = CrossLayerTranscoder(L, D, L * N, sparsity_coefficient=0.3, bandwidth=0.5, target_l0=target_l0,
+                               fused=fused)
     with torch.no_grad():
         clt.b_enc.normal_(0, 0.3)
         clt.b_dec.normal_(0, 0.3)
@@ -52,11 +55,13 @@ def test_forward_is_the_sum_over_source_layers() -> None:
         torch.testing.assert_close(y[:, m], ref)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("target_l0", [None, 2.0])
-def test_training_step_matches_hand_computed_gradients(target_l0: float | None) -> None:
-    clt = _clt(target_l0)
+def test_training_step_matches_hand_computed_gradients(target_l0: float | None, fused: bool) -> None:
+    clt = _clt(target_l0, fused=fused)
     x, y = _data()
     warmup = 0.5
+    assert clt.uses_fused(x) == fused
     out = clt.training_output(x, warmup, y)
     sum(out.losses.values()).backward()
 
@@ -94,6 +99,84 @@ def test_training_step_matches_hand_computed_gradients(target_l0: float | None) 
     torch.testing.assert_close(clt.b_enc.grad, dpre.sum(0))
     torch.testing.assert_close(clt.raw_threshold.grad, dt)
     assert dt.abs().sum() > 0  # some pre-activations fall in the kernel: the check bites
+
+
+def _step(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    out = clt.training_output(x, 0.7, y)
+    sum(out.losses.values()).backward()
+    return out, {k: p.grad for k, p in clt.named_parameters()}
+
+
+@pytest.mark.parametrize("target_l0", [None, 2.0])
+def test_fused_step_equals_autograd(target_l0: float | None) -> None:
+    fused, plain = _clt(target_l0), _clt(target_l0, fused=False)
+    x, y = _data()
+    with torch.no_grad():  # every latent's threshold within the kernel of some token's pre-activation
+        pre = fused.pre_activation(x)
+        # Offsets 0.21 .. 0.01 from a pre-activation: inside eps/2 = 0.25, never a tie.
+        near = pre[torch.arange(N) % B, :, torch.arange(N)].t() + (torch.arange(N) - 1.9) * 0.1
+        for clt in (fused, plain):
+            clt.raw_threshold.copy_(near.clamp(min=0.01))
+    (a, ga), (b, gb) = _step(fused, x, y), _step(plain, x, y)
+    assert fused.uses_fused(x) and not plain.uses_fused(x)
+    assert a.losses.keys() == b.losses.keys() == {"mse", "l0_penalty"}
+    for k in a.losses:
+        torch.testing.assert_close(a.losses[k], b.losses[k])
+    torch.testing.assert_close(a.x_hat, b.x_hat.detach())
+    assert not a.x_hat.requires_grad and a.x_hat.shape == (B, L, D)
+    assert a.fire_counts.dtype == b.fire_counts.dtype and torch.equal(a.fire_counts, b.fire_counts)
+    assert a.l0.item() == pytest.approx(b.l0.item())
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], msg=k)
+    kernel = ((pre - fused.threshold).abs() < 0.25).sum(0)
+    assert (kernel > 0).all() and ga["raw_threshold"].abs().min() > 0  # the pseudo-derivative bites everywhere
+
+
+def test_fused_step_under_bf16_autocast_keeps_fp32_threshold() -> None:
+    clt = _clt()
+    ref = copy.deepcopy(clt)
+    x, y = _data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = clt.training_output(x, 1.0, y)
+    sum(out.losses.values()).backward()
+    exp = ref.training_output(x, 1.0, y)
+    sum(exp.losses.values()).backward()
+    assert clt.raw_threshold.grad.dtype == torch.float32 and clt.W_enc.grad.dtype == torch.float32
+    assert out.x_hat.dtype == torch.float32 and torch.equal(out.fire_counts, exp.fire_counts)
+    torch.testing.assert_close(out.losses["mse"], exp.losses["mse"], rtol=2e-2, atol=2e-2)
+    for W, W_ref in zip(clt.W_dec, ref.W_dec):
+        torch.testing.assert_close(W.grad, W_ref.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_fused_backward_refuses_overwritten_workspace() -> None:
+    clt = _clt()
+    x, y = _data()
+    first = clt.training_output(x, 1.0, y)
+    clt.training_output(x, 1.0, y)
+    with pytest.raises(RuntimeError, match="reused the workspace"):
+        sum(first.losses.values()).backward()
+
+
+def test_fused_step_only_while_training_with_grad() -> None:
+    clt = _clt()
+    x, y = _data()
+    assert not clt.uses_fused(x.requires_grad_())
+    with torch.no_grad():
+        assert not clt.uses_fused(x.detach())
+    clt.training_output(x.detach(), 1.0, y)
+    clt.eval()
+    assert not clt.uses_fused(x.detach()) and not clt._workspace._buffers  # buffers given back
+
+
+def test_saved_clt_without_fused_arg_loads(tmp_path) -> None:
+    path = save_sae(_clt(), tmp_path / "clt", 1.0, {"model": "m"})
+    config = json.loads((path / "config.json").read_text())
+    assert config["init_args"].pop("fused") is True
+    (path / "config.json").write_text(json.dumps(config))  # as saved before the fused step existed
+    loaded = load_sae(path)
+    assert isinstance(loaded, CrossLayerTranscoder) and loaded.fused
+    assert "_workspace" not in str(list(loaded.state_dict()))
 
 
 def test_one_layer_is_a_jumprelu_transcoder() -> None:

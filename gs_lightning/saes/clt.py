@@ -42,7 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from gs_lightning.functional import jumprelu, step
-from gs_lightning.saes.base import SAE
+from gs_lightning.fused import Workspace, autocast_dtype
+from gs_lightning.saes.base import SAE, TrainOutput
+from gs_lightning.saes.clt_fused import fused_clt_loss
 from gs_lightning.saes.jumprelu import recipe_defaults
 
 
@@ -70,6 +72,9 @@ class CrossLayerTranscoder(SAE):
             ``lambda mean_b sum_l (2 / T) (l0_bl - T)^2``; None keeps the L0 term
             ``lambda mean_b sum_l l0_bl``.
         d_out: Width of the MLP outputs reconstructed; default ``d_in``.
+        fused: Train with the fused step of :mod:`gs_lightning.saes.clt_fused` (the same
+            losses and gradients, far less memory traffic and time); false, or a step that
+            needs a gradient w.r.t. the input, goes through autograd.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class CrossLayerTranscoder(SAE):
         encoder_init_scale: float | None = None,
         target_l0: float | None = None,
         d_out: int | None = None,
+        fused: bool = True,
     ) -> None:
         if n_layers < 1 or d_sae % n_layers:
             raise ValueError(f"d_sae={d_sae} must be a positive multiple of n_layers={n_layers}")
@@ -97,8 +103,10 @@ class CrossLayerTranscoder(SAE):
         self.threshold_init = threshold_init
         self.encoder_init_scale = scale
         self.target_l0 = target_l0
+        self.fused = fused
         with torch.no_grad():
             self.raw_threshold.fill_(threshold_init)
+        self._workspace = Workspace()  # the fused step's [L, batch, n] buffers; never saved
 
     # -- shapes -------------------------------------------------------------------------
 
@@ -180,19 +188,48 @@ class CrossLayerTranscoder(SAE):
             y[..., l:, :] += (f[..., l, :] @ W.flatten(1)).unflatten(-1, (L - l, self.out_width))
         return y + self.b_dec
 
-    def sparsity_losses(self, pre: Tensor, f: Tensor, warmup: float) -> dict[str, Tensor]:
-        s = step(pre.flatten(-2), self.threshold.flatten(), self.bandwidth).unflatten(-1, pre.shape[-2:])
-        layer_l0 = s.sum(-1)  # [batch, n_layers]
+    def sparsity_terms(self, counts: Tensor, layer_l0: Tensor | None, tokens: int, warmup: float) -> dict[str, Tensor]:
+        """The weighted L0 term from step-function counts carrying pseudo-derivatives: without
+        ``target_l0`` the total of ``counts`` (any shape) over ``tokens`` tokens, with it the
+        penalty on ``layer_l0 [..., n_layers]`` (active latents per token and layer)."""
         if self.target_l0 is None:
-            penalty = layer_l0.sum(-1).mean()
+            penalty = counts.sum() / tokens
         else:
             T = float(self.target_l0)
             penalty = ((2.0 / T) * (layer_l0 - T).pow(2)).sum(-1).mean()
         return {"l0_penalty": warmup * self.sparsity_coefficient * penalty}
 
+    def sparsity_losses(self, pre: Tensor, f: Tensor, warmup: float) -> dict[str, Tensor]:
+        s = step(pre.flatten(-2), self.threshold.flatten(), self.bandwidth).unflatten(-1, pre.shape[-2:])
+        layer_l0 = s.sum(-1)  # [batch, n_layers]
+        return self.sparsity_terms(layer_l0, layer_l0, layer_l0.numel() // self.n_layers, warmup)
+
     def reconstruction_losses(self, x: Tensor, target: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
         """``mse``: squared error summed over the model dimension and the layers, mean over tokens."""
         return {"mse": (x_hat - target).pow(2).sum((-2, -1)).mean()}
+
+    # -- the fused step ------------------------------------------------------------------
+
+    def uses_fused(self, x: Tensor) -> bool:
+        """Whether a training step on ``x`` takes the fused path (it cannot give ``x`` a gradient)."""
+        return self.fused and self.training and torch.is_grad_enabled() and not x.requires_grad and x.dim() == 3
+
+    def training_output(self, x: Tensor, warmup: float = 1.0, target: Tensor | None = None) -> TrainOutput:
+        if not self.uses_fused(x):
+            return super().training_output(x, warmup, target)
+        mse, counts, layer_l0, x_hat = fused_clt_loss(
+            x, self.W_enc, self.b_enc, list(self.W_dec), self.b_dec, self.threshold, self.bandwidth,
+            self._workspace, autocast_dtype(x, self.W_enc.dtype), target, layer_l0=self.target_l0 is not None,
+        )
+        B = x.shape[0]
+        losses = {"mse": mse, **self.sparsity_terms(counts, layer_l0, B, warmup)}
+        counts = counts.detach().flatten()  # layer-major, as the latents are numbered
+        return TrainOutput(x_hat, losses, counts.sum() / B, counts.long())
+
+    def train(self, mode: bool = True) -> CrossLayerTranscoder:
+        if not mode:
+            self._workspace.clear()  # give the [L, batch, n] buffers back while evaluating
+        return super().train(mode)
 
     # -- decoder norm and saving --------------------------------------------------------
 

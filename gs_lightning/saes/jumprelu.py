@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from gs_lightning.functional import jumprelu, step
-from gs_lightning.fused import Workspace, fused_jumprelu_loss
+from gs_lightning.fused import Workspace, autocast_dtype, fused_jumprelu_loss
 from gs_lightning.saes.base import SAE, TrainOutput
 from gs_lightning.saes.topk import data_parallel_world
 
@@ -283,8 +283,7 @@ class JumpReLUSAE(SAE):
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype the fused step's GEMMs run in: autocast's when enabled, else the weights'."""
-        dev = x.device.type
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.W_enc.dtype
+        return autocast_dtype(x, self.W_enc.dtype)
 
     def training_output(self, x: Tensor, warmup: float = 1.0, target: Tensor | None = None) -> TrainOutput:
         if not self.uses_fused(x):
@@ -312,7 +311,7 @@ class JumpReLUSAE(SAE):
         if self.threshold_parameterization == "raw":
             self.raw_threshold.clamp_(min=0.0)
 
-    def train(self, mode: bool = True) -> "JumpReLUSAE":
+    def train(self, mode: bool = True) -> JumpReLUSAE:
         if not mode:
             self._workspace.clear()  # give the [batch, d_sae] buffers back while evaluating
         return super().train(mode)
