@@ -107,9 +107,18 @@ def _step(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor) -> tuple:
     return out, {k: p.grad for k, p in clt.named_parameters()}
 
 
-@pytest.mark.parametrize("target_l0", [None, 2.0])
-def test_fused_step_equals_autograd(target_l0: float | None) -> None:
+DEAD = torch.tensor([1, 3, 2 * N, 2 * N + 4])  # latents of layers 0 and 2 held dead
+
+
+def _kill(clt: CrossLayerTranscoder) -> None:
+    clt.tokens_since_fired[DEAD] = clt.dead_tokens
+
+
+@pytest.mark.parametrize("target_l0,dead", [(None, False), (2.0, False), (None, True)])
+def test_fused_step_equals_autograd(target_l0: float | None, dead: bool) -> None:
     fused, plain = _clt(target_l0), _clt(target_l0, fused=False)
+    if dead:  # the remedies: the fused path gathers the dead pre-activations itself
+        _kill(fused), _kill(plain)
     x, y = _data()
     with torch.no_grad():  # every latent's threshold within the kernel of some token's pre-activation
         pre = fused.pre_activation(x)
@@ -119,9 +128,10 @@ def test_fused_step_equals_autograd(target_l0: float | None) -> None:
             clt.raw_threshold.copy_(near.clamp(min=0.01))
     (a, ga), (b, gb) = _step(fused, x, y), _step(plain, x, y)
     assert fused.uses_fused(x) and not plain.uses_fused(x)
-    assert a.losses.keys() == b.losses.keys() == {"mse", "l0_penalty"}
+    assert a.losses.keys() == b.losses.keys() == {"mse", "l0_penalty", "dead_pre_act", "aux_k"}
     for k in a.losses:
         torch.testing.assert_close(a.losses[k], b.losses[k])
+    assert (a.losses["aux_k"] > 0) == dead
     torch.testing.assert_close(a.x_hat, b.x_hat.detach())
     assert not a.x_hat.requires_grad and a.x_hat.shape == (B, L, D)
     assert a.fire_counts.dtype == b.fire_counts.dtype and torch.equal(a.fire_counts, b.fire_counts)
@@ -131,6 +141,42 @@ def test_fused_step_equals_autograd(target_l0: float | None) -> None:
         torch.testing.assert_close(ga[k], gb[k], msg=k)
     kernel = ((pre - fused.threshold).abs() < 0.25).sum(0)
     assert (kernel > 0).all() and ga["raw_threshold"].abs().min() > 0  # the pseudo-derivative bites everywhere
+
+
+def test_dead_latent_remedies_against_brute_force() -> None:
+    """Dead latents' pre-activation loss and AuxK by hand: each dead latent's decoder spans
+    the layers it writes, zero before its own."""
+    clt = _clt()
+    clt.aux_k = 3
+    _kill(clt)
+    x, y = _data()
+    out = clt.training_output(x, 1.0, y)
+    with torch.no_grad():
+        pre = torch.stack([x[:, l] @ clt.W_enc[l] + clt.b_enc[l] for l in range(L)], 1).flatten(1)[:, DEAD]
+        gap = (clt.threshold.flatten()[DEAD] - pre).relu().sum(-1).mean()
+        rows = []
+        for i in DEAD.tolist():
+            l, j = divmod(i, N)
+            row = torch.zeros(L, D)
+            row[l:] = clt.W_dec[l][j]
+            rows.append(row.flatten())
+        top = pre.topk(3, -1)
+        f_aux = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        residual = (y - out.x_hat).flatten(1)
+        aux = (f_aux @ torch.stack(rows) - residual).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out.losses["dead_pre_act"], clt.dead_coefficient * gap)
+    torch.testing.assert_close(out.losses["aux_k"], clt.aux_coefficient * aux)
+    assert gap > 0 and aux > 0
+    out.losses["aux_k"].backward()  # AuxK trains the dead latents' encoders and decoders only
+    assert clt.W_dec[0].grad[1].abs().sum() > 0 and clt.W_dec[0].grad[0].abs().sum() == 0
+    assert clt.W_dec[1].grad is None or clt.W_dec[1].grad.abs().sum() == 0
+
+
+def test_firing_resets_the_dead_counters() -> None:
+    clt = _clt()
+    x, y = _data()
+    counts = clt.training_output(x, 1.0, y).fire_counts
+    assert torch.equal(clt.tokens_since_fired == 0, counts > 0) and (clt.tokens_since_fired[counts == 0] == B).all()
 
 
 def test_fused_step_under_bf16_autocast_keeps_fp32_threshold() -> None:
@@ -180,9 +226,10 @@ def test_saved_clt_without_fused_arg_loads(tmp_path) -> None:
 
 
 def test_one_layer_is_a_jumprelu_transcoder() -> None:
-    clt = CrossLayerTranscoder(1, D, N, sparsity_coefficient=0.3, bandwidth=0.5, d_out=3)
-    sae = JumpReLUSAE(D, N, sparsity_coefficient=0.3, bandwidth=0.5, d_out=3, fused=False,
-                      dead_coefficient=0.0, aux_coefficient=0.0)
+    clt = CrossLayerTranscoder(1, D, N, sparsity_coefficient=0.3, bandwidth=0.5, d_out=3, aux_k=2)
+    sae = JumpReLUSAE(D, N, sparsity_coefficient=0.3, bandwidth=0.5, d_out=3, fused=False, aux_k=2)
+    for m in (clt, sae):  # the dead-latent remedies too
+        m.tokens_since_fired[[1, 3]] = m.dead_tokens
     with torch.no_grad():
         sae.W_enc.copy_(clt.W_enc[0])
         sae.W_dec.copy_(clt.W_dec[0][:, 0])
@@ -190,7 +237,7 @@ def test_one_layer_is_a_jumprelu_transcoder() -> None:
         sae.raw_threshold.copy_(clt.raw_threshold[0])
     x, y = torch.randn(B, D), torch.randn(B, 3)
     a, b = clt.training_output(x[:, None], 1.0, y[:, None]), sae.training_output(x, 1.0, y)
-    assert a.losses.keys() == b.losses.keys()
+    assert a.losses.keys() == b.losses.keys() and b.losses["aux_k"] > 0
     for k in a.losses:
         torch.testing.assert_close(a.losses[k], b.losses[k])
     sum(a.losses.values()).backward()

@@ -21,6 +21,7 @@ from tests.test_shards import write_folder
 S, D, N, B = 3, 4, 5, 16  # sites, width, latents per site, tokens
 F = S * N
 CAUSALITIES = ["acausal", "weakly_causal"]
+DEAD = [2, 7, 11]  # latents of sites 0, 1 and 2 when weakly causal
 
 
 def _cc(causality: str, target_l0: float | None = None, seed: int = 0) -> Crosscoder:
@@ -153,8 +154,11 @@ def test_training_step_matches_hand_computed_gradients(causality: str, target_l0
 
 def test_acausal_is_a_jumprelu_sae_on_the_concatenated_sites() -> None:
     cc = _cc("acausal")
-    sae = JumpReLUSAE(S * D, F, sparsity_coefficient=0.3, bandwidth=0.5, fused=False, dead_coefficient=0.0,
-                      aux_coefficient=0.0, threshold_parameterization="raw")
+    sae = JumpReLUSAE(S * D, F, sparsity_coefficient=0.3, bandwidth=0.5, fused=False, aux_k=4,
+                      threshold_parameterization="raw")
+    cc.aux_k = 4
+    for m in (cc, sae):  # the dead-latent remedies agree too
+        m.tokens_since_fired[DEAD] = m.dead_tokens
     with torch.no_grad():
         sae.W_enc.copy_(cc.W_enc[0].flatten(0, 1))
         sae.W_dec.copy_(cc.W_dec[0].flatten(1))
@@ -163,7 +167,7 @@ def test_acausal_is_a_jumprelu_sae_on_the_concatenated_sites() -> None:
         sae.raw_threshold.copy_(cc.raw_threshold)
     x = _x()
     a, b = cc.training_output(x), sae.training_output(x.flatten(1))
-    assert a.losses.keys() == b.losses.keys()
+    assert a.losses.keys() == b.losses.keys() and b.losses["aux_k"] > 0
     for k in a.losses:
         torch.testing.assert_close(a.losses[k], b.losses[k])
     sum(a.losses.values()).backward()
@@ -177,6 +181,8 @@ def test_acausal_is_a_jumprelu_sae_on_the_concatenated_sites() -> None:
 def test_weakly_causal_is_a_clt_reconstructing_its_inputs(target_l0: float | None) -> None:
     cc = _cc("weakly_causal", target_l0)
     clt = CrossLayerTranscoder(S, D, F, sparsity_coefficient=0.3, bandwidth=0.5, target_l0=target_l0)
+    for m in (cc, clt):  # the remedies too: the CLT's fused step gathers the dead pre-activations itself
+        m.tokens_since_fired[DEAD] = m.dead_tokens
     with torch.no_grad():
         clt.W_enc.copy_(torch.cat(list(cc.W_enc)))
         for l in range(S):
@@ -186,6 +192,7 @@ def test_weakly_causal_is_a_clt_reconstructing_its_inputs(target_l0: float | Non
         clt.raw_threshold.copy_(cc.raw_threshold.view(S, N))
     x = _x()
     a, b = cc.training_output(x), clt.training_output(x, 1.0, x)
+    assert a.losses.keys() == b.losses.keys() and b.losses["aux_k"] > 0
     for k in a.losses:
         torch.testing.assert_close(a.losses[k], b.losses[k])
     torch.testing.assert_close(a.x_hat, b.x_hat)

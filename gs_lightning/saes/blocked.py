@@ -5,37 +5,59 @@ A cross-layer transcoder and a crosscoder both keep ``W_dec`` as a list of ``[n,
 written, d_out]`` tensors, one per block of ``n`` latents, and read and write
 ``[batch, sites, d]`` stacks. Their training recipe is the same: each latent's decoder,
 concatenated over the sites it writes, at unit norm; the squared error summed over the
-model dimension and the sites, averaged over tokens; and the L0 term (or the quadratic
-penalty around ``target_l0``) per block of latents, summed over blocks. The variants
-differ in what each block reads, which the subclasses define.
+model dimension and the sites, averaged over tokens; the L0 term (or the quadratic
+penalty around ``target_l0``) per block of latents, summed over blocks; and the
+dead-latent remedies of :mod:`gs_lightning.saes.dead`, a dead latent's decoder spanning
+the sites it writes. The variants differ in what each block reads, which the subclasses
+define (:attr:`BlockedJumpReLU.blocks`, :meth:`BlockedJumpReLU.block_encoder`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gs_lightning.functional import step
 from gs_lightning.saes.base import SAE
+from gs_lightning.saes.dead import DeadLatentTracking, check_remedies
 
 
-class BlockedJumpReLU(SAE):
+class BlockedJumpReLU(DeadLatentTracking, SAE):
     """Base of :class:`~gs_lightning.saes.CrossLayerTranscoder` and
     :class:`~gs_lightning.saes.Crosscoder`: the decoder constraint, losses and saved form
     of a JumpReLU dictionary whose ``W_dec`` is a ParameterList of ``[n, sites, d_out]``
     blocks and whose ``raw_threshold`` holds every latent's threshold (block-major).
 
-    Subclasses set ``sparsity_coefficient``, ``bandwidth`` and ``target_l0`` and define
-    ``n_blocks`` (the blocks the sparsity term counts L0 over)."""
+    Subclasses set ``sparsity_coefficient``, ``bandwidth`` and ``target_l0``, call
+    :meth:`init_remedies`, and define :attr:`blocks` and :meth:`block_encoder`."""
 
     sparsity_coefficient: float
     bandwidth: float
     target_l0: float | None
 
     @property
-    def n_blocks(self) -> int:
-        """Blocks of latents the sparsity term counts separately."""
+    def blocks(self) -> list[tuple[slice, slice]]:
+        """Per block of latents (equal sizes, in latent order): the stacked input sites it
+        reads and the output sites its decoder ``W_dec[k]`` writes."""
         raise NotImplementedError
+
+    def block_encoder(self, k: int) -> tuple[Tensor, Tensor]:
+        """Block k's encoder ``[sites read, d_in, n]`` and bias ``[n]``."""
+        raise NotImplementedError
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks of latents: the sparsity term counts L0 per block."""
+        return len(self.blocks)
+
+    def init_remedies(self, dead_coefficient: float, aux_coefficient: float, aux_k: int, dead_tokens: int) -> None:
+        """Set the dead-latent remedies' settings and counters (see :mod:`gs_lightning.saes.dead`)."""
+        check_remedies(dead_coefficient, aux_coefficient, aux_k, dead_tokens)
+        self.dead_coefficient, self.aux_coefficient = dead_coefficient, aux_coefficient
+        self.aux_k, self.dead_tokens = aux_k, dead_tokens
+        # float64 counts tokens exactly up to 2^53.
+        self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.float64))
 
     @property
     def threshold(self) -> Tensor:
@@ -50,10 +72,59 @@ class BlockedJumpReLU(SAE):
         T = float(self.target_l0)
         return ((2.0 / T) * (block_l0 - T).pow(2)).sum(-1).mean()
 
+    def sparsity_terms(self, counts: Tensor, block_l0: Tensor | None, tokens: int, warmup: float) -> dict[str, Tensor]:
+        """The weighted L0 term from step-function counts carrying pseudo-derivatives: without
+        ``target_l0`` the total of ``counts`` (any shape) over ``tokens`` tokens, with it the
+        quadratic penalty on ``block_l0 [tokens, n_blocks]``."""
+        if self.target_l0 is None:
+            penalty = counts.sum() / tokens
+        else:
+            T = float(self.target_l0)
+            penalty = ((2.0 / T) * (block_l0 - T).pow(2)).sum(-1).mean()
+        return {"l0_penalty": warmup * self.sparsity_coefficient * penalty}
+
     def sparsity_losses(self, pre: Tensor, f: Tensor, warmup: float) -> dict[str, Tensor]:
         s = step(pre.reshape(-1, self.d_sae), self.threshold.flatten(), self.bandwidth)
         block_l0 = s.view(-1, self.n_blocks, self.d_sae // self.n_blocks).sum(-1)  # [tokens, blocks]
-        return {"l0_penalty": warmup * self.sparsity_coefficient * self.block_penalty(block_l0)}
+        return self.sparsity_terms(block_l0, block_l0, block_l0.shape[0], warmup)
+
+    # -- dead latents -------------------------------------------------------------------
+
+    def dead_losses(self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor | None = None) -> dict[str, Tensor]:
+        """The dead-latent remedies for inputs ``x [tokens, sites, d_in]`` (or their ``pre``)
+        reconstructing ``target`` as ``x_hat``; empty when disabled or out of training,
+        zero while no latent is dead."""
+        if not self.tracks_dead or not self.training:
+            return {}
+        idx = self.dead.nonzero().squeeze(-1)  # one host sync; the set is usually small
+        if idx.numel() == 0:
+            return {name: x_hat.new_zeros((), dtype=torch.float32) for name in self.remedy_names()}
+        n = self.d_sae // self.n_blocks
+        groups = [(k, idx[(idx >= k * n) & (idx < (k + 1) * n)] - k * n) for k in range(self.n_blocks)]
+        groups = [(k, i) for k, i in groups if i.numel()]  # idx is sorted: blocks in latent order
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.aux_coefficient > 0):
+            if pre is None:  # only the dead columns: [tokens, n_dead], not another [tokens, d_sae] pass
+                parts = []
+                for k, i in groups:
+                    W, b = self.block_encoder(k)
+                    reads = x[:, self.blocks[k][0]]
+                    parts.append(torch.einsum("tsd,sdn->tn", reads, W[..., i]) + b[i])
+                pre_dead = torch.cat(parts, -1).float()
+            else:
+                pre_dead = pre.reshape(-1, self.d_sae)[:, idx].float()
+        sites = self.out_shape[0]
+        # Each dead latent's decoder over every output site, zero where it does not write.
+        decoders = torch.cat([F.pad(self.W_dec[k][i], (0, 0, self.blocks[k][1].start, sites - self.blocks[k][1].stop))
+                              for k, i in groups]).flatten(1)
+        residual = (target - x_hat).reshape(-1, sites * self.out_width)
+        return self.remedy_losses(idx, pre_dead, self.threshold.flatten()[idx], decoders, residual)
+
+    def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
+        """``x`` is the reconstruction target here (the base class passes it)."""
+        return self.dead_losses(x, x, x_hat, pre)
+
+    def update_statistics(self, pre: Tensor, f: Tensor) -> None:
+        self.track_firing((f != 0).reshape(-1, self.d_sae).sum(0), f.numel() // self.d_sae)
 
     def reconstruction_losses(self, x: Tensor, target: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
         """``mse``: squared error summed over the model dimension and the sites, mean over tokens."""
@@ -77,7 +148,8 @@ class BlockedJumpReLU(SAE):
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
         """The parameters under their names, ``raw_threshold`` as ``threshold``."""
-        tensors = {k: v.detach() for k, v in self.state_dict().items() if k != "raw_threshold"}
+        tensors = {k: v.detach() for k, v in self.state_dict().items()
+                   if k != "raw_threshold" and k not in self.training_buffers}
         tensors["threshold"] = self.threshold.detach().clone()
         return tensors
 

@@ -41,14 +41,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gs_lightning.functional import jumprelu, step
+from gs_lightning.functional import jumprelu
 from gs_lightning.fused import Workspace, autocast_dtype
-from gs_lightning.saes.base import SAE, TrainOutput
+from gs_lightning.saes.base import TrainOutput
+from gs_lightning.saes.blocked import BlockedJumpReLU, per_site
 from gs_lightning.saes.clt_fused import fused_clt_loss
 from gs_lightning.saes.jumprelu import recipe_defaults
 
 
-class CrossLayerTranscoder(SAE):
+class CrossLayerTranscoder(BlockedJumpReLU):
     """A cross-layer transcoder: JumpReLU latents per layer, each decoding to its own layer's
     MLP output and every later one (see the module docstring for the maths and sources).
 
@@ -75,6 +76,13 @@ class CrossLayerTranscoder(SAE):
         fused: Train with the fused step of :mod:`gs_lightning.saes.clt_fused` (the same
             losses and gradients, far less memory traffic and time); false, or a step that
             needs a gradient w.r.t. the input, goes through autograd.
+        dead_coefficient: Weight of the pre-activation loss on dead latents (thresholds
+            only), as :class:`~gs_lightning.saes.JumpReLUSAE`'s; 0 disables.
+        aux_coefficient: Weight of AuxK on dead latents: the ``aux_k`` largest ``relu(pre)``
+            of each token's dead latents (over all layers) reconstruct the residual of every
+            MLP output, each through its decoder over the layers it writes; 0 disables.
+        aux_k: Dead latents per token in the AuxK reconstruction.
+        dead_tokens: A latent that has not fired for this many training tokens is dead.
     """
 
     def __init__(
@@ -89,6 +97,10 @@ class CrossLayerTranscoder(SAE):
         target_l0: float | None = None,
         d_out: int | None = None,
         fused: bool = True,
+        dead_coefficient: float = 0.1,
+        aux_coefficient: float = 1.0,
+        aux_k: int = 256,
+        dead_tokens: int = 32_768,
     ) -> None:
         if n_layers < 1 or d_sae % n_layers:
             raise ValueError(f"d_sae={d_sae} must be a positive multiple of n_layers={n_layers}")
@@ -104,6 +116,7 @@ class CrossLayerTranscoder(SAE):
         self.encoder_init_scale = scale
         self.target_l0 = target_l0
         self.fused = fused
+        self.init_remedies(dead_coefficient, aux_coefficient, aux_k, dead_tokens)
         with torch.no_grad():
             self.raw_threshold.fill_(threshold_init)
         self._workspace = Workspace()  # the fused step's [L, batch, n] buffers; never saved
@@ -124,6 +137,14 @@ class CrossLayerTranscoder(SAE):
     def latent_blocks(self) -> int:  # type: ignore[override]
         """Latents come layer-major, one block per layer."""
         return self.n_layers
+
+    @property
+    def blocks(self) -> list[tuple[slice, slice]]:
+        """Layer l's latents read input l and write outputs l..L-1."""
+        return [(slice(l, l + 1), slice(l, self.n_layers)) for l in range(self.n_layers)]
+
+    def block_encoder(self, k: int) -> tuple[Tensor, Tensor]:
+        return self.W_enc[k].unsqueeze(0), self.b_enc[k]
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -162,11 +183,6 @@ class CrossLayerTranscoder(SAE):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
-    @property
-    def threshold(self) -> Tensor:
-        """``[n_layers, n]`` thresholds, float32."""
-        return self.raw_threshold.float()
-
     # -- forward ------------------------------------------------------------------------
 
     def pre_activation(self, x: Tensor) -> Tensor:
@@ -188,28 +204,6 @@ class CrossLayerTranscoder(SAE):
             y[..., l:, :] += (f[..., l, :] @ W.flatten(1)).unflatten(-1, (L - l, self.out_width))
         return y + self.b_dec
 
-    def sparsity_terms(self, counts: Tensor, layer_l0: Tensor | None, tokens: int, warmup: float) -> dict[str, Tensor]:
-        """The weighted L0 term from step-function counts carrying pseudo-derivatives: without
-        ``target_l0`` the total of ``counts`` (any shape) over ``tokens`` tokens, with it the
-        penalty on ``layer_l0 [..., n_layers]`` (active latents per token and layer)."""
-        if self.target_l0 is None:
-            penalty = counts.sum() / tokens
-        else:
-            T = float(self.target_l0)
-            penalty = ((2.0 / T) * (layer_l0 - T).pow(2)).sum(-1).mean()
-        return {"l0_penalty": warmup * self.sparsity_coefficient * penalty}
-
-    def sparsity_losses(self, pre: Tensor, f: Tensor, warmup: float) -> dict[str, Tensor]:
-        s = step(pre.flatten(-2), self.threshold.flatten(), self.bandwidth).unflatten(-1, pre.shape[-2:])
-        layer_l0 = s.sum(-1)  # [batch, n_layers]
-        return self.sparsity_terms(layer_l0, layer_l0, layer_l0.numel() // self.n_layers, warmup)
-
-    def reconstruction_losses(self, x: Tensor, target: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
-        """``mse``: squared error summed over the model dimension and the layers, mean over tokens."""
-        return {"mse": (x_hat - target).pow(2).sum((-2, -1)).mean()}
-
-    # -- the fused step ------------------------------------------------------------------
-
     def uses_fused(self, x: Tensor) -> bool:
         """Whether a training step on ``x`` takes the fused path (it cannot give ``x`` a gradient)."""
         return self.fused and self.training and torch.is_grad_enabled() and not x.requires_grad and x.dim() == 3
@@ -223,7 +217,9 @@ class CrossLayerTranscoder(SAE):
         )
         B = x.shape[0]
         losses = {"mse": mse, **self.sparsity_terms(counts, layer_l0, B, warmup)}
+        losses.update(self.dead_losses(x, x if target is None else target, x_hat))
         counts = counts.detach().flatten()  # layer-major, as the latents are numbered
+        self.track_firing(counts, B)
         return TrainOutput(x_hat, losses, counts.sum() / B, counts.long())
 
     def train(self, mode: bool = True) -> CrossLayerTranscoder:
@@ -231,55 +227,18 @@ class CrossLayerTranscoder(SAE):
             self._workspace.clear()  # give the [L, batch, n] buffers back while evaluating
         return super().train(mode)
 
-    # -- decoder norm and saving --------------------------------------------------------
-
-    @torch.no_grad()
-    def before_optimizer_step(self) -> None:
-        """Remove the gradient component parallel to each latent's (concatenated) decoder."""
-        for W in self.W_dec:
-            if W.grad is not None:
-                w = W.flatten(1) / W.flatten(1).norm(dim=1, keepdim=True)
-                g = W.grad.view(W.shape[0], -1)
-                g.sub_((g * w).sum(1, keepdim=True) * w)
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Renormalise each latent's decoder to unit norm; clamp thresholds at >= 0."""
-        for W in self.W_dec:
-            W.div_(W.flatten(1).norm(dim=1).view(-1, 1, 1))
-        self.raw_threshold.clamp_(min=0.0)
-
     @torch.no_grad()
     def fold_input_scale(self, scale: float | Sequence[float],  # type: ignore[override]
                          target_scale: float | Sequence[float] | None = None) -> None:
         """Make the CLT take raw activations: ``W_enc[l] *= scale[l]``; the output of layer m
         comes out in raw units, ``W_dec[l][:, m - l] /= target_scale[m]``, ``b_dec[m] /=
         target_scale[m]``. A float applies to every layer."""
-        s = _per_layer(scale, self.n_layers, self.W_enc)
-        t = s if target_scale is None else _per_layer(target_scale, self.n_layers, self.W_enc)
+        s = per_site(scale, self.n_layers, self.W_enc)
+        t = s if target_scale is None else per_site(target_scale, self.n_layers, self.W_enc)
         self.W_enc.mul_(s.view(-1, 1, 1))
         for l, W in enumerate(self.W_dec):
             W.div_(t[l:].view(1, -1, 1))
         self.b_dec.div_(t.view(-1, 1))
-
-    def canonical_state_dict(self) -> dict[str, Tensor]:
-        """``W_enc [L, d_in, n]``, ``b_enc [L, n]``, ``threshold [L, n]``, ``b_dec [L, d_out]``
-        and ``W_dec.{l} [n, L - l, d_out]``."""
-        tensors = {k: v.detach() for k, v in self.state_dict().items() if k != "raw_threshold"}
-        tensors["threshold"] = self.threshold.detach().clone()
-        return tensors
-
-    @torch.no_grad()
-    def load_canonical_state_dict(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        tensors["raw_threshold"] = tensors.pop("threshold").float()
-        super().load_canonical_state_dict(tensors)
-
-
-def _per_layer(scale: float | Sequence[float] | Tensor, n_layers: int, like: Tensor) -> Tensor:
-    t = torch.as_tensor(scale, dtype=like.dtype, device=like.device).flatten()
-    return t.expand(n_layers) if t.numel() == 1 else t
-
 
 # -- memory --------------------------------------------------------------------------------
 

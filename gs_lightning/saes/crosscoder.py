@@ -87,6 +87,13 @@ class Crosscoder(BlockedJumpReLU):
         target_l0: Train towards this L0 with the per-token quadratic penalty ``lambda mean_b
             (2 / T) (l0_b - T)^2`` (weakly causal: per site's latents, summed over sites);
             None keeps the L0 term ``lambda mean_b l0_b``.
+        dead_coefficient: Weight of the pre-activation loss on dead latents (thresholds
+            only), as :class:`~gs_lightning.saes.JumpReLUSAE`'s; 0 disables.
+        aux_coefficient: Weight of AuxK on dead latents: the ``aux_k`` largest ``relu(pre)``
+            of each token's dead latents reconstruct the residual of every site, each through
+            its decoder over the sites it writes; 0 disables.
+        aux_k: Dead latents per token in the AuxK reconstruction.
+        dead_tokens: A latent that has not fired for this many training tokens is dead.
     """
 
     def __init__(
@@ -100,6 +107,10 @@ class Crosscoder(BlockedJumpReLU):
         threshold_init: float | None = None,
         encoder_init_scale: float | None = None,
         target_l0: float | None = None,
+        dead_coefficient: float = 0.1,
+        aux_coefficient: float = 1.0,
+        aux_k: int = 256,
+        dead_tokens: int = 32_768,
     ) -> None:
         if causality not in get_args(Causality):
             raise ValueError(f"causality={causality!r} is not one of {', '.join(get_args(Causality))}")
@@ -121,6 +132,7 @@ class Crosscoder(BlockedJumpReLU):
         self.threshold_init = threshold_init
         self.encoder_init_scale = scale
         self.target_l0 = target_l0
+        self.init_remedies(dead_coefficient, aux_coefficient, aux_k, dead_tokens)
         with torch.no_grad():
             self.raw_threshold.fill_(threshold_init)
 
@@ -136,10 +148,9 @@ class Crosscoder(BlockedJumpReLU):
             return [(slice(0, S), slice(0, S))]
         return [(slice(l, l + 1), slice(l, S)) for l in range(S)]
 
-    @property
-    def n_blocks(self) -> int:
-        """Blocks of latents: 1 (acausal) or n_sites (weakly causal)."""
-        return len(self.blocks)
+    def block_encoder(self, k: int) -> tuple[Tensor, Tensor]:
+        n = self.latents_per_block
+        return self.W_enc[k], self.b_enc[k * n : (k + 1) * n]
 
     @property
     def latents_per_block(self) -> int:

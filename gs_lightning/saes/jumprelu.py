@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from gs_lightning.functional import jumprelu, step
 from gs_lightning.fused import Workspace, autocast_dtype, fused_jumprelu_loss
 from gs_lightning.saes.base import SAE, TrainOutput
-from gs_lightning.saes.topk import data_parallel_world
+from gs_lightning.saes.dead import DeadLatentTracking
 
 
 def recipe_defaults(d_in: int, d_sae: int, transcoder: bool, encoder_init_scale: float | None,
@@ -32,7 +32,7 @@ def recipe_defaults(d_in: int, d_sae: int, transcoder: bool, encoder_init_scale:
     return scale, bandwidth, threshold_init
 
 
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(DeadLatentTracking, SAE):
     """JumpReLU SAE: ``f = pre * H(pre - threshold)``, loss MSE + lambda * L0.
 
     The sparsity term is Gemma Scope's mean L0 (``lambda * mean_b sum_i H(pre - t)``), or
@@ -114,8 +114,6 @@ class JumpReLUSAE(SAE):
             + b_dec``, ``W_skip`` zero at first; the fused step computes the skip term and its
             gradient too. Gemma Scope 2 calls these transcoders ``affine``.
     """
-
-    training_buffers = ("tokens_since_fired",)
 
     def __init__(
         self,
@@ -217,63 +215,29 @@ class JumpReLUSAE(SAE):
         """Whether the sparsity term reads each token's L0 (the per-token target penalty)."""
         return self.target_l0 is not None and self.target_per_token
 
-    @property
-    def dead(self) -> Tensor:
-        """``[d_sae]`` bool: latents that have not fired for ``dead_tokens`` training tokens."""
-        return self.tokens_since_fired >= self.dead_tokens
-
-    @property
-    def tracks_dead(self) -> bool:
-        """Whether a dead-latent remedy is on (and the dead counters are kept)."""
-        return self.dead_coefficient > 0 or self.aux_coefficient > 0
-
     def dead_losses(self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor | None = None) -> dict[str, Tensor]:
-        """The dead-latent remedies for inputs ``x`` (or their ``pre``) reconstructing
-        ``target`` as ``x_hat``; empty when disabled or out of training, zero while no
-        latent is dead."""
+        """The dead-latent remedies (:mod:`gs_lightning.saes.dead`) for inputs ``x`` (or their
+        ``pre``) reconstructing ``target`` as ``x_hat``; empty when disabled or out of
+        training, zero while no latent is dead."""
         if not self.tracks_dead or not self.training:
             return {}
         idx = self.dead.nonzero().squeeze(-1)  # one host sync; the set is usually small
-        zero = x.new_zeros((), dtype=torch.float32)
-        names = [n for n, c in (("dead_pre_act", self.dead_coefficient), ("aux_k", self.aux_coefficient)) if c > 0]
         if idx.numel() == 0:
-            return {name: zero for name in names}
+            return {name: x.new_zeros((), dtype=torch.float32) for name in self.remedy_names()}
         # Only the dead columns: a [batch, n_dead] product, not another [batch, d_sae] pass
         # (and no graph for it when no term sends a gradient through pre).
         with torch.set_grad_enabled(torch.is_grad_enabled() and (self.aux_coefficient > 0 or self.dead_pull_encoder)):
             pre_dead = (x.reshape(-1, self.d_in) @ self.W_enc[:, idx] + self.b_enc[idx] if pre is None
                         else pre.reshape(-1, self.d_sae)[:, idx]).float()
-        losses = {}
-        if self.dead_coefficient > 0:
-            # Held fixed, pre leaves the dead latents' directions to AuxK; only their
-            # thresholds come down (see dead_pull_encoder).
-            gap = (self.threshold[idx] - (pre_dead if self.dead_pull_encoder else pre_dead.detach())).relu()
-            losses["dead_pre_act"] = self.dead_coefficient * gap.sum(-1).mean()
-        if self.aux_coefficient > 0:
-            values, chosen = pre_dead.topk(min(self.aux_k, idx.numel()), dim=-1)
-            f_aux = torch.zeros_like(pre_dead).scatter(-1, chosen, values.relu())
-            residual = (target - x_hat).detach().reshape(-1, self.out_width).float()
-            e_hat = f_aux @ self.W_dec[idx].float()
-            losses["aux_k"] = self.aux_coefficient * (e_hat - residual).pow(2).sum(-1).mean()
-        return losses
+        residual = (target - x_hat).reshape(-1, self.out_width)
+        return self.remedy_losses(idx, pre_dead, self.threshold[idx], self.W_dec[idx], residual,
+                                  pull_encoder=self.dead_pull_encoder)
 
     def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
         return self.dead_losses(x, x, x_hat, pre)
 
     def update_statistics(self, pre: Tensor, f: Tensor) -> None:
         self.track_firing((f != 0).reshape(-1, self.d_sae).sum(0), f.numel() // self.d_sae)
-
-    @torch.no_grad()
-    def track_firing(self, counts: Tensor, tokens: int) -> None:
-        """Advance the dead-latent counters by one batch (global under data parallelism)."""
-        if not self.tracks_dead:
-            return
-        counts = counts.detach().float()
-        world = data_parallel_world()
-        if world > 1:  # dead means unfired on every rank's share of the batch
-            counts = counts.clone()
-            torch.distributed.all_reduce(counts)
-        self.tokens_since_fired.add_(tokens * world).masked_fill_(counts > 0, 0)
 
     # -- the fused step ------------------------------------------------------------------
 

@@ -1,0 +1,90 @@
+"""The dead-latent remedies of the JumpReLU dictionaries, in one place.
+
+A latent that has not fired for ``dead_tokens`` training tokens is dead. Two terms bring
+dead latents back (see :class:`~gs_lightning.saes.JumpReLUSAE` for their measured effect):
+
+* the pre-activation loss ``dead_coefficient * mean_b sum_{i dead} relu(t_i - pre_bi)``
+  (Anthropic's 2025 form restricted to dead latents, as SAELens does), whose gradient
+  reaches the thresholds only unless the caller lets ``pre`` carry one;
+* AuxK (Gao et al. 2024): the ``aux_k`` largest ``relu(pre)`` of each token's dead latents
+  reconstruct the residual ``target - x_hat`` (held fixed) through their decoders, so they
+  learn directions the live latents miss.
+
+:class:`DeadLatentTracking` keeps the counters (a float64 buffer, global under data
+parallelism) and computes both terms from the dead latents' pre-activations and decoders,
+which each variant gathers its own way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gs_lightning.saes.topk import data_parallel_world
+
+
+class DeadLatentTracking:
+    """Mixin of an :class:`~gs_lightning.saes.SAE` with the dead-latent remedies.
+
+    The class sets ``dead_coefficient``, ``aux_coefficient``, ``aux_k`` and ``dead_tokens``
+    and registers the float64 buffer ``tokens_since_fired [d_sae]`` (see
+    :func:`check_remedies`)."""
+
+    training_buffers: tuple[str, ...] = ("tokens_since_fired",)
+    dead_coefficient: float
+    aux_coefficient: float
+    aux_k: int
+    dead_tokens: int
+    tokens_since_fired: Tensor
+
+    @property
+    def dead(self) -> Tensor:
+        """``[d_sae]`` bool: latents that have not fired for ``dead_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.dead_tokens
+
+    @property
+    def tracks_dead(self) -> bool:
+        """Whether a dead-latent remedy is on (and the dead counters are kept)."""
+        return self.dead_coefficient > 0 or self.aux_coefficient > 0
+
+    @torch.no_grad()
+    def track_firing(self, counts: Tensor, tokens: int) -> None:
+        """Advance the dead-latent counters by one batch (global under data parallelism)."""
+        if not self.tracks_dead:
+            return
+        counts = counts.detach().float()
+        world = data_parallel_world()
+        if world > 1:  # dead means unfired on every rank's share of the batch
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)
+        self.tokens_since_fired.add_(tokens * world).masked_fill_(counts > 0, 0)
+
+    def remedy_names(self) -> list[str]:
+        """The loss terms the remedies add, in order (zero while no latent is dead)."""
+        return [n for n, c in (("dead_pre_act", self.dead_coefficient), ("aux_k", self.aux_coefficient)) if c > 0]
+
+    def remedy_losses(self, idx: Tensor, pre_dead: Tensor, threshold_dead: Tensor, decoders: Tensor | None,
+                      residual: Tensor, pull_encoder: bool = False) -> dict[str, Tensor]:
+        """Both terms for the dead latents ``idx``: their pre-activations ``[tokens, n_dead]``,
+        thresholds ``[n_dead]``, decoders ``[n_dead, d_out]`` (flattened over sites; needed for
+        AuxK only) and the residual ``[tokens, d_out]`` their AuxK reconstruction aims at."""
+        losses = {}
+        if self.dead_coefficient > 0:
+            # Held fixed (unless pull_encoder), pre leaves the dead latents' directions to
+            # AuxK; only their thresholds come down.
+            gap = (threshold_dead - (pre_dead if pull_encoder else pre_dead.detach())).relu()
+            losses["dead_pre_act"] = self.dead_coefficient * gap.sum(-1).mean()
+        if self.aux_coefficient > 0:
+            values, chosen = pre_dead.topk(min(self.aux_k, idx.numel()), dim=-1)
+            f_aux = torch.zeros_like(pre_dead).scatter(-1, chosen, values.relu())
+            e_hat = f_aux @ decoders.float()
+            losses["aux_k"] = self.aux_coefficient * (e_hat - residual.detach().float()).pow(2).sum(-1).mean()
+        return losses
+
+
+def check_remedies(dead_coefficient: float, aux_coefficient: float, aux_k: int, dead_tokens: int) -> None:
+    """Raise ValueError, naming the values, unless the remedies' settings are valid."""
+    if min(dead_coefficient, aux_coefficient) < 0:
+        raise ValueError(f"dead_coefficient and aux_coefficient must be >= 0, got {dead_coefficient}, {aux_coefficient}")
+    if dead_tokens <= 0 or aux_k <= 0:
+        raise ValueError(f"dead_tokens and aux_k must be > 0, got {dead_tokens}, {aux_k}")
