@@ -20,7 +20,7 @@ from jsonargparse import CLI
 from tqdm import tqdm
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.evaluation.replacement import ReplacementPart, replacement_metrics
+from gs_lightning.evaluation.replacement import ReplacementPart, clean_metrics, replacement_metrics
 from gs_lightning.io import load_sae, load_sae_config, sae_paths
 from gs_lightning.lm import shared_language_model
 from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
@@ -138,12 +138,16 @@ def _part(path: str, sae: SAE, meta: dict[str, Any]) -> ReplacementPart:
 
 def _replacement_row(parts: list[ReplacementPart], model: Any, tokenizer: Any, contexts: list[torch.Tensor],
                      batch_size: int, name: str) -> dict[str, Any]:
-    metrics = replacement_metrics(model, tokenizer, parts, contexts, batch_size)
+    try:
+        metrics = replacement_metrics(model, tokenizer, parts, contexts, batch_size)
+    except ConfigError as err:  # e.g. an acausal crosscoder, or sites splicing cannot replace
+        print(f"{name}: no delta LM loss ({err})")
+        metrics = clean_metrics(model, tokenizer, parts, contexts, batch_size)
     reads = [s for p in parts for s in p.input_sites]
     writes = [s for p in parts for s in p.output_sites]
     row = {"sae": name, "site": f"{site_span(reads)} -> {site_span(writes)}" if reads != writes else site_span(reads),
            "d_sae": sum(p.sae.d_sae for p in parts), "explained_variance": explained_variance(metrics["fvu"]),
-           "ce_spliced": metrics["ce_replaced"], **metrics}
+           **({"ce_spliced": metrics["ce_replaced"]} if "ce_replaced" in metrics else {}), **metrics}
     print(f"{name}: FVU per site " + ", ".join(f"{s} {v:.4g}" for s, v in metrics["fvu_sites"].items()))
     print(f"{name}: L0 per site " + ", ".join(f"{s} {v:.4g}" for s, v in metrics["l0_sites"].items()))
     return row
@@ -182,7 +186,8 @@ def _write_table(rows: list[dict[str, Any]], output: Path) -> None:
         writer.writerows(rows)
     output.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     for row in rows:
-        print(", ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in COLUMNS))
+        print(", ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in COLUMNS
+                        if k in row))
     print(f"wrote {output.with_suffix('.csv')} and {output.with_suffix('.json')}")
 
 

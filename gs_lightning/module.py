@@ -117,7 +117,8 @@ class SAETrainingModule(pl.LightningModule):
             if optimizer != "adam":  # bitsandbytes' kernels take plain tensors, not DTensor shards
                 raise ConfigError("model.latent_parallel trains with model.optimizer: adam only")
         if sae.stacked_sites is not None and sweep is not None:
-            raise ConfigError("model.sweep packs single-site SAEs; it cannot train a cross-layer transcoder")
+            raise ConfigError(f"model.sweep packs single-site SAEs; a {type(sae).__name__} stacks "
+                              f"{sae.stacked_sites} sites. Sweep it as separate runs: python -m gs_lightning sweep")
         self._lrs: list[float | None] = [None]
         if sweep is not None:
             self.sae, self._lrs = build_packed(sae, sweep)

@@ -335,3 +335,10 @@ def test_validation_reports_fvu_per_site_and_l0_per_layer(tmp_path) -> None:
         assert got[f"val/l0_site{j}"] == pytest.approx(float(l0), rel=1e-5) and 0 < float(l0) < 16
     assert got["val/l0_site0"] + got["val/l0_site1"] == pytest.approx(got["val/l0"], rel=1e-5)
     assert got["val/fvu_site0"] != pytest.approx(got["val/fvu_site1"], rel=1e-3)
+
+
+def test_a_packed_sweep_of_a_clt_is_refused_with_the_way_out() -> None:
+    from gs_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="CrossLayerTranscoder stacks 3 sites.*gs_lightning sweep"):
+        SAETrainingModule(_clt(), sweep={"sparsity_coefficient": [1e-3, 1e-2]})

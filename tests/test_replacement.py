@@ -236,3 +236,22 @@ def test_resid_mid_is_read_but_never_replaced(lm) -> None:
         delta_lm_loss(model, tokenizer, sae, _mid(1), contexts, 4)
     with pytest.raises(ConfigError, match="cannot be replaced"):
         replacement_metrics(model, tokenizer, [ReplacementPart(sae, [_mid(1)], [_mid(1)])], contexts, 4)
+
+
+def test_evaluate_gives_a_crosscoder_its_per_site_fvu_without_a_delta_loss(lm, tmp_path, capsys) -> None:
+    from gs_lightning.evaluate import evaluate
+    from gs_lightning.io import save_sae
+    from gs_lightning.saes import Crosscoder
+
+    model, tokenizer, contexts = lm
+    cc = Crosscoder(L, D, L * N)  # acausal, on hook_resid_mid: neither can be spliced
+    meta = {"model": MODEL, "text": "kjv", "val_split": "validation", "context_size": 32, "site": "span",
+            "input_sites": [_mid(0), _mid(1)]}
+    save_sae(cc, tmp_path / "cc", [1.0, 1.0], meta)
+    [row] = evaluate(str(tmp_path / "cc"), output=str(tmp_path / "cc_eval"), n_contexts=6, batch_size=4)
+    assert "no delta LM loss" in capsys.readouterr().out and "delta_loss" not in row
+    from gs_lightning.evaluation.replacement import clean_metrics
+
+    want = clean_metrics(model, tokenizer, [ReplacementPart(cc, [_mid(0), _mid(1)], [_mid(0), _mid(1)])], contexts, 4)
+    assert row["fvu_sites"] == pytest.approx(want["fvu_sites"], rel=1e-6) and len(row["fvu_sites"]) == 2
+    assert list(row["l0_sites"]) == [f"{_mid(0)} .. {_mid(1)}"]  # acausal latents belong to no one site

@@ -162,7 +162,8 @@ def clean_metrics(model: nn.Module, tokenizer: Any, parts: Sequence[ReplacementP
     pooled = PooledFVU(sum(widths))
     firing = [FiringStatistics(part.sae.d_sae, DENSE_THRESHOLD) for part in parts]
     l0_sums = torch.zeros(len(read), dtype=torch.float64)
-    with ActivationExtractor(model, list(dict.fromkeys([*read, *written]))) as extract:
+    inputs = [s for part in parts for s in part.input_sites]
+    with ActivationExtractor(model, list(dict.fromkeys([*inputs, *written]))) as extract:
         for start in range(0, len(contexts), batch_size):
             ids = torch.stack(list(contexts[start : start + batch_size])).to(device)
             acts = extract(ids)
