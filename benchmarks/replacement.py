@@ -158,6 +158,7 @@ def main(steps: int = 1500, batch: int = 1024, d_sae: int = 2048, target_l0: flo
     for name, (parts, seconds) in sets.items():
         rows[name] = replacement_metrics(model, tokenizer, parts, contexts, batch_size=8)
         rows[name]["train_seconds"] = seconds
+        rows[name].pop("density")  # per latent: the JSON keeps the summary figures
     out.mkdir(parents=True, exist_ok=True)
     (out / "replacement.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\n{steps} steps x {batch} tokens each, {d_sae} latents per set, target L0 {target_l0:g} per layer; "
