@@ -1,8 +1,9 @@
 """The CUDA tier (``pytest -m gpu``; skipped without CUDA by tests/conftest.py).
 
-The fused JumpReLU step against autograd on the GPU in fp32 and under bf16 autocast, a
-short ``fit`` of the quickstart on one GPU in ``bf16-mixed``, DDP over NCCL on two GPUs
-against one GPU, 8-bit Adam's CUDA kernels, and the Throughput callback's device wait.
+The fused JumpReLU step against autograd on the GPU in fp32 and under bf16 autocast (and
+the CLT's fused step in fp32), a short ``fit`` of the quickstart on one GPU in
+``bf16-mixed``, DDP over NCCL on two GPUs against one GPU, 8-bit Adam's CUDA kernels, and
+the Throughput callback's device wait.
 ``scripts/gpu_check.sh`` runs these and the step benchmark on a fresh GPU host.
 """
 
@@ -85,6 +86,34 @@ def test_fused_step_equals_autograd_on_cuda_fp32() -> None:
     torch.testing.assert_close(fused.x_hat, plain.x_hat, rtol=1e-5, atol=1e-6)
     for name, grad in g_plain.items():
         assert grad.abs().sum() > 0, name  # every parameter, the threshold included, gets a gradient
+        torch.testing.assert_close(g_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_clt_step_equals_autograd_on_cuda() -> None:
+    """The cross-layer transcoder's fused step (per-layer GEMMs into [L, B, n] buffers) on
+    the GPU, with some latents held dead so that the remedies' gather runs too."""
+    from gs_lightning.saes.clt import CrossLayerTranscoder
+
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(3, D_IN, 3 * 64, sparsity_coefficient=0.1, target_l0=4.0, aux_k=8)
+    with torch.no_grad():
+        clt.b_enc.uniform_(-0.1, 0.1)
+        clt.b_dec.uniform_(-0.1, 0.1)
+    clt.tokens_since_fired[torch.arange(0, 3 * 64, 7)] = clt.dead_tokens
+    x, y = torch.randn(B, 3, D_IN), torch.randn(B, 3, D_IN)
+    runs = []
+    for fused in (True, False):
+        model = copy.deepcopy(clt).to(CUDA).train()
+        model.fused = fused
+        assert model.uses_fused(x.to(CUDA)) == fused
+        out = model.training_output(x.to(CUDA), 0.7, y.to(CUDA))
+        sum(out.losses.values()).backward()
+        runs.append((out, {name: p.grad for name, p in model.named_parameters()}))
+    (fused, g_fused), (plain, g_plain) = runs
+    assert torch.equal(fused.fire_counts.float(), plain.fire_counts.float()) and plain.losses["aux_k"] > 0
+    for key in plain.losses:
+        torch.testing.assert_close(fused.losses[key], plain.losses[key], rtol=1e-5, atol=1e-6, msg=key)
+    for name, grad in g_plain.items():
         torch.testing.assert_close(g_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
