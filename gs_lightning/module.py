@@ -142,6 +142,7 @@ class SAETrainingModule(pl.LightningModule):
             self.val_l0 = nn.ModuleList([MeanMetric() for _ in self._lrs])
             self.val_mse = nn.ModuleList([MeanMetric() for _ in self._lrs])
             self.val_firing = nn.ModuleList([FiringStatistics(sae.d_sae, DENSE_THRESHOLD) for _ in self._lrs])
+            self.val_site_fvu, self.val_site_l0 = nn.ModuleList(), nn.ModuleList()  # members read one site
 
     def named_saes(self) -> list[tuple[str | None, SAE]]:
         """``(name, sae)`` per SAE trained: ``[(None, sae)]`` alone, the members' names in a sweep."""
@@ -317,13 +318,13 @@ class SAETrainingModule(pl.LightningModule):
 
     def _log_sites(self, target: Tensor, x_hat: Tensor) -> None:
         """``val/fvu_site{j}``: FVU of stacked output site j (raw units, pooled over validation)."""
-        for j, metric in enumerate(getattr(self, "val_site_fvu", ())):
+        for j, metric in enumerate(self.val_site_fvu):
             metric.update(target[:, j], x_hat[:, j])
             self.log(f"val/fvu_site{j}", metric, on_step=False, on_epoch=True)
 
     def _log_blocks(self, f: Tensor) -> None:
         """``val/l0_site{j}``: active latents of block j (a CLT's latents reading layer j)."""
-        metrics = getattr(self, "val_site_l0", ())
+        metrics = self.val_site_l0
         if len(metrics):
             per_block = (f != 0).view(f.shape[0], len(metrics), -1).sum(-1).float()
             for j, metric in enumerate(metrics):

@@ -75,7 +75,7 @@ class ReplacementPart:
             raise ConfigError(f"{self.name or type(self.sae).__name__} writes {outputs} sites; "
                               f"got {len(self.output_sites)}: {self.output_sites}")
         # L0 is counted per input site where latents come in one block per site (a CLT's layers).
-        blocked = stacked is None or self.sae.latent_blocks == stacked
+        blocked = stacked is None or self.sae.latent_blocks is not None
         self.latent_sites = list(self.input_sites) if blocked else [f"{self.input_sites[0]} .. {self.input_sites[-1]}"]
 
     def forward(self, inputs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -51,6 +51,26 @@ class BlockedJumpReLU(DeadLatentTracking, SAE):
         """Blocks of latents: the sparsity term counts L0 per block."""
         return len(self.blocks)
 
+    @property
+    def latent_blocks(self) -> int | None:  # type: ignore[override]
+        """The blocks, where there is one per input site (validation reports L0 per site)."""
+        return self.n_blocks if self.n_blocks == self.stacked_sites else None
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """One reconstruction per stacked site: ``(sites, out_width)``."""
+        return (self.stacked_sites, self.out_width)
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """One scale per site, broadcast over ``[batch, sites, d]``."""
+        return (self.stacked_sites, 1)
+
+    @property
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per encoder and decoder weight (forward 2, backward 4)."""
+        return 6 * sum(p.numel() for name, p in self.named_parameters() if name.startswith(("W_enc", "W_dec")))
+
     def init_remedies(self, dead_coefficient: float, aux_coefficient: float, aux_k: int, dead_tokens: int) -> None:
         """Set the dead-latent remedies' settings and counters (see :mod:`gs_lightning.saes.dead`)."""
         check_remedies(dead_coefficient, aux_coefficient, aux_k, dead_tokens)
@@ -88,43 +108,27 @@ class BlockedJumpReLU(DeadLatentTracking, SAE):
         block_l0 = s.view(-1, self.n_blocks, self.d_sae // self.n_blocks).sum(-1)  # [tokens, blocks]
         return self.sparsity_terms(block_l0, block_l0, block_l0.shape[0], warmup)
 
-    # -- dead latents -------------------------------------------------------------------
+    # -- dead latents (the remedies themselves are DeadLatentTracking's) ----------------
 
-    def dead_losses(self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor | None = None) -> dict[str, Tensor]:
-        """The dead-latent remedies for inputs ``x [tokens, sites, d_in]`` (or their ``pre``)
-        reconstructing ``target`` as ``x_hat``; empty when disabled or out of training,
-        zero while no latent is dead."""
-        if not self.tracks_dead or not self.training:
-            return {}
-        idx = self.dead.nonzero().squeeze(-1)  # one host sync; the set is usually small
-        if idx.numel() == 0:
-            return {name: x_hat.new_zeros((), dtype=torch.float32) for name in self.remedy_names()}
+    def _dead_groups(self, idx: Tensor) -> list[tuple[int, Tensor]]:
+        """``(block, indices within it)`` of the sorted latents ``idx``, blocks in latent order."""
         n = self.d_sae // self.n_blocks
         groups = [(k, idx[(idx >= k * n) & (idx < (k + 1) * n)] - k * n) for k in range(self.n_blocks)]
-        groups = [(k, i) for k, i in groups if i.numel()]  # idx is sorted: blocks in latent order
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.aux_coefficient > 0):
-            if pre is None:  # only the dead columns: [tokens, n_dead], not another [tokens, d_sae] pass
-                parts = []
-                for k, i in groups:
-                    W, b = self.block_encoder(k)
-                    reads = x[:, self.blocks[k][0]]
-                    parts.append(torch.einsum("tsd,sdn->tn", reads, W[..., i]) + b[i])
-                pre_dead = torch.cat(parts, -1).float()
-            else:
-                pre_dead = pre.reshape(-1, self.d_sae)[:, idx].float()
+        return [(k, i) for k, i in groups if i.numel()]
+
+    def dead_pre_activation(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Each dead latent reads what its block reads from ``x [tokens, sites, d_in]``."""
+        parts = []
+        for k, i in self._dead_groups(idx):
+            W, b = self.block_encoder(k)
+            parts.append(torch.einsum("tsd,sdn->tn", x[:, self.blocks[k][0]], W[..., i]) + b[i])
+        return torch.cat(parts, -1)
+
+    def dead_decoders(self, idx: Tensor) -> Tensor:
+        """Each dead latent's decoder over every output site, zero where it does not write."""
         sites = self.out_shape[0]
-        # Each dead latent's decoder over every output site, zero where it does not write.
-        decoders = torch.cat([F.pad(self.W_dec[k][i], (0, 0, self.blocks[k][1].start, sites - self.blocks[k][1].stop))
-                              for k, i in groups]).flatten(1)
-        residual = (target - x_hat).reshape(-1, sites * self.out_width)
-        return self.remedy_losses(idx, pre_dead, self.threshold.flatten()[idx], decoders, residual)
-
-    def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
-        """``x`` is the reconstruction target here (the base class passes it)."""
-        return self.dead_losses(x, x, x_hat, pre)
-
-    def update_statistics(self, pre: Tensor, f: Tensor) -> None:
-        self.track_firing((f != 0).reshape(-1, self.d_sae).sum(0), f.numel() // self.d_sae)
+        return torch.cat([F.pad(self.W_dec[k][i], (0, 0, self.blocks[k][1].start, sites - self.blocks[k][1].stop))
+                          for k, i in self._dead_groups(idx)]).flatten(1)
 
     def reconstruction_losses(self, x: Tensor, target: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
         """``mse``: squared error summed over the model dimension and the sites, mean over tokens."""

@@ -134,32 +134,12 @@ class CrossLayerTranscoder(BlockedJumpReLU):
         return self.n_layers
 
     @property
-    def latent_blocks(self) -> int:  # type: ignore[override]
-        """Latents come layer-major, one block per layer."""
-        return self.n_layers
-
-    @property
     def blocks(self) -> list[tuple[slice, slice]]:
         """Layer l's latents read input l and write outputs l..L-1."""
         return [(slice(l, l + 1), slice(l, self.n_layers)) for l in range(self.n_layers)]
 
     def block_encoder(self, k: int) -> tuple[Tensor, Tensor]:
         return self.W_enc[k].unsqueeze(0), self.b_enc[k]
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return (self.n_layers, self.out_width)
-
-    @property
-    def scale_shape(self) -> tuple[int, ...]:
-        """One scale per layer, broadcast over ``[batch, n_layers, d]``."""
-        return (self.n_layers, 1)
-
-    @property
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 per weight of the encoders and of the L (L + 1) / 2
-        decoders (forward 2, backward 4)."""
-        return 6 * (self.W_enc.numel() + sum(W.numel() for W in self.W_dec))
 
     def make_parameters(self) -> None:
         L, n, d, d_out = self.n_layers, self.d_sae // self.n_layers, self.d_in, self.out_width

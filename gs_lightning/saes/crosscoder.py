@@ -161,25 +161,6 @@ class Crosscoder(BlockedJumpReLU):
     def stacked_sites(self) -> int:  # type: ignore[override]
         return self.n_sites
 
-    @property
-    def latent_blocks(self) -> int | None:  # type: ignore[override]
-        """Weakly causal: one block of latents per site (L0 is also reported per site); acausal: None."""
-        return self.n_sites if self.causality == "weakly_causal" else None
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return (self.n_sites, self.d_in)
-
-    @property
-    def scale_shape(self) -> tuple[int, ...]:
-        """One scale per site, broadcast over ``[batch, n_sites, d_in]``."""
-        return (self.n_sites, 1)
-
-    @property
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 per encoder and decoder weight (forward 2, backward 4)."""
-        return 6 * sum(W.numel() for W in (*self.W_enc, *self.W_dec))
-
     def make_parameters(self) -> None:
         n, d = self.d_sae // len(self.blocks), self.d_in
         self.W_enc = nn.ParameterList([nn.Parameter(torch.empty(r.stop - r.start, d, n)) for r, _ in self.blocks])

@@ -215,29 +215,11 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
         """Whether the sparsity term reads each token's L0 (the per-token target penalty)."""
         return self.target_l0 is not None and self.target_per_token
 
-    def dead_losses(self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor | None = None) -> dict[str, Tensor]:
-        """The dead-latent remedies (:mod:`gs_lightning.saes.dead`) for inputs ``x`` (or their
-        ``pre``) reconstructing ``target`` as ``x_hat``; empty when disabled or out of
-        training, zero while no latent is dead."""
-        if not self.tracks_dead or not self.training:
-            return {}
-        idx = self.dead.nonzero().squeeze(-1)  # one host sync; the set is usually small
-        if idx.numel() == 0:
-            return {name: x.new_zeros((), dtype=torch.float32) for name in self.remedy_names()}
-        # Only the dead columns: a [batch, n_dead] product, not another [batch, d_sae] pass
-        # (and no graph for it when no term sends a gradient through pre).
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (self.aux_coefficient > 0 or self.dead_pull_encoder)):
-            pre_dead = (x.reshape(-1, self.d_in) @ self.W_enc[:, idx] + self.b_enc[idx] if pre is None
-                        else pre.reshape(-1, self.d_sae)[:, idx]).float()
-        residual = (target - x_hat).reshape(-1, self.out_width)
-        return self.remedy_losses(idx, pre_dead, self.threshold[idx], self.W_dec[idx], residual,
-                                  pull_encoder=self.dead_pull_encoder)
+    def dead_pre_activation(self, x: Tensor, idx: Tensor) -> Tensor:
+        return x.reshape(-1, self.d_in) @ self.W_enc[:, idx] + self.b_enc[idx]
 
-    def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
-        return self.dead_losses(x, x, x_hat, pre)
-
-    def update_statistics(self, pre: Tensor, f: Tensor) -> None:
-        self.track_firing((f != 0).reshape(-1, self.d_sae).sum(0), f.numel() // self.d_sae)
+    def dead_decoders(self, idx: Tensor) -> Tensor:
+        return self.W_dec[idx]
 
     # -- the fused step ------------------------------------------------------------------
 
