@@ -1,0 +1,170 @@
+"""Ground-truth scores (gs_lightning.evaluation.ground_truth): hand-computed cases, streaming,
+and agreement with SynthSAEBench's own functions (sae_lens.synthetic)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gs_lightning.data.ground_truth import GroundTruth
+from gs_lightning.evaluation.ground_truth import GroundTruthScorer, GroundTruthScores, score
+from gs_lightning.saes import JumpReLUSAE
+
+
+def _world(n_features: int = 8, d: int = 6, rows: int = 200, seed: int = 0) -> tuple[GroundTruth, torch.Tensor]:
+    """Random unit feature directions and sparse true activations (every feature on at least once)."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_features, d, generator=g)
+    features /= features.norm(dim=1, keepdim=True)
+    true_acts = torch.rand(rows, n_features, generator=g) * (torch.rand(rows, n_features, generator=g) < 0.2)
+    true_acts[:n_features] += torch.eye(n_features)
+    return GroundTruth(features, torch.randn(d, generator=g)), true_acts
+
+
+def test_the_true_dictionary_scores_perfectly() -> None:
+    truth, true_acts = _world()
+    x = true_acts @ truth.features + truth.bias
+    scorer = GroundTruthScorer(truth.features, truth.features)
+    scorer.update(x, x.clone(), true_acts, true_acts)
+    scores = scorer.compute()
+    assert scores.mcc == pytest.approx(1.0)
+    assert scores.uniqueness == 1.0
+    assert (scores.precision, scores.recall, scores.f1, scores.accuracy) == (1.0, 1.0, 1.0, 1.0)
+    assert scores.explained_variance == 1.0 and scores.shrinkage == pytest.approx(1.0)
+    assert scores.l0 == scores.true_l0 == pytest.approx(float((true_acts > 0).sum()) / 200)
+    assert (scores.dead_latents, scores.dead_frac, scores.tokens) == (0, 0.0, 200)
+
+
+def _hand_case() -> tuple[GroundTruthScorer, list[torch.Tensor]]:
+    """Three true features in 2-d and three latents, four rows (numbers worked out in the test)."""
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1 / math.sqrt(2), 1 / math.sqrt(2)]])
+    # latent 0 is feature 0 (longer), latent 1 is feature 1 flipped, latent 2 leans on feature 0
+    W_dec = torch.tensor([[2.0, 0.0], [0.0, -1.0], [1.0, 0.1]])
+    true_acts = torch.tensor([[0.5, 0.0, 0.0],   # feature 0 on
+                              [1.0, 2.0, 0.0],   # features 0 and 1 on
+                              [0.0, 0.0, 3.0],   # feature 2 on
+                              [0.0, 0.0, 0.0]])  # nothing on
+    f = torch.tensor([[1.0, 0.0, 0.0],           # latent 0 fires on rows 0 and 2
+                      [0.0, -0.5, 0.0],          # latent 1 fires (negative counts) on row 1
+                      [2.0, 0.0, 0.0],           # latent 2 never fires
+                      [0.0, 0.0, 0.0]])
+    # x and x_hat are chosen for the reconstruction scores on their own (the scorer does
+    # not tie them to the latents)
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 2.0], [0.0, 0.0]])
+    x_hat = torch.tensor([[0.5, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])
+    return GroundTruthScorer(W_dec, features), [x, x_hat, f, true_acts]
+
+
+def test_hand_computed_scores() -> None:
+    scorer, batch = _hand_case()
+    scorer.update(*batch)
+    scores = scorer.compute()
+    # Best matches by |cos|: latents 0 -> f0 (1), 1 -> f1 (1), 2 -> f0 (1/sqrt(1.01) > 1.1/sqrt(2.02)):
+    # two distinct features for three latents.
+    assert scores.uniqueness == pytest.approx(2 / 3)
+    # One-to-one: 0-f0, 1-f1, 2-f2 sums 2 + 1.1/sqrt(2.02) = 2.774, above 2-f0, 0-f2, 1-f1
+    # (1/sqrt(1.01) + 1/sqrt(2) + 1 = 2.702).
+    assert scores.mcc == pytest.approx((2 + 1.1 / math.sqrt(2.02)) / 3, abs=1e-6)
+    # Latent 0 detects f0: TP row 0, FP row 2, FN row 1, TN row 3 -> P = R = F1 = 1/2, acc 2/4.
+    # Latent 1 detects f1: TP row 1, TN rows 0, 2, 3 -> P = R = F1 = 1, acc 1.
+    # Latent 2 (dead) detects f0: no TP, FN rows 0 and 1 -> P = R = F1 = 0, acc 2/4.
+    assert scores.precision == pytest.approx(0.5)
+    assert scores.recall == pytest.approx(0.5)
+    assert scores.f1 == pytest.approx(0.5)
+    assert scores.accuracy == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert (scores.dead_latents, scores.dead_frac) == (1, pytest.approx(1 / 3))
+    assert scores.l0 == pytest.approx(3 / 4) and scores.true_l0 == pytest.approx(4 / 4)
+    # Rows' mean (0.5, 1), E||x||^2 = 10/4, variance 2.5 - 1.25 = 1.25; SSE 0.25 + 1 -> MSE 0.3125.
+    assert scores.explained_variance == pytest.approx(1 - 0.3125 / 1.25)
+    # The zero row is skipped: ratios 0.5, 1 and sqrt(2)/sqrt(5).
+    assert scores.shrinkage == pytest.approx((0.5 + 1 + math.sqrt(2 / 5)) / 3)
+    assert scores.tokens == 4
+
+
+def test_explained_variance_of_constant_rows() -> None:
+    """No variance: 1 for an exact reconstruction, else 0 (not a division by zero)."""
+    features = torch.eye(2)
+    x = torch.ones(5, 2)
+    for x_hat, expected in ((x.clone(), 1.0), (x * 0.9, 0.0)):
+        scorer = GroundTruthScorer(features, features)
+        scorer.update(x, x_hat, torch.zeros(5, 2), torch.zeros(5, 2))
+        assert scorer.compute().explained_variance == expected
+
+
+def test_streaming_equals_one_batch() -> None:
+    truth, true_acts = _world(n_features=12, d=5, rows=300, seed=1)
+    g = torch.Generator().manual_seed(2)
+    W_dec = torch.randn(7, 5, generator=g)
+    x = true_acts @ truth.features + truth.bias
+    x_hat = x + 0.3 * torch.randn(x.shape, generator=g)
+    f = torch.randn(300, 7, generator=g).relu() * (torch.rand(300, 7, generator=g) < 0.3)
+    whole = GroundTruthScorer(W_dec, truth.features)
+    whole.update(x, x_hat, f, true_acts)
+    streamed = GroundTruthScorer(W_dec, truth.features)
+    for rows in torch.arange(300).split([1, 120, 179]):
+        streamed.update(x[rows], x_hat[rows], f[rows], true_acts[rows])
+    expected, got = whole.compute(), streamed.compute()
+    for name in GroundTruthScores._fields:
+        assert getattr(got, name) == pytest.approx(getattr(expected, name), rel=1e-12), name
+
+
+def test_shapes_are_checked() -> None:
+    truth, true_acts = _world()
+    scorer = GroundTruthScorer(truth.features, truth.features)
+    with pytest.raises(ValueError, match="true_acts has shape"):
+        scorer.update(torch.zeros(3, 6), torch.zeros(3, 6), torch.zeros(3, 8), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="same d"):
+        GroundTruthScorer(torch.zeros(4, 5), truth.features)
+
+
+def _half_dead_sae(d_in: int, d_sae: int, seed: int) -> JumpReLUSAE:
+    """A random JumpReLU SAE whose first half of latents can fire and second half cannot."""
+    torch.manual_seed(seed)
+    sae = JumpReLUSAE(d_in, d_sae, threshold_init=0.05, fused=False)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.raw_threshold[d_sae // 2 :] = 1e6
+    return sae
+
+
+def test_scores_agree_with_synthsaebench() -> None:
+    pytest.importorskip("sae_lens")
+    from sae_lens.evals import ExplainedVarianceCalculator
+    from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
+    from sae_lens.synthetic.evals import (ClassificationMetricsCalculator, DeadLatentsCalculator, L0Calculator,
+                                          ShrinkageCalculator, feature_uniqueness, mean_correlation_coefficient)
+
+    world = SyntheticModel(SyntheticModelConfig(num_features=64, hidden_dim=16, seed=0))
+    with torch.no_grad():
+        x, true_acts = world.sample_with_features(3000)
+        features, bias = world.feature_dict.feature_vectors.detach(), world.feature_dict.bias.detach()
+        sae = _half_dead_sae(16, 40, seed=1)  # not 0: the world draws its features from seed 0 too
+        f = sae.encode(x)
+        x_hat = sae.decode(f, x)
+    ours = score(sae, x, true_acts, GroundTruth(features, bias), batch_size=700)
+
+    W_dec = sae.W_dec.detach()
+    classification = ClassificationMetricsCalculator(W_dec, features)
+    l0, true_l0, dead = L0Calculator(), L0Calculator(), DeadLatentsCalculator(40)
+    shrinkage, explained = ShrinkageCalculator(), ExplainedVarianceCalculator()
+    for rows in torch.arange(3000).split(700):
+        classification.add_batch(f[rows], true_acts[rows])
+        l0.add_batch(f[rows])
+        true_l0.add_batch(true_acts[rows])
+        dead.add_batch(f[rows])
+        shrinkage.add_batch(x_hat[rows], x[rows])
+        explained.add_batch(x_hat[rows], x[rows])
+    theirs = classification.compute()
+    assert 0 < l0.compute() and 20 <= dead.compute() < 40, "the comparison needs firing and dead latents"
+    expected = {
+        "mcc": mean_correlation_coefficient(W_dec, features), "uniqueness": feature_uniqueness(W_dec, features),
+        "precision": theirs.precision, "recall": theirs.recall, "f1": theirs.f1_score,
+        "accuracy": theirs.accuracy, "explained_variance": explained.compute(), "shrinkage": shrinkage.compute(),
+        "l0": l0.compute(), "true_l0": true_l0.compute(), "dead_latents": dead.compute(),
+        "dead_frac": dead.compute() / 40, "tokens": 3000,
+    }
+    assert 0 < expected["precision"] < 1 and 0 < expected["recall"] < 1
+    for name, value in expected.items():
+        assert getattr(ours, name) == pytest.approx(value, abs=1e-6), name
