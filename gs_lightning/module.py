@@ -12,7 +12,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from gs_lightning import parallel
+from gs_lightning.data.ground_truth import GroundTruth, GroundTruthBatch
 from gs_lightning.errors import ConfigError
+from gs_lightning.evaluation.ground_truth import GroundTruthScorer
 from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, batch_fvu
 from gs_lightning.optim import OPTIMIZERS, OptimizerName, build_optimizer
 from gs_lightning.packed import PackedSAE, build_packed, metric_key
@@ -58,6 +60,12 @@ class SAETrainingModule(pl.LightningModule):
 
     Inputs are multiplied by the data's ``input_scale`` before the SAE sees them; the
     scale is a buffer, so it is saved in checkpoints and folded into the exported SAE.
+
+    When the data is a synthetic world (validation batches are
+    :class:`~gs_lightning.data.ground_truth.GroundTruthBatch` and the datamodule's
+    ``ground_truth`` holds the true features), each validation epoch also logs the SAE's
+    scores against the truth (:mod:`gs_lightning.evaluation.ground_truth`): ``val/mcc``,
+    ``val/uniqueness``, ``val/precision``, ``val/recall``, ``val/f1``, ``val/shrinkage``.
 
     With ``sweep``, ``sae`` is the template of K SAEs (:mod:`gs_lightning.packed`) that
     read every batch once; each logs its own metrics under ``<key>/<name>`` (e.g.
@@ -143,6 +151,8 @@ class SAETrainingModule(pl.LightningModule):
             self.val_mse = nn.ModuleList([MeanMetric() for _ in self._lrs])
             self.val_firing = nn.ModuleList([FiringStatistics(sae.d_sae, DENSE_THRESHOLD) for _ in self._lrs])
             self.val_site_fvu, self.val_site_l0 = nn.ModuleList(), nn.ModuleList()  # members read one site
+        # One per SAE, made afresh each validation epoch (not submodules: no checkpointed state).
+        self._truth_scorers: list[GroundTruthScorer] = []
 
     def named_saes(self) -> list[tuple[str | None, SAE]]:
         """``(name, sae)`` per SAE trained: ``[(None, sae)]`` alone, the members' names in a sweep."""
@@ -289,7 +299,23 @@ class SAETrainingModule(pl.LightningModule):
 
     # -- validation --------------------------------------------------------------------
 
-    def validation_step(self, batch: Tensor | tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def on_validation_epoch_start(self) -> None:
+        truth: GroundTruth | None = getattr(getattr(self._trainer, "datamodule", None), "ground_truth", None)
+        if truth is not None and self.hparams.get("latent_parallel"):
+            raise ConfigError("ground-truth validation scores a whole decoder; model.latent_parallel shards it "
+                              "(train the world's SAE without latent_parallel)")
+        # Each latent's best-matching true feature follows its decoder row, so the scorers
+        # are made from this epoch's decoders.
+        self._truth_scorers = [] if truth is None else [
+            GroundTruthScorer(sae.W_dec, truth.features.to(self.device)) for _, sae in self.named_saes()]
+
+    def validation_step(self, batch: Tensor | tuple[Tensor, Tensor] | GroundTruthBatch, batch_idx: int) -> None:
+        true_acts = None
+        if isinstance(batch, GroundTruthBatch):  # a world's rows with the true feature activations behind them
+            if not self._truth_scorers:
+                raise ConfigError("validation batches carry true feature activations but the datamodule's "
+                                  "ground_truth is None: there are no true features to score them against")
+            batch, true_acts = batch.acts, batch.true_acts
         raw, x, _ = self._scaled(batch)
         # What is reconstructed, in raw units: the input, or a transcoder's target site.
         target = batch[1] if isinstance(batch, (tuple, list)) else raw
@@ -307,6 +333,8 @@ class SAETrainingModule(pl.LightningModule):
                 self._log_blocks(f)
             # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
             x_hat = x_hat / out_scale
+            if true_acts is not None:
+                self._truth_scorers[i].update(target, x_hat, f, true_acts)
             self._log_sites(target, x_hat)
             val_fvu.update(target.flatten(1), x_hat.flatten(1))  # stacked sites: one row per token
             self.log(metric_key("val/fvu", name), val_fvu, on_step=False, on_epoch=True, prog_bar=i == 0)
@@ -342,6 +370,19 @@ class SAETrainingModule(pl.LightningModule):
             self.log(metric_key("val/never_fire_frac", name), stats["dead_frac"].float(), sync_dist=True)
             self.log(metric_key("val/dense_frac", name), stats["dense_frac"].float(), sync_dist=True)
             firing.reset()
+        self._log_truth()
+
+    def _log_truth(self) -> None:
+        """Each SAE's scores against the world's truth, pooled over the validation epoch. The
+        scorers' counts are torchmetrics states, summed across ranks before ``compute``, which
+        also runs MCC's Hungarian match: once per epoch, not per batch."""
+        for (name, _), scorer in zip(self.named_saes(), self._truth_scorers):
+            if scorer.update_count == 0:  # the validation rows came without their truth
+                continue
+            scores = scorer.compute()
+            for key in ("mcc", "uniqueness", "precision", "recall", "f1", "shrinkage"):
+                self.log(metric_key(f"val/{key}", name), getattr(scores, key), sync_dist=True)
+        self._truth_scorers = []
 
 
 def _as_scale(value: float | list[float], like: Tensor) -> Tensor:

@@ -1,15 +1,21 @@
 """Ground-truth scores (gs_lightning.evaluation.ground_truth): hand-computed cases, streaming,
-and agreement with SynthSAEBench's own functions (sae_lens.synthetic)."""
+agreement with SynthSAEBench's own functions (sae_lens.synthetic), and the validation loop's
+``val/mcc`` and friends."""
 
 from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
-from gs_lightning.data.ground_truth import GroundTruth
+from gs_lightning.data.ground_truth import GroundTruth, GroundTruthBatch
+from gs_lightning.data.memory import ShuffledBatches
+from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer, GroundTruthScores, score
+from gs_lightning.module import SAETrainingModule
+from gs_lightning.packed import metric_key
 from gs_lightning.saes import JumpReLUSAE
 
 
@@ -168,3 +174,57 @@ def test_scores_agree_with_synthsaebench() -> None:
     assert 0 < expected["precision"] < 1 and 0 < expected["recall"] < 1
     for name, value in expected.items():
         assert getattr(ours, name) == pytest.approx(value, abs=1e-6), name
+
+
+class _Batches:
+    """Validation batches as one loader (Lightning reads a plain list as several)."""
+
+    def __init__(self, batches: list[GroundTruthBatch]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class _WorldData(pl.LightningDataModule):
+    """A world's rows: plain training batches, validation batches with their true activations."""
+
+    def __init__(self, truth: GroundTruth, true_acts: torch.Tensor, n_val: int, batch_size: int) -> None:
+        super().__init__()
+        acts = true_acts @ truth.features + truth.bias
+        self.train_rows, self.val_rows, self.val_true = acts[n_val:], acts[:n_val], true_acts[:n_val]
+        self.batch_size, self.ground_truth = batch_size, truth
+        self.d_in, self.input_scale = acts.shape[1], 0.5  # not 1: scores must come back in raw units
+
+    def train_dataloader(self) -> ShuffledBatches:
+        return ShuffledBatches(self.train_rows, self.batch_size, seed=0)
+
+    def val_dataloader(self) -> _Batches:
+        return _Batches([GroundTruthBatch(a, t) for a, t in zip(self.val_rows.split(self.batch_size),
+                                                                self.val_true.split(self.batch_size))])
+
+
+@pytest.mark.parametrize("sweep", [None, {"sparsity_coefficient": [1e-3, 1e-2]}])
+def test_validation_logs_ground_truth_scores(sweep: dict | None) -> None:
+    truth, true_acts = _world(n_features=24, d=8, rows=556, seed=3)
+    data = _WorldData(truth, true_acts, n_val=300, batch_size=64)  # 4 training steps, 5 validation batches
+    module = SAETrainingModule(JumpReLUSAE(8, 16), lr_warmup_steps=1, sparsity_warmup_steps=1, sweep=sweep)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    logged = trainer.callback_metrics
+    for name, sae in module.named_saes():
+        expected = score(sae, data.val_rows, data.val_true, truth, batch_size=100, input_scale=0.5)
+        assert 0 < expected.f1 < 1 and expected.tokens == 300
+        for key in ("mcc", "uniqueness", "precision", "recall", "f1", "shrinkage"):
+            assert float(logged[metric_key(f"val/{key}", name)]) == pytest.approx(getattr(expected, key), abs=1e-6)
+        assert float(logged[metric_key("val/fvu", name)]) == pytest.approx(1 - expected.explained_variance, abs=1e-5)
+
+
+def test_true_activations_without_true_features_are_an_error() -> None:
+    module = SAETrainingModule(JumpReLUSAE(6, 4))
+    with pytest.raises(ConfigError, match="ground_truth is None"):
+        module.validation_step(GroundTruthBatch(torch.zeros(3, 6), torch.zeros(3, 8)), 0)
