@@ -10,6 +10,9 @@ so a killed harvest resumes by skipping those contexts and writes the same bytes
 uninterrupted one. Each row records its context's index in the context stream
 (``context_ids``), so the rows of a context can be gathered back although they are
 shuffled; a context never spans two buckets, since buckets close between forward groups.
+
+With ``world`` set there is no language model: a synthetic world's rows and their true
+feature activations are sampled into ``output/world`` (:mod:`gs_lightning.harvest_world`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from gs_lightning.sites import ActivationExtractor, parse_site, site_dim
 from gs_lightning.text import content_mask, iter_contexts, iter_texts
 
 StorageDtype = Literal["float32", "bfloat16"]
+_WORLD_OPTIONS = ("world", "max_tokens", "dtype", "shuffle_bucket_tokens", "shard_tokens", "seed")
 
 
 @dataclass
@@ -54,6 +58,11 @@ class HarvestConfig:
 
     Args:
         output: Directory that receives one folder of shards per site.
+        world: A synthetic world to sample instead of running a model: ``synthsaebench-16k``,
+            ``synthsaebench-cpu``, a folder saved by SAELens' ``SyntheticModel.save``, or a
+            YAML/JSON file of a ``SyntheticModelConfig`` dict (needs the bench extra). Its
+            ``max_tokens`` rows (required) and their true feature activations go to
+            ``output/world``; the model, text and site options are then ignored.
         model: Embedded model name, local directory or Hugging Face hub name.
         revision: Hub revision (branch, tag or commit) of the model.
         model_dtype: Dtype the language model runs in.
@@ -63,7 +72,8 @@ class HarvestConfig:
         text_column: Column holding the text in a datasets dataset.
         context_size: Tokens per context, BOS included (Gemma Scope uses 1024).
         model_batch_size: Contexts per forward pass of the language model.
-        max_tokens: Content tokens to harvest (BOS/EOS/pad excluded); None reads the whole split.
+        max_tokens: Content tokens to harvest (BOS/EOS/pad excluded), or rows to sample from a
+            world; None reads the whole split.
         dtype: Storage dtype of the activations.
         shuffle_bucket_tokens: Tokens are shuffled within buckets of at least this many before writing.
         shard_tokens: Most tokens per shard; a bucket is cut into equal shards of at most this many.
@@ -74,6 +84,7 @@ class HarvestConfig:
     """
 
     output: str
+    world: str | None = None
     model: str = "gs-lightning/tiny-gemma2-kjv"
     revision: str | None = None
     model_dtype: ModelDtype = "float32"
@@ -97,6 +108,9 @@ class HarvestConfig:
             value = getattr(self, key)
             if value is not None and value < low:
                 raise ConfigError(f"{key}={value} must be at least {low}")
+        if self.world is not None and self.max_tokens is None:
+            raise ConfigError(f"max_tokens: world={self.world!r} is sampled, not read to its end: "
+                              "set max_tokens (the number of rows)")
         if not self.sites:
             raise ConfigError("sites: give at least one site")
         if self.dtype not in STORAGE_DTYPES:
@@ -107,10 +121,12 @@ class HarvestConfig:
             parse_site(site)
 
     def identity(self) -> dict[str, Any]:
-        """The options that decide the shards' bytes (all but ``output`` and ``device``): resume
-        requires equality."""
+        """The options that decide the shards' bytes (all but ``output`` and ``device``; for a
+        world, only those a world uses): resume requires equality."""
         config = dataclasses.asdict(self)
-        del config["output"], config["device"]
+        if self.world is not None:
+            return {key: config[key] for key in _WORLD_OPTIONS}
+        del config["output"], config["device"], config["world"]  # a model's harvest records no world
         return config
 
     def torch_device(self) -> torch.device:
@@ -148,6 +164,10 @@ def harvest(config: HarvestConfig, on_shard: Callable[[Path], None] | None = Non
     ``on_shard`` is called with each shard's path after the shard and the manifest that
     lists it are written (tests raise from it to simulate a kill).
     """
+    if config.world is not None:  # no language model: sample the world
+        from gs_lightning.harvest_world import harvest_world
+
+        return harvest_world(config, on_shard)
     config.validate()
     lm, tokenizer = shared_language_model(config.model, config.revision, config.model_dtype)
     lm.to(config.torch_device())
@@ -301,7 +321,8 @@ def build_parser() -> ArgumentParser:
     """The jsonargparse parser of ``python -m gs_lightning harvest``; ``--help`` documents every option."""
     parser = ArgumentParser(
         prog="python -m gs_lightning harvest",
-        description="Harvest language-model activations into shuffled safetensors shards, one folder per site.",
+        description="Harvest language-model activations into shuffled safetensors shards, one folder per site "
+                    "(or sample a synthetic world's rows with their true feature activations: --world).",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of the options below.")
     parser.add_class_arguments(HarvestConfig)
@@ -317,5 +338,6 @@ def harvest_main(args: list[str]) -> dict[str, Path]:
     folders = harvest(config)
     for site, folder in folders.items():
         manifest = read_manifest(folder)
-        print(f"{site}: {manifest['tokens']} tokens in {len(manifest['shards'])} shards -> {folder}")
+        unit = "rows" if "world" in manifest else "tokens"
+        print(f"{site}: {manifest['tokens']} {unit} in {len(manifest['shards'])} shards -> {folder}")
     return folders

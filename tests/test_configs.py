@@ -17,6 +17,9 @@ CONFIGS = [p for p in ALL_CONFIGS if p not in HARVEST_CONFIGS and not p.name.sta
 NEEDS_HUB = {"gemma2_2b_resid_l12.yaml"}
 # Configs for several devices or hosts: parsed, but a run would start processes.
 MULTI_PROCESS = {"gpu_ddp.yaml", "multinode.yaml"}
+# Configs trained on a synthetic world's harvest: a fake world as wide stands in (a real one needs
+# SAELens and minutes).
+WORLD_CONFIGS = {"synthetic_world.yaml"}
 
 
 def test_configs_exist() -> None:
@@ -69,6 +72,19 @@ def _harvest_small(root: Path) -> list[str]:
             "--data.init_args.val_path", paths["harvest_quickstart_val.yaml"]]
 
 
+def _harvest_small_world(root: Path, config: Path) -> list[str]:
+    """Harvest a few thousand rows of a fake world as wide as the config's SAE; the fit's data path."""
+    from gs_lightning.harvest import HarvestConfig
+    from gs_lightning.harvest_world import harvest_world
+    from tests.world_helpers import FakeWorld
+
+    d_in = yaml.safe_load(config.read_text())["model"]["sae"]["init_args"]["d_in"]
+    options = HarvestConfig(output=str(root), world="fake", max_tokens=4096, dtype="float32",
+                            shuffle_bucket_tokens=2048, shard_tokens=1024, device="cpu")
+    folders = harvest_world(options, world=FakeWorld(n_features=64, d=d_in))
+    return ["--data.init_args.path", str(folders["world"])]
+
+
 def _harvest_small_aligned(root: Path, config: Path) -> list[str]:
     """Harvest a few thousand tokens of every site the config streams; its data paths there."""
     data = yaml.safe_load(config.read_text())["data"]["init_args"]
@@ -87,7 +103,9 @@ def test_small_config_runs(path: Path, tmp_path: Path, capsys) -> None:
     source = yaml.safe_load(path.read_text())["data"]["class_path"].split(".")[-1]
     data_args = [arg for key, value in SMALL_DATA[source].items()
                  for arg in (f"--data.init_args.{key}", str(value))]
-    if source == "ShardedActivationDataModule":  # CI has no harvested shards: make a tiny set
+    if source == "ShardedActivationDataModule" and path.name in WORLD_CONFIGS:
+        data_args += _harvest_small_world(tmp_path / "harvest", path)
+    elif source == "ShardedActivationDataModule":  # CI has no harvested shards: make a tiny set
         data_args += _harvest_small(tmp_path / "harvest")
     if source == "AlignedShardsDataModule":
         data_args += _harvest_small_aligned(tmp_path / "harvest", path)

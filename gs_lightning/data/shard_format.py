@@ -17,6 +17,14 @@ A shard holds, per row (one content token):
 
 ``format_version`` in the manifest says which: version 1 (no ``context_ids``) still
 trains and streams; only code that needs provenance calls :func:`require_provenance`.
+
+A harvest of a synthetic world (:mod:`gs_lightning.harvest_world`; its manifest has a
+``world`` key) has no tokens: its shards hold ``acts`` and, instead of the token fields,
+the rows' true feature activations in CSR form (:data:`FEATURE_KEYS`): ``feature_indptr
+[N + 1]`` (int64), ``feature_indices [nnz]`` (int32) and ``feature_values [nnz]``
+(float32), row i's features being ``indices[indptr[i]:indptr[i + 1]]``. Readers of
+``acts`` (training) read both kinds alike; :mod:`gs_lightning.data.ground_truth` reads
+the rest.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ FORMAT_VERSION = 2
 PROVENANCE_VERSION = 2  # the first version whose shards hold context_ids
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HEADER_DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # safetensors' dtype codes
+FEATURE_KEYS = ("feature_indptr", "feature_indices", "feature_values")
+"""A world shard's true feature activations (CSR): row pointers, feature indices, values."""
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -100,6 +110,20 @@ def encode_shard(acts: torch.Tensor, token_ids: torch.Tensor, positions: torch.T
     return save_bytes(tensors)
 
 
+def encode_world_shard(acts: torch.Tensor, feature_indptr: torch.Tensor, feature_indices: torch.Tensor,
+                       feature_values: torch.Tensor) -> bytes:
+    """Serialise one shard of a world harvest: the rows and their true feature activations (CSR).
+
+    The bytes are a pure function of the tensors, as for :func:`encode_shard`.
+    """
+    return save_bytes({
+        "acts": acts.contiguous(),
+        "feature_indptr": feature_indptr.to(torch.int64).contiguous(),
+        "feature_indices": feature_indices.to(torch.int32).contiguous(),
+        "feature_values": feature_values.to(torch.float32).contiguous(),
+    })
+
+
 def shard_entry(name: str, data: bytes, acts: torch.Tensor, bucket: int) -> dict[str, Any]:
     """The manifest record of one shard, with its scale statistics (float64 sums)."""
     # vector_norm accumulates in float64 without materialising a float64 copy (3x faster).
@@ -144,6 +168,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def require_provenance(folder: str | Path, manifest: dict[str, Any]) -> None:
     """Raise a ConfigError naming ``folder`` unless its shards record each row's context."""
+    if "world" in manifest:
+        raise ConfigError(f"{files.join(str(folder), MANIFEST)}: a harvest of the synthetic world "
+                          f"{manifest['world'].get('source')!r}: its rows come from no text (no tokens or contexts)")
     version = manifest.get("format_version", 1)
     if version >= PROVENANCE_VERSION:
         return

@@ -20,6 +20,14 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from gs_lightning.data import files
 from gs_lightning.data.base import ActivationDataModule, as_is, data_parallel_rank
+from gs_lightning.data.ground_truth import (
+    GroundTruth,
+    GroundTruthBatch,
+    GroundTruthBatches,
+    SparseRows,
+    read_ground_truth,
+    read_sparse_true_acts,
+)
 from gs_lightning.data.memory import OrderedBatches
 from gs_lightning.data.reader import Batch, Block, EpochPlan, WindowReader, blocks_per_window
 from gs_lightning.data.shard_format import MANIFEST, check_header, read_manifest, scale_from_statistics
@@ -75,6 +83,11 @@ class ShardedActivationDataModule(ActivationDataModule):
     that a checkpoint restores exactly (Lightning saves :meth:`state_dict`). Batches leave
     the DataModule in the storage dtype (half the bytes for bf16) and become float32 on
     the device.
+
+    A harvest of a synthetic world (``python -m gs_lightning harvest --world ...``) trains
+    the same way; its true dictionary is :attr:`ground_truth`, and its validation batches
+    are :class:`~gs_lightning.data.ground_truth.GroundTruthBatch` es that carry each row's
+    true feature activations (training batches stay plain activations).
 
     Args:
         path: A site folder written by ``python -m gs_lightning harvest`` (a local path or an
@@ -144,6 +157,9 @@ class ShardedActivationDataModule(ActivationDataModule):
         self._plan: EpochPlan | None = None
         self._consumed = 0
         self._val: tuple[Tensor, ...] | None = None
+        self._val_truth: SparseRows | None = None
+        self._truth: GroundTruth | None = None
+        self._truth_read = False
         self._scales: list[float] | None = None
 
     def _site_paths(self) -> list[list[str]]:
@@ -205,6 +221,14 @@ class ShardedActivationDataModule(ActivationDataModule):
         return self._scales[-1]
 
     @property
+    def ground_truth(self) -> GroundTruth | None:
+        """The true dictionary of a world harvest (from the first folder of ``path``); None for a
+        language model's harvest."""
+        if not self._truth_read:
+            self._truth, self._truth_read = read_ground_truth(self.paths[0]), True
+        return self._truth
+
+    @property
     def metadata(self) -> dict[str, Any]:
         """Model, site and text of the harvest, and the scaling."""
         first = self.manifests[0]
@@ -241,6 +265,7 @@ class ShardedActivationDataModule(ActivationDataModule):
             self.reader.pin_memory = self.pin_memory
         if self._val is None:
             self._val = tuple(self._load_val(s, val) for s, val in enumerate(self._val_blocks))
+            self._val_truth = self._load_val_truth(self._val_blocks[0]) if not self.target_paths else None
 
     def _scale_of(self, blocks: list[Block]) -> float:
         stats = {"count": 0, "sum_sq_norm": 0.0, "sum_norm": 0.0}
@@ -260,15 +285,26 @@ class ShardedActivationDataModule(ActivationDataModule):
         d = int(self.reader.sites[site][0][2]["d"])
         return torch.cat(rows).float() if rows else torch.empty(0, d)
 
+    def _load_val_truth(self, blocks: list[Block]) -> SparseRows | None:
+        """The true feature activations of the validation rows, when every validation shard has them."""
+        if not blocks or not all("world" in manifest for _, _, manifest in blocks):
+            return None
+        # A second read of each validation shard (once per run): _load_val kept only the acts.
+        return SparseRows.cat([read_sparse_true_acts(folder, entry, manifest, verify=False)
+                               for folder, entry, manifest in blocks])
+
     def train_dataloader(self) -> _EpochStream:
         """This rank's batches for one epoch, from the current (restored) position."""
         rank, world = data_parallel_rank(self.trainer)
         return _EpochStream(self, rank, world, track=True, as_float=False)
 
-    def val_dataloader(self) -> OrderedBatches:
-        """The validation shards, in order; the last batch may be smaller."""
+    def val_dataloader(self) -> OrderedBatches | GroundTruthBatches:
+        """The validation shards, in order; the last batch may be smaller. A world's validation
+        batches carry the rows' true feature activations."""
         if self._val is None:
             raise RuntimeError("the validation set is loaded in setup(); call setup() first")
+        if self._val_truth is not None:
+            return GroundTruthBatches(self._val[0], self._val_truth, self.batch_size)
         return OrderedBatches(self._val if len(self._val) > 1 else self._val[0], self.batch_size)
 
     def stream(self, rank: int = 0, world_size: int = 1, as_float: bool = True) -> _EpochStream:
@@ -311,7 +347,9 @@ class ShardedActivationDataModule(ActivationDataModule):
         return _to_float(batch)
 
 
-def _to_float(batch: Batch) -> Batch:
+def _to_float(batch: Batch | GroundTruthBatch) -> Batch | GroundTruthBatch:
+    if isinstance(batch, GroundTruthBatch):  # a tuple too, but not an (input, target) pair
+        return GroundTruthBatch(batch.acts.float(), batch.true_acts)
     return tuple(b.float() for b in batch) if isinstance(batch, tuple) else batch.float()
 
 
