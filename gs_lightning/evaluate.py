@@ -5,6 +5,11 @@ For each SAE folder (written by ``callbacks.SaveSAE``): L0, FVU and explained va
 the evaluation tokens), dense fraction (latents firing on over 10% of them),
 and delta LM loss / KL / loss recovered with the SAE spliced into the model. The model,
 site and text come from each SAE's ``config.json``; results go to a CSV and a JSON table.
+
+An SAE trained on a synthetic world's harvest (or any SAE, given ``--shards``) is scored
+on the world's rows instead, against its true features (:mod:`gs_lightning.evaluation.ground_truth`):
+MCC, uniqueness, precision, recall, F1 and shrinkage beside L0, FVU and the dead fraction;
+there is no language model, so no delta LM loss.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,17 @@ import torch
 from jsonargparse import CLI
 from tqdm import tqdm
 
+from gs_lightning.data import files
+from gs_lightning.data.ground_truth import (
+    GROUND_TRUTH,
+    GroundTruthBatch,
+    read_ground_truth,
+    sparse_true_acts,
+    world_features,
+)
+from gs_lightning.data.shard_format import load_shard, read_manifest
 from gs_lightning.errors import ConfigError
+from gs_lightning.evaluation.ground_truth import GroundTruthScorer
 from gs_lightning.evaluation.replacement import ReplacementPart, clean_metrics, replacement_metrics
 from gs_lightning.io import load_sae, load_sae_config, sae_paths
 from gs_lightning.lm import shared_language_model
@@ -31,7 +47,10 @@ from gs_lightning.splice import delta_lm_loss
 from gs_lightning.text import content_mask, iter_contexts, iter_texts
 
 COLUMNS = ("sae", "site", "d_sae", "l0", "fvu", "explained_variance", "dead_frac", "dense_frac", "delta_loss",
-           "kl", "loss_recovered", "ce_clean", "ce_spliced", "ce_zero_ablated", "tokens")
+           "kl", "loss_recovered", "ce_clean", "ce_spliced", "ce_zero_ablated", "tokens",
+           "mcc", "uniqueness", "precision", "recall", "f1", "shrinkage")
+WORLD_BATCH_ROWS = 4096
+"""Rows of a world scored at a time (their true activations are made dense a batch at a time)."""
 
 
 @torch.no_grad()
@@ -67,6 +86,8 @@ def evaluate(
     batch_size: int = 8,
     context_size: int | None = None,
     together: bool = False,
+    shards: str | None = None,
+    n_rows: int = 100_000,
 ) -> list[dict[str, Any]]:
     """Evaluate saved SAEs on held-out text and write ``<output>.csv`` and ``<output>.json``.
 
@@ -85,14 +106,25 @@ def evaluate(
         together: Score all the SAEs as one replacement model (e.g. one transcoder per layer,
             to compare with a cross-layer transcoder): every site any of them writes replaced at
             once, one row. They must share a model and write different sites.
+        shards: The site folder of a synthetic world's harvest (``python -m gs_lightning harvest
+            --world ...``): score every SAE on its rows against its true features (MCC,
+            uniqueness, precision, recall, F1, shrinkage; no delta LM loss). Default: an SAE
+            trained on a world harvest is scored on the folder it was trained on.
+        n_rows: Rows of a world harvest to score on: its last ones (the trailing shards, which
+            training holds out for validation unless told otherwise).
     """
     paths = sae_paths(saes)
+    if together and shards is not None:
+        raise ConfigError("--together scores a language model's replacement model; --shards scores "
+                          "SAEs one by one on a world's rows: drop one of them")
     if together:
         rows, densities = _evaluate_together(paths, n_contexts, batch_size, context_size)
     else:
         rows, densities = [], {}
         for path in tqdm(paths, desc="evaluate", unit="sae"):
-            row = _evaluate_one(path, n_contexts, batch_size, context_size)
+            world = _world_folder(path, shards)
+            row = (_evaluate_one(path, n_contexts, batch_size, context_size) if world is None
+                   else world_row(path, load_sae(path), world, n_rows))
             densities[str(path)] = row.pop("density")
             rows.append(row)
     _write_table(rows, Path(output))
@@ -124,6 +156,68 @@ def _evaluate_one(path: str, n_contexts: int, batch_size: int, context_size: int
                             source_site=meta["site"] if target_site else None)
     row.update({k: spliced[k] for k in COLUMNS if k in spliced})
     return row
+
+
+def _world_folder(path: str, shards: str | None) -> str | None:
+    """The world harvest to score ``path`` on: ``shards``, else the folder the SAE was trained
+    on when that holds a world's ground truth; None for an SAE of a language model."""
+    if shards is not None:
+        return shards
+    if not Path(path, "config.json").is_file():
+        return None  # _metadata says what is missing
+    meta = load_sae_config(path).get("metadata", {})
+    source = meta.get("source")
+    folder = source[0] if isinstance(source, list) and source else source
+    if meta.get("model") is None and isinstance(folder, str) and read_ground_truth(folder) is not None:
+        return folder
+    return None
+
+
+@torch.no_grad()
+def world_row(path: str, sae: SAE, folder: str, n_rows: int) -> dict[str, Any]:
+    """One SAE's row on the last ``n_rows`` rows of the world harvest ``folder``: its scores
+    against the world's truth, FVU, dense fraction and per-latent firing rate (``density``)."""
+    truth = read_ground_truth(folder)
+    if truth is None:
+        raise ConfigError(f"{folder}: no {GROUND_TRUTH}; --shards takes the site folder of a synthetic world's "
+                          "harvest (python -m gs_lightning harvest --world ...)")
+    width = truth.features.shape[1]
+    if sae.stacked_sites is not None or sae.is_transcoder or sae.d_in != width:
+        raise ConfigError(f"{path}: a world of width {width} is scored with a one-site SAE (not a transcoder) "
+                          f"of d_in={width}; this {type(sae).__name__} has d_in={sae.d_in}, d_out={sae.d_out}")
+    scorer = GroundTruthScorer(sae.W_dec, truth.features)
+    firing = FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
+    for batch in world_batches(folder, n_rows, WORLD_BATCH_ROWS):
+        f = sae.encode(batch.acts)
+        scorer.update(batch.acts, sae.decode(f, batch.acts), f, batch.true_acts)
+        firing.update(f)
+    scores, stats = scorer.compute()._asdict(), firing.compute()
+    print(f"{path}: no delta LM loss (scored on the synthetic world {folder}, which has no language model)")
+    return {"sae": str(path), "site": read_manifest(folder)["site"], "d_sae": sae.d_sae, **scores,
+            "fvu": 1.0 - scores["explained_variance"], "dense_frac": float(stats["dense_frac"]),
+            "density": stats["density"]}
+
+
+def world_batches(folder: str, n_rows: int, batch_rows: int) -> Iterator[GroundTruthBatch]:
+    """The last ``n_rows`` rows of a world harvest in file order, ``batch_rows`` at a time (batches
+    end at shard ends), each shard read and checked once."""
+    manifest = read_manifest(folder)
+    n_features = world_features(folder, manifest)
+    chosen, rows = [], 0
+    for entry in reversed(manifest["shards"]):
+        if rows >= n_rows:
+            break
+        chosen.append(entry)
+        rows += entry["tokens"]
+    skip = max(0, rows - n_rows)  # leading rows of the earliest shard chosen
+    for entry in reversed(chosen):
+        tensors = load_shard(folder, entry, manifest, verify=True)
+        acts = tensors["acts"].float()
+        true_acts = sparse_true_acts(tensors, n_features, files.join(folder, entry["file"]))
+        for start in range(skip, acts.shape[0], batch_rows):
+            stop = min(start + batch_rows, acts.shape[0])
+            yield GroundTruthBatch(acts[start:stop], true_acts.dense(start, stop))
+        skip = 0
 
 
 def _part(path: str, sae: SAE, meta: dict[str, Any]) -> ReplacementPart:
@@ -174,7 +268,8 @@ def _metadata(path: str) -> dict[str, Any]:
     meta = load_sae_config(path).get("metadata", {})
     missing = [k for k in ("model", "site", "text", "context_size") if not meta.get(k)]
     if missing:
-        raise ConfigError(f"{path}/config.json: metadata lacks {missing}; was it trained on live activations?")
+        raise ConfigError(f"{path}/config.json: metadata lacks {missing}; was it trained on live activations? "
+                          "(an SAE of a synthetic world is scored with --shards <the world harvest's site folder>)")
     return meta
 
 

@@ -4,16 +4,24 @@ agreement with SynthSAEBench's own functions (sae_lens.synthetic), and the valid
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from safetensors.torch import save, save_file
 
 from gs_lightning.data.ground_truth import GroundTruth, GroundTruthBatch
 from gs_lightning.data.memory import ShuffledBatches
+from gs_lightning.data.shard_format import shard_entry, write_manifest
+from gs_lightning.data.shards import ShardedActivationDataModule
 from gs_lightning.errors import ConfigError
+from gs_lightning.evaluate import evaluate_main
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer, GroundTruthScores, score
+from gs_lightning.io import save_sae
 from gs_lightning.module import SAETrainingModule
 from gs_lightning.packed import metric_key
 from gs_lightning.saes import JumpReLUSAE
@@ -228,3 +236,52 @@ def test_true_activations_without_true_features_are_an_error() -> None:
     module = SAETrainingModule(JumpReLUSAE(6, 4))
     with pytest.raises(ConfigError, match="ground_truth is None"):
         module.validation_step(GroundTruthBatch(torch.zeros(3, 6), torch.zeros(3, 8)), 0)
+
+
+def _write_world_harvest(folder: Path, truth: GroundTruth, true_acts: torch.Tensor, shard_rows: int) -> torch.Tensor:
+    """A world harvest's site folder written by hand: shards of ``acts`` and CSR true activations,
+    the manifest and ``ground_truth.safetensors``; returns the rows."""
+    folder.mkdir(parents=True)
+    acts = true_acts @ truth.features + truth.bias
+    manifest = {"format_version": 2, "model": None, "site": "world", "d": acts.shape[1], "dtype": "float32",
+                "shards": [], "world": {"source": "by hand", "n_features": true_acts.shape[1]}}
+    for i, rows in enumerate(torch.arange(acts.shape[0]).split(shard_rows)):
+        on = true_acts[rows] > 0
+        indptr = torch.cat([torch.zeros(1, dtype=torch.int64), on.sum(1).cumsum(0)])
+        data = save({"acts": acts[rows].contiguous(), "feature_indptr": indptr,
+                     "feature_indices": on.nonzero()[:, 1].to(torch.int32), "feature_values": true_acts[rows][on]})
+        name = f"shard_{i:05d}.safetensors"
+        (folder / name).write_bytes(data)
+        manifest["shards"].append(shard_entry(name, data, acts[rows], bucket=i))
+    write_manifest(folder, manifest)
+    save_file({"features": truth.features, "bias": truth.bias}, folder / "ground_truth.safetensors")
+    return acts
+
+
+def test_evaluate_scores_an_sae_on_a_world_harvest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    truth, true_acts = _world(n_features=24, d=8, rows=150, seed=4)
+    folder = tmp_path / "harvest" / "world"
+    acts = _write_world_harvest(folder, truth, true_acts, shard_rows=50)
+    sae = _half_dead_sae(8, 16, seed=5)
+    # As SaveSAE records it: the metadata of the datamodule that read the harvest.
+    saved = save_sae(sae, tmp_path / "trained", metadata=ShardedActivationDataModule(str(folder)).metadata)
+    other = save_sae(sae, tmp_path / "given")  # no metadata: scored only because --shards names a world
+    expected = score(sae, acts[30:], true_acts[30:], truth)  # the last 120 rows
+    for args in ([str(saved)], [str(other), "--shards", str(folder)]):
+        rows = evaluate_main(["--saes", *args, "--output", str(tmp_path / "table"), "--n_rows", "120"])
+        assert "no delta LM loss" in capsys.readouterr().out
+        (row,) = rows
+        assert 0 < row["f1"] < 1 and 0.5 <= row["dead_frac"] < 1 and row["tokens"] == 120
+        for key in GroundTruthScores._fields:
+            assert row[key] == pytest.approx(getattr(expected, key), abs=1e-9), key
+        assert row["fvu"] == pytest.approx(1 - expected.explained_variance) and "delta_loss" not in row
+        with open(tmp_path / "table.csv") as handle:
+            (written,) = list(csv.DictReader(handle))
+        assert float(written["mcc"]) == pytest.approx(expected.mcc) and written["delta_loss"] == ""
+        assert json.loads((tmp_path / "table.json").read_text())[0]["uniqueness"] == expected.uniqueness
+
+
+def test_evaluate_refuses_a_folder_without_ground_truth(tmp_path: Path) -> None:
+    saved = save_sae(_half_dead_sae(8, 16, seed=5), tmp_path / "sae")
+    with pytest.raises(ConfigError, match="ground_truth.safetensors"):
+        evaluate_main(["--saes", str(saved), "--output", str(tmp_path / "t"), "--shards", str(tmp_path)])
