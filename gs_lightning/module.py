@@ -22,6 +22,16 @@ from gs_lightning.saes import SAE, TrainOutput
 from gs_lightning.schedules import lr_factor, sparsity_warmup
 
 
+def param_groups(sae: SAE, lr: float) -> list[dict[str, Any]]:
+    """Adam parameter groups of one SAE at base learning rate ``lr``: one group per distinct
+    multiplier of :meth:`SAE.lr_scales` (a single group when it names none)."""
+    scales = sae.lr_scales()
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}  # first: the scale-1 group, whose lr is logged
+    for name, param in sae.named_parameters():
+        groups.setdefault(scales.get(name, 1.0), []).append(param)
+    return [{"params": params, "lr": lr * scale} for scale, params in groups.items() if params]
+
+
 def check_widths(sae: SAE | PackedSAE, datamodule: Any) -> None:
     """Raise a ConfigError naming both widths when the SAE's ``d_in`` (or a transcoder's
     ``d_out``) differs from the data's, or when only one of them has a target site."""
@@ -130,6 +140,7 @@ class SAETrainingModule(pl.LightningModule):
         self._lrs: list[float | None] = [None]
         if sweep is not None:
             self.sae, self._lrs = build_packed(sae, sweep)
+        self._first_group = list(range(len(self._lrs)))  # set again by configure_optimizers
         # One scalar per site: a shape that broadcasts over a batch (per layer for a CLT).
         self.register_buffer("input_scale", torch.ones(sae.scale_shape, dtype=torch.float64))
         if sae.d_out is not None:  # a transcoder: its target site has its own scale
@@ -188,10 +199,12 @@ class SAETrainingModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         # One parameter group per SAE: each keeps its own lr through the shared schedule.
-        params: Any = self.sae.parameters()
-        if isinstance(self.sae, PackedSAE):
-            params = [{"params": m.parameters(), "lr": hp.lr if lr is None else lr}
-                      for m, lr in zip(self.sae.members, self._lrs)]
+        members = self.sae.members if isinstance(self.sae, PackedSAE) else [self.sae]
+        params: list[dict[str, Any]] = []
+        self._first_group = []  # the group whose lr each SAE logs as train/lr (its scale-1 parameters)
+        for m, lr in zip(members, self._lrs):
+            self._first_group.append(len(params))
+            params += param_groups(m, hp.lr if lr is None else lr)
         # fused Adam: one kernel for all parameters instead of a dozen temporaries each.
         # Fused Adam exists on CPU and CUDA only (not XLA).
         fused = all(p.device.type in ("cpu", "cuda") for p in self.sae.parameters())
@@ -265,7 +278,7 @@ class SAETrainingModule(pl.LightningModule):
                 "train/fvu": batch_fvu(x, out.x_hat),
                 "train/dead_frac": dead[i],
                 "train/dense_frac": dense[i],
-                "train/lr": groups[i]["lr"] if groups is not None else 0.0,
+                "train/lr": groups[self._first_group[i]]["lr"] if groups is not None else 0.0,
             }
             coefficient = getattr(sae, "sparsity_coefficient", None)
             if coefficient is not None:

@@ -26,29 +26,64 @@ def _perturbed_jumprelu(threshold_parameterization: str, fused: bool = True) -> 
     return sae
 
 
-def test_init_follows_gemma_scope_with_a_scaled_encoder() -> None:
+def test_gemma_scope_init_with_a_scaled_encoder() -> None:
     torch.manual_seed(0)
-    sae = JumpReLUSAE(32, 128)
+    # Gemma Scope's unit-norm decoder, with the default encoder scale and the former default
+    # threshold sigma0 / 10 (about half the latents fire at first).
+    sigma0 = 0.5 / 32**0.5
+    sae = JumpReLUSAE(32, 128, normalize_decoder=True, threshold_init=sigma0 / 10)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
     # The default encoder scale 2 d_in / d_sae makes the first reconstruction about x's size.
     torch.testing.assert_close(sae.W_enc, sae.W_dec.t() * 0.5)
-    gemma_scope = JumpReLUSAE(32, 128, encoder_init_scale=1.0)
+    gemma_scope = JumpReLUSAE(32, 128, encoder_init_scale=1.0, normalize_decoder=True, threshold_init=sigma0 / 10)
     assert torch.equal(gemma_scope.W_enc, gemma_scope.W_dec.t())
     assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()  # untied after init
     assert torch.all(sae.b_enc == 0) and torch.all(sae.b_dec == 0)
-    # Bandwidth and threshold follow the initial pre-activation scale 0.5 / sqrt(32).
-    sigma0 = 0.5 / 32**0.5
-    assert sae.bandwidth == pytest.approx(sigma0) and sae.encoder_init_scale == 0.5
-    torch.testing.assert_close(sae.threshold, torch.full((128,), sigma0 / 10))
-    assert sae.raw_threshold.dtype == torch.float32
     x = torch.randn(4096, 32)
     x = x / x.pow(2).sum(-1).mean().sqrt()  # E||x||^2 = 1, as training scales inputs
     pre = sae.pre_activation(x)
     assert 0.8 < float(pre.std() / sigma0) < 1.25  # sigma0 is the typical pre-activation
+    assert sae.raw_threshold.dtype == torch.float32
     # The first reconstruction has about the input's size (unit encoder: d_sae / 2 d_in = 2x).
     ratio = float(sae.eval()(x).norm(dim=-1).mean())
     assert 0.6 < ratio < 1.6, ratio
     assert float(gemma_scope.eval()(x).norm(dim=-1).mean()) > 1.5
+
+
+def test_default_recipe_init_is_synthsaebench_in_our_units() -> None:
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(64, 256, target_l0=8)
+    # Free decoder rows of norm 0.5, encoder 2 d_in / d_sae = 0.5 times their transpose.
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((256,), 0.5))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
+    assert not sae.normalize_decoder and sae.normalize_gradient
+    # Bandwidth and threshold 1 / sqrt(d_in) (1.0 in SAELens' E||x|| = sqrt(d) units), the
+    # quadratic penalty's coefficient 1 / d_in (SAELens' 1.0).
+    assert sae.bandwidth == pytest.approx(1 / 8) and sae.sparsity_coefficient == pytest.approx(1 / 64)
+    torch.testing.assert_close(sae.threshold, torch.full((256,), 1 / 8))
+    assert JumpReLUSAE(64, 256).sparsity_coefficient == 1e-3  # the mean-L0 term keeps Gemma Scope's scale
+    assert sae.lr_scales() == {"raw_threshold": 1 / 8, "b_enc": 1 / 8, "b_dec": 1 / 8}
+    transcoder = JumpReLUSAE(64, 256, d_out=16, threshold_parameterization="log", bias_lr_scale=0.5)
+    assert transcoder.lr_scales() == {"log_threshold": 0.5, "b_enc": 0.5, "b_dec": 0.5}
+    assert JumpReLUSAE(64, 256, d_out=16).lr_scales()["b_dec"] == pytest.approx(1 / 4)
+    with pytest.raises(ValueError, match="decoder_init_norm"):
+        JumpReLUSAE(64, 256, decoder_init_norm=0.0)
+
+
+def test_free_decoder_moves_and_the_gradient_is_normalised() -> None:
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(16, 64, target_l0=4)
+    sum(sae.training_output(torch.randn(64, 16)).losses.values()).backward()
+    raw = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()]))
+    assert abs(float(total) - 1.0) > 0.1  # the test means something only if the norm was not 1 already
+    sae.before_optimizer_step()
+    for name, p in sae.named_parameters():  # no decoder projection: the same direction, unit norm overall
+        torch.testing.assert_close(p.grad, raw[name] / total)
+    norms = sae.W_dec.norm(dim=1).detach().clone()
+    torch.optim.Adam(sae.parameters(), lr=0.01).step()
+    sae.after_optimizer_step()
+    assert not torch.allclose(sae.W_dec.norm(dim=1), norms)  # rows are not renormalised
 
 
 @pytest.mark.parametrize("parameterization", ["log", "raw"])
@@ -109,6 +144,9 @@ def test_fused_backward_refuses_overwritten_workspace() -> None:
 
 def test_decoder_rows_unit_norm_after_step_and_parallel_gradient_removed() -> None:
     sae = _perturbed_jumprelu("log")
+    sae.normalize_decoder, sae.normalize_gradient = True, False  # Gemma Scope's constraint
+    with torch.no_grad():
+        sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
     opt = torch.optim.Adam(sae.parameters(), lr=0.05, betas=(0.0, 0.999))
     sum(sae.training_output(torch.randn(64, 16)).losses.values()).backward()
     sae.before_optimizer_step()

@@ -50,3 +50,21 @@ def test_log_threshold_from_tiny_init_barely_moves_in_a_short_run(tmp_path) -> N
     # either behaviour is noticed: a 300x larger lambda changes L0 by under 5%.
     low, high = (_fit(c, "log", tmp_path)["val/l0"] for c in (1e-4, 3e-2))
     assert high > 0.95 * low, (low, high)
+
+
+def test_parameter_groups_follow_each_saes_lr_scales() -> None:
+    """Each SAE of a sweep gets a group at its lr and one at lr * 1 / sqrt(d_in) for the
+    threshold and biases (JumpReLUSAE.lr_scales); train/lr reads the first."""
+    module = SAETrainingModule(JumpReLUSAE(16, 64, target_l0=4), sweep={"lr": [1e-3, 2e-3]})
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    members = module.sae.members
+    expected = [(1e-3, {"W_enc", "W_dec"}), (1e-3 / 4, {"raw_threshold", "b_enc", "b_dec"}),
+                (2e-3, {"W_enc", "W_dec"}), (2e-3 / 4, {"raw_threshold", "b_enc", "b_dec"})]
+    assert len(groups) == 4 and module._first_group == [0, 2]
+    for k, (group, (lr, names)) in enumerate(zip(groups, expected)):
+        member = dict(members[k // 2].named_parameters())
+        assert group["initial_lr"] == pytest.approx(lr)  # the scheduler scales "lr" during warm-up
+        assert {id(p) for p in group["params"]} == {id(member[n]) for n in names}
+    plain = SAETrainingModule(JumpReLUSAE(16, 64, bias_lr_scale=1.0), lr=3e-4)
+    (only,) = plain.configure_optimizers()["optimizer"].param_groups
+    assert only["initial_lr"] == 3e-4 and len(only["params"]) == 5

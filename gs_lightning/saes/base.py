@@ -211,6 +211,12 @@ class SAE(nn.Module):
 
     # -- optimizer hooks ---------------------------------------------------------------
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (``named_parameters``); a parameter not
+        named trains at the module's lr. The training module gives each multiplier its own
+        Adam parameter group. None by default."""
+        return {}
+
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """Remove the gradient component parallel to each decoder row."""

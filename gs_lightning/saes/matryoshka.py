@@ -117,9 +117,9 @@ class MatryoshkaJumpReLUSAE(MatryoshkaLosses, JumpReLUSAE):
         d_in: Width of the activations the SAE reads.
         d_sae: Number of latents (dictionary size).
         prefixes: Increasing prefix sizes, each below ``d_sae`` (the full dictionary is ``mse``).
-        sparsity_coefficient: lambda, the weight of the sparsity term (as in :class:`JumpReLUSAE`).
-        bandwidth: eps of the pseudo-derivatives; ``None`` picks ``sigma0`` (as in :class:`JumpReLUSAE`).
-        threshold_init: Initial threshold; ``None`` picks ``sigma0 / 10`` (as in :class:`JumpReLUSAE`).
+        sparsity_coefficient: lambda, the weight of the sparsity term; ``None`` as in :class:`JumpReLUSAE`.
+        bandwidth: eps of the pseudo-derivatives; ``None`` as in :class:`JumpReLUSAE`.
+        threshold_init: Initial threshold; ``None`` as in :class:`JumpReLUSAE`.
         threshold_parameterization: ``raw`` trains the threshold, ``log`` log(threshold).
         encoder_init_scale: Norm of the encoder columns at initialisation (as in :class:`JumpReLUSAE`).
         target_l0: Train towards this L0 with the quadratic penalty; ``None``: mean L0.
@@ -141,7 +141,7 @@ class MatryoshkaJumpReLUSAE(MatryoshkaLosses, JumpReLUSAE):
         d_in: int,
         d_sae: int,
         prefixes: list[int],
-        sparsity_coefficient: float = 1e-3,
+        sparsity_coefficient: float | None = None,
         bandwidth: float | None = None,
         threshold_init: float | None = None,
         threshold_parameterization: Literal["log", "raw"] = "raw",
