@@ -86,6 +86,7 @@ def test_config_names_the_model_and_the_hooks(tmp_path: Path) -> None:
     assert config["gs_lightning"]["input_sites"] == META["input_sites"]
 
 
+@pytest.mark.peer
 def test_circuit_tracer_computes_what_we_compute(tmp_path: Path) -> None:
     pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (pip install circuit-tracer)")
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt

@@ -143,6 +143,7 @@ def _half_dead_sae(d_in: int, d_sae: int, seed: int) -> JumpReLUSAE:
     return sae
 
 
+@pytest.mark.peer
 def test_scores_agree_with_synthsaebench() -> None:
     pytest.importorskip("sae_lens")
     from sae_lens.evals import ExplainedVarianceCalculator

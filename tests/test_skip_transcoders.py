@@ -179,6 +179,7 @@ def test_gemma_scope_2_layout_names(tmp_path: Path) -> None:
 # -- SAELens' own loaders --------------------------------------------------------------------
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("skip", [True, False])
 def test_saelens_loads_our_folder_as_its_jumprelu_transcoder(skip: bool, tmp_path: Path) -> None:
     sae_lens = pytest.importorskip("sae_lens")
@@ -193,6 +194,7 @@ def test_saelens_loads_our_folder_as_its_jumprelu_transcoder(skip: bool, tmp_pat
     assert torch.equal(theirs.encode(x) != 0, sae.encode(x) != 0)
 
 
+@pytest.mark.peer
 def test_saelens_loads_a_relu_skip_transcoder(tmp_path: Path) -> None:
     sae_lens = pytest.importorskip("sae_lens")
     torch.manual_seed(0)
@@ -203,6 +205,7 @@ def test_saelens_loads_a_relu_skip_transcoder(tmp_path: Path) -> None:
     assert _max_diff(theirs(x), sae(x)) < 1e-5
 
 
+@pytest.mark.peer
 def test_saelens_gemma_scope_2_loader_reads_our_release(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("sae_lens")
     from sae_lens import SAE as SAELensSAE

@@ -87,6 +87,7 @@ def test_release_loads_back_with_the_trained_weights(finished: Path) -> None:
             assert (Path(release["repo_id"]) / sae["path"] / "cfg.json").is_file()
 
 
+@pytest.mark.peer
 def test_release_loads_in_saelens(finished: Path) -> None:
     sae_lens = pytest.importorskip("sae_lens")
     index = json.loads((finished / "release" / "index.json").read_text())

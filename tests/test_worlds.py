@@ -254,6 +254,7 @@ def _tiny_world_file(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.peer
 @pytest.mark.slow
 def test_killed_world_harvest_resumes_byte_identical(tmp_path) -> None:
     """SIGKILL a harvest of a real world after its first shard, rerun it: every file (shards,
@@ -284,6 +285,7 @@ def test_killed_world_harvest_resumes_byte_identical(tmp_path) -> None:
     assert (reference / "model" / "synthetic_model.safetensors").is_file()
 
 
+@pytest.mark.peer
 @pytest.mark.slow
 def test_a_saved_world_is_copied_and_sampled_from_the_bucket_seed(tmp_path) -> None:
     synthetic = pytest.importorskip("sae_lens.synthetic")
@@ -303,6 +305,7 @@ def test_a_saved_world_is_copied_and_sampled_from_the_bucket_seed(tmp_path) -> N
     assert (folder / "model" / "synthetic_model_config.json").is_file() and (folder / MANIFEST).is_file()
 
 
+@pytest.mark.peer
 @pytest.mark.slow
 def test_named_worlds_are_synthsaebench() -> None:
     pytest.importorskip("sae_lens.synthetic")
