@@ -81,10 +81,10 @@ def test_tiny_fit_trains_saves_and_reports(tmp_path, capsys) -> None:
     assert "final (step 60): val/l0" in out.out + out.err
     sae = load_sae(saved)
     assert sae.d_sae == 128 and config["input_scale_folded"] != 1.0
-    # The checkpoint holds the unfolded SAE: its decoder rows stayed unit norm.
+    # The checkpoint holds the unfolded SAE: the saved decoder is its decoder over the input scale.
     ckpt = next((tmp_path / "run").rglob("*.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    torch.testing.assert_close(state["sae.W_dec"].norm(dim=1), torch.ones(128))
+    torch.testing.assert_close(sae.W_dec.detach(), state["sae.W_dec"] / config["input_scale_folded"])
     logged = next((tmp_path / "run").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
     for key in (
         "train/loss",

@@ -56,7 +56,10 @@ def train(root: Path, shards: Path, sae: str, devices: int) -> None:
     from gs_lightning.saes import BatchTopKSAE, JumpReLUSAE
 
     pl.seed_everything(0)
-    build = {"jumprelu": lambda: JumpReLUSAE(8, 256, threshold_parameterization="raw"),
+    # 32x wider than its input, the default threshold 1 / sqrt(8) would sit ~16 typical
+    # pre-activations up and nothing would fire in this short run: the former sigma0-based numbers.
+    build = {"jumprelu": lambda: JumpReLUSAE(8, 256, threshold_parameterization="raw", bandwidth=0.022,
+                                             threshold_init=0.0022),
              "batchtopk": lambda: BatchTopKSAE(8, 256, k=4, aux_k=16)}[sae]
     module = SAETrainingModule(build(), lr=1e-2, lr_warmup_steps=3, sparsity_warmup_steps=5)
     # The same global batch: B/2 on each of 2 ranks, B on one process.

@@ -57,11 +57,13 @@ def test_default_recipe_init_is_synthsaebench_in_our_units() -> None:
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((256,), 0.5))
     torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
     assert not sae.normalize_decoder and sae.normalize_gradient
-    # Bandwidth and threshold 1 / sqrt(d_in) (1.0 in SAELens' E||x|| = sqrt(d) units), the
-    # quadratic penalty's coefficient 1 / d_in (SAELens' 1.0).
+    # Bandwidth and threshold 2 sigma0 = 2 * 0.5 / sqrt(d_in): 1 / sqrt(d_in) at d_sae = 4 d_in (1.0
+    # in SAELens' E||x|| = sqrt(d) units); the quadratic penalty's coefficient 1 / d_in (SAELens' 1.0).
     assert sae.bandwidth == pytest.approx(1 / 8) and sae.sparsity_coefficient == pytest.approx(1 / 64)
     torch.testing.assert_close(sae.threshold, torch.full((256,), 1 / 8))
     assert JumpReLUSAE(64, 256).sparsity_coefficient == 1e-3  # the mean-L0 term keeps Gemma Scope's scale
+    wide = JumpReLUSAE(64, 2048)  # 32x: the threshold follows sigma0 = (2 * 64 / 2048) / 8, not 1 / sqrt(d_in)
+    assert wide.threshold_init == pytest.approx(2 * (2 * 64 / 2048) / 8) == wide.bandwidth
     assert sae.lr_scales() == {"raw_threshold": 1 / 8, "b_enc": 1 / 8, "b_dec": 1 / 8}
     transcoder = JumpReLUSAE(64, 256, d_out=16, threshold_parameterization="log", bias_lr_scale=0.5)
     assert transcoder.lr_scales() == {"log_threshold": 0.5, "b_enc": 0.5, "b_dec": 0.5}

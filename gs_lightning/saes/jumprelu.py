@@ -51,11 +51,14 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
             1 for the quadratic penalty, whose squared error is ``d_in`` times ours under its
             E||x|| = sqrt(d) scaling) and 1e-3 for the mean L0.
         bandwidth: eps, the width of the rectangle kernel of the pseudo-derivatives.
-            ``None`` (the default) picks ``1 / sqrt(d_in)``: 1.0 in the units of SAELens'
-            scaling, SynthSAEBench's setting, with which the default recipe recovers the
-            true features of synthetic worlds (docs/results/ground_truth.md).
-        threshold_init: Initial threshold of every latent; ``None`` picks ``1 / sqrt(d_in)``
-            as for ``bandwidth``.
+            ``None`` (the default) picks ``2 sigma0``, twice the typical initial pre-activation
+            ``sigma0 = encoder_init_scale / sqrt(d_in)`` of inputs scaled to E||x||^2 = 1: at
+            ``d_sae = 4 d_in`` that is ``1 / sqrt(d_in)``, SynthSAEBench's 1.0 in SAELens' units,
+            with which the default recipe recovers the true features of synthetic worlds
+            (docs/results/ground_truth.md); tied to sigma0, a wider dictionary does not start
+            with every threshold many pre-activations up and nothing firing.
+        threshold_init: Initial threshold of every latent; ``None`` picks ``2 sigma0`` as for
+            ``bandwidth`` (about 2% of latents fire at first).
         threshold_parameterization: ``raw`` trains the threshold itself, clamped at >= 0;
             ``log`` trains log(threshold) as the paper does, which Adam moves by about lr
             per step in log space: too slow for runs of thousands of steps.
@@ -171,10 +174,13 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
             raise ValueError(f"dead_tokens and aux_k must be > 0, got {dead_tokens}, {aux_k}")
         if decoder_init_norm <= 0 or (bias_lr_scale is not None and bias_lr_scale <= 0):
             raise ValueError(f"decoder_init_norm and bias_lr_scale must be > 0, got {decoder_init_norm}, {bias_lr_scale}")
-        unit = d_in**-0.5  # 1 in SAELens' units, where inputs have E||x|| = sqrt(d_in)
-        scale, bandwidth, threshold_init = recipe_defaults(d_in, d_sae, d_out is not None, encoder_init_scale,
-                                                          unit if bandwidth is None else bandwidth,
-                                                          unit if threshold_init is None else threshold_init)
+        scale, _, _ = recipe_defaults(d_in, d_sae, d_out is not None, encoder_init_scale, 1.0, 1.0)
+        # Twice the typical initial pre-activation sigma0 = scale / sqrt(d_in): SynthSAEBench's 1.0
+        # in SAELens' units at its init (encoder norm 0.5, d_sae = 4 d_in), where it is 1 / sqrt(d_in).
+        two_sigma = 2 * scale / d_in**0.5
+        scale, bandwidth, threshold_init = recipe_defaults(
+            d_in, d_sae, d_out is not None, scale, two_sigma if bandwidth is None else bandwidth,
+            two_sigma if threshold_init is None else threshold_init)
         if sparsity_coefficient is None:
             # SAELens' coefficient 1 for the quadratic target penalty: its squared error is d_in times ours.
             sparsity_coefficient = 1.0 / d_in if target_l0 is not None else 1e-3
