@@ -44,6 +44,7 @@ from gs_lightning.data.shard_format import (
     write_manifest,
 )
 from gs_lightning.errors import ConfigError
+from gs_lightning.harvest_world import harvest_world
 from gs_lightning.lm import ModelDtype, check_context_size, parse_dtype, shared_language_model
 from gs_lightning.sites import ActivationExtractor, parse_site, site_dim
 from gs_lightning.text import content_mask, iter_contexts, iter_texts
@@ -165,8 +166,6 @@ def harvest(config: HarvestConfig, on_shard: Callable[[Path], None] | None = Non
     lists it are written (tests raise from it to simulate a kill).
     """
     if config.world is not None:  # no language model: sample the world
-        from gs_lightning.harvest_world import harvest_world
-
         return harvest_world(config, on_shard)
     config.validate()
     lm, tokenizer = shared_language_model(config.model, config.revision, config.model_dtype)

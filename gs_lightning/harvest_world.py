@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -49,8 +49,23 @@ from gs_lightning.data.shard_format import (
 from gs_lightning.data.worlds import SITE, SyntheticWorld, World
 from gs_lightning.errors import ConfigError
 
-if TYPE_CHECKING:
-    from gs_lightning.harvest import HarvestConfig
+
+
+class HarvestConfig(Protocol):
+    """The options of :class:`gs_lightning.harvest.HarvestConfig` a world harvest reads (named here,
+    not imported, so that ``harvest`` imports this module and not the other way round)."""
+
+    output: str
+    world: str | None
+    max_tokens: int | None
+    dtype: str
+    shuffle_bucket_tokens: int
+    shard_tokens: int
+    seed: int
+
+    def validate(self) -> None: ...
+    def identity(self) -> dict[str, Any]: ...
+    def torch_device(self) -> torch.device: ...
 
 SAMPLE_ROWS = 4096
 """Rows per call to the world: bounds its dense ``[rows, n_features]`` temporaries (268 MB at 16k
