@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,8 @@ import torch
 from jsonargparse import CLI
 from tqdm import tqdm
 
-from gs_lightning.data import files
-from gs_lightning.data.ground_truth import (
-    GROUND_TRUTH,
-    GroundTruthBatch,
-    read_ground_truth,
-    sparse_true_acts,
-    world_features,
-)
-from gs_lightning.data.shard_format import load_shard, read_manifest
+from gs_lightning.data.ground_truth import GROUND_TRUTH, read_ground_truth, world_batches
+from gs_lightning.data.shard_format import read_manifest
 from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer
 from gs_lightning.evaluation.replacement import ReplacementPart, clean_metrics, replacement_metrics
@@ -196,28 +188,6 @@ def world_row(path: str, sae: SAE, folder: str, n_rows: int) -> dict[str, Any]:
     return {"sae": str(path), "site": read_manifest(folder)["site"], "d_sae": sae.d_sae, **scores,
             "fvu": 1.0 - scores["explained_variance"], "dense_frac": float(stats["dense_frac"]),
             "density": stats["density"]}
-
-
-def world_batches(folder: str, n_rows: int, batch_rows: int) -> Iterator[GroundTruthBatch]:
-    """The last ``n_rows`` rows of a world harvest in file order, ``batch_rows`` at a time (batches
-    end at shard ends), each shard read and checked once."""
-    manifest = read_manifest(folder)
-    n_features = world_features(folder, manifest)
-    chosen, rows = [], 0
-    for entry in reversed(manifest["shards"]):
-        if rows >= n_rows:
-            break
-        chosen.append(entry)
-        rows += entry["tokens"]
-    skip = max(0, rows - n_rows)  # leading rows of the earliest shard chosen
-    for entry in reversed(chosen):
-        tensors = load_shard(folder, entry, manifest, verify=True)
-        acts = tensors["acts"].float()
-        true_acts = sparse_true_acts(tensors, n_features, files.join(folder, entry["file"]))
-        for start in range(skip, acts.shape[0], batch_rows):
-            stop = min(start + batch_rows, acts.shape[0])
-            yield GroundTruthBatch(acts[start:stop], true_acts.dense(start, stop))
-        skip = 0
 
 
 def _part(path: str, sae: SAE, meta: dict[str, Any]) -> ReplacementPart:

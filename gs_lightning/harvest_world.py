@@ -50,7 +50,6 @@ from gs_lightning.data.worlds import SITE, SyntheticWorld, World
 from gs_lightning.errors import ConfigError
 
 
-
 class HarvestConfig(Protocol):
     """The options of :class:`gs_lightning.harvest.HarvestConfig` a world harvest reads (named here,
     not imported, so that ``harvest`` imports this module and not the other way round)."""

@@ -27,7 +27,7 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from gs_lightning.data import files
-from gs_lightning.data.shard_format import FEATURE_KEYS, MANIFEST, atomic_write, load_shard
+from gs_lightning.data.shard_format import FEATURE_KEYS, MANIFEST, atomic_write, load_shard, read_manifest
 from gs_lightning.errors import ConfigError
 
 
@@ -172,3 +172,25 @@ class GroundTruthBatches:
         for start in range(0, self.acts.shape[0], self.batch_size):
             stop = min(start + self.batch_size, self.acts.shape[0])
             yield GroundTruthBatch(self.acts[start:stop], self.true_acts.dense(start, stop))
+
+
+def world_batches(folder: str, n_rows: int, batch_rows: int) -> Iterator[GroundTruthBatch]:
+    """The last ``n_rows`` rows of a world harvest in file order, ``batch_rows`` at a time (batches
+    end at shard ends), each shard read and checked once."""
+    manifest = read_manifest(folder)
+    n_features = world_features(folder, manifest)
+    chosen, rows = [], 0
+    for entry in reversed(manifest["shards"]):
+        if rows >= n_rows:
+            break
+        chosen.append(entry)
+        rows += entry["tokens"]
+    skip = max(0, rows - n_rows)  # leading rows of the earliest shard chosen
+    for entry in reversed(chosen):
+        tensors = load_shard(folder, entry, manifest, verify=True)
+        acts = tensors["acts"].float()
+        true_acts = sparse_true_acts(tensors, n_features, files.join(folder, entry["file"]))
+        for start in range(skip, acts.shape[0], batch_rows):
+            stop = min(start + batch_rows, acts.shape[0])
+            yield GroundTruthBatch(acts[start:stop], true_acts.dense(start, stop))
+        skip = 0
