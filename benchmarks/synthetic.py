@@ -234,24 +234,17 @@ def template(family: str, d: int, width: int, target: int) -> tuple[Any, str]:
     return cls(d, width, **{key: target}, **nested), key
 
 
-class Stream:
-    """One world's data: the datamodule, the fingerprints every fit must match, and the truth."""
+class Stream(quality.Stream):
+    """One world's data: the stream every fit rewinds and must read alike, and the truth."""
 
     def __init__(self, dm: ShardedActivationDataModule, steps: int) -> None:
-        self.dm, self.steps = dm, steps
-        self.fingerprints: list[float] | None = None
+        super().__init__(dm, steps, snapshot=None)
         self.truth: GroundTruth = dm.ground_truth
 
-    def fit(self, sae: Any, sweep: dict[str, list[Any]], family: str) -> tuple[list[Any], float]:
+    def fit_family(self, sae: Any, sweep: dict[str, list[Any]], family: str) -> tuple[list[Any], float]:
         """A packed fit from the stream's start; each member on raw inputs, and seconds per member."""
-        self.dm.load_state_dict({"epoch": 0, "window": 0, "offset": 0, "seed": self.dm.seed})
-        members, seconds, seen = quality.fit_packed(self.dm, sae, sweep, self.steps,
-                                                    module_settings(self.steps, family))
-        if self.fingerprints is None:
-            self.fingerprints = seen
-        elif seen != self.fingerprints:
-            raise RuntimeError(f"the {family} fit trained on other batches than the first fit")
-        return [sae for _, sae in members], seconds
+        [(_, members, seconds)] = self.fit(sae, sweep, module_settings(self.steps, family), f"the {family} fit")
+        return members, seconds
 
 
 def train_ours(stream: Stream, width: int, targets: list[int], families: list[str]) -> list[Trained]:
@@ -259,7 +252,7 @@ def train_ours(stream: Stream, width: int, targets: list[int], families: list[st
     out = []
     for family in families:
         sae, key = template(family, stream.dm.d_in, width, targets[0])
-        members, seconds = stream.fit(sae, {key: targets}, family)
+        members, seconds = stream.fit_family(sae, {key: targets}, family)
         out += [Trained(synthetic_report.OURS, family, f"{key}={t}", t, m, seconds) for t, m in zip(targets, members)]
     return out
 
@@ -277,12 +270,12 @@ def tune_ours(stream: Stream, width: int, target: int, grid: list[dict[str, Any]
     keys = sorted({k for option in grid for k in option})
     sweep = {"lr": [lr for lr, _ in members], "target_l0": [target] * len(members),
              **{k: [option.get(k, defaults[k].default) for _, option in members] for k in keys}}
-    saes, seconds = stream.fit(JumpReLUSAE(d, width, target_l0=target), sweep, "jumprelu")
+    saes, seconds = stream.fit_family(JumpReLUSAE(d, width, target_l0=target), sweep, "jumprelu")
     out = [Trained(synthetic_report.OURS, "jumprelu", _label(lr=lr, **option), target, sae, seconds)
            for (lr, option), sae in zip(members, saes)]
     for family in ("batchtopk", "matryoshka"):
         sae, key = template(family, d, width, target)
-        saes, seconds = stream.fit(sae, {"lr": list(TUNE_LRS), key: [target] * len(TUNE_LRS)}, family)
+        saes, seconds = stream.fit_family(sae, {"lr": list(TUNE_LRS), key: [target] * len(TUNE_LRS)}, family)
         out += [Trained(synthetic_report.OURS, family, _label(lr=lr), target, s, seconds)
                 for lr, s in zip(TUNE_LRS, saes)]
     return out
@@ -317,12 +310,13 @@ def peer_run(family: str, stream: Stream, width: int, target: int, setting: str,
 
 
 def train_peers(stream: Stream, runs: list[tuple[float, peer.PeerRun]]) -> list[Trained]:
-    """Step every SAELens run once per batch of one pass over the stream our fits read."""
-    if stream.fingerprints is not None:
-        quality._check_same_order(stream.fingerprints, stream.dm, stream.steps)
+    """Step every SAELens run once per batch of one pass over the stream our fits read (checked)."""
+    seen = []
     for batch in quality.batches(stream.dm, stream.steps):
+        seen.append(float(batch.double().sum()))
         for _, run in runs:
             run.step(batch)
+    stream.check(seen, "SAELens")
     return [Trained(synthetic_report.THEIRS, run.family, run.name, target, run.inference_sae(), run.seconds)
             for target, run in runs]
 

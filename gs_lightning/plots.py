@@ -73,7 +73,7 @@ def plot_frontier_curves(curves: dict[str, dict[str, list[dict[str, float]]]], p
     for row, (group, labelled) in zip(axes, curves.items()):
         for ax, (key, label) in zip(row, keys):
             for name, points in labelled.items():
-                pts = sorted((p["l0"], p[key]) for p in points if key in p and p["l0"] > 0)
+                pts = sorted((p["l0"], p[key]) for p in points if p.get(key) is not None and p["l0"] > 0)
                 if pts:
                     ax.plot(*zip(*pts), "o-", label=name, markersize=4)
             log_l0_axis(ax)
