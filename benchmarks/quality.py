@@ -469,8 +469,8 @@ def main(quick: bool = False, tune: bool = False, steps: int | None = None, batc
                     snapshot=plan["snapshot"], batch=batch, widths=WIDTHS, ours=OURS, topk_clip=TOPK_CLIP,
                     ours_jumprelu=["target_l0 (quadratic)"] + (["lambda (step L0 loss)"] if plan["lambdas"] else []),
                     peer_trainer=PEER_TRAINER, peer_jumprelu={k: {**PEER_JUMPRELU_COMMON, **v} for k, v in configs.items()},
-                    peer_topk=PEER_TOPK, sae_lens=_version("sae_lens"), torch=torch.__version__)
-    payload = {"commit": _commit(), "settings": settings, "rows": rows}
+                    peer_topk=PEER_TOPK, sae_lens=version_of("sae_lens"), torch=torch.__version__)
+    payload = {"commit": git_commit(), "settings": settings, "rows": rows}
     if tune:
         return tune_report(payload, Path(output))
     return quality_report.report(payload, Path(output))
@@ -490,13 +490,15 @@ def tune_report(payload: dict[str, Any], output: Path) -> dict[str, float]:
     return {}
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """The commit the benchmark's files were checked out at (recorded beside its results)."""
     done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
                           cwd=Path(__file__).resolve().parent)
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
-def _version(package: str) -> str | None:
+def version_of(package: str) -> str | None:
+    """An installed package's version (None when it is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

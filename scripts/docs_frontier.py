@@ -1,32 +1,34 @@
 """Draw docs/assets/frontier.png, the README's and the docs' picture, from a quality run.
 
-    python scripts/docs_frontier.py [runs/quality/quality.csv]
+    python scripts/docs_frontier.py [docs/results/quality.json]
 
-The CSV is what ``python benchmarks/quality.py --quick`` writes; the picture shows the
-JumpReLU frontiers (gs_lightning's default recipe against SAELens at the same numbers) on
-its first site, FVU and delta LM loss against L0.
+The JSON is what ``python benchmarks/quality.py`` writes (its record is committed as
+docs/results/quality.json); the picture shows the JumpReLU frontiers of both tools, each
+configuration a curve, on every held-out site at the run's full length: FVU and delta LM
+loss against L0 (a site without a next-token loss has no delta LM loss).
 """
 
 from __future__ import annotations
 
-import csv
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from gs_lightning.plots import plot_frontier_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(source: str = "runs/quality/quality.csv", out: str = "docs/assets/frontier.png") -> Path:
-    rows = list(csv.DictReader(open(ROOT / source)))
-    site = rows[0]["site"]
-    curves: dict[str, list[dict[str, float]]] = {}
-    for row in rows:
-        if row["site"] == site and row["family"] == "jumprelu":
-            label = "gs_lightning" if row["tool"] == "gs_lightning" else f"{row['tool']} (our numbers)"
-            curves.setdefault(label, []).append({k: float(row[k]) for k in ("l0", "fvu", "delta_loss")})
-    return plot_frontier_curves({f"{site}, JumpReLU, held-out tokens": curves}, ROOT / out)
+def main(source: str = "docs/results/quality.json", out: str = "docs/assets/frontier.png") -> Path:
+    rows = json.loads((ROOT / source).read_text())["rows"]
+    steps = max(r["steps"] for r in rows)
+    panels: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r["held_out"] and r["family"] == "jumprelu" and r["steps"] == steps:
+            panel = panels.setdefault(f"{r['site']} (held out), JumpReLU, {steps:,} steps", {})
+            panel.setdefault(f"{r['tool']}, {r['config']}", []).append(r)
+    return plot_frontier_curves(panels, ROOT / out)
 
 
 if __name__ == "__main__":
