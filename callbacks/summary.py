@@ -7,8 +7,10 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
+# The ground-truth scores are logged only on a synthetic world's harvest (they name what it
+# recovered of the true features).
 VAL_KEYS = ("val/l0", "val/fvu", "val/mse", "val/delta_loss", "val/loss_recovered", "val/never_fire_frac",
-            "val/dense_frac")
+            "val/dense_frac", "val/mcc", "val/f1", "val/uniqueness")
 
 
 def metric_lines(trainer: pl.Trainer, keys: Sequence[str], label: str) -> list[str]:

@@ -104,3 +104,43 @@ def test_the_tune_ranking_is_against_the_reference(report: ModuleType) -> None:
     ranking = report.tune_ranking(rows, "ref")
     assert [name for _, name in ranking] == ["better", "ref", "worse", "elsewhere"]
     assert ranking[0][0] == pytest.approx(0.8) and math.isinf(ranking[-1][0])
+
+
+@pytest.fixture(scope="module")
+def quality(report: ModuleType) -> ModuleType:
+    """benchmarks/quality.py itself (its imports: the package, quality_report, saelens_peer)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["quality"] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_sites_split_into_tuning_and_held_out(quality: ModuleType) -> None:
+    assert quality.TUNING == ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
+    assert len(quality.HELD_OUT) >= 3 and not set(quality.HELD_OUT) & set(quality.TUNING)
+    assert {s.model for s in quality.SITES if s.held_out} == {"tiny", "minilm"}  # a real pretrained model too
+    for mode in quality.MODES.values():
+        assert set(mode["topk_sites"]) <= set(mode["sites"])
+    assert quality.MODES["full"]["steps"] >= 3000 and quality.MODES["full"]["snapshot"] == 1000
+
+
+def test_the_peer_grid_holds_synthsaebench_settings_once(quality: ModuleType) -> None:
+    grid = quality.tune_configs()
+    assert len(grid) == 8
+    named = grid[quality.SYNTHSAEBENCH]
+    assert named == {**quality.PEER_JUMPRELU[quality.SYNTHSAEBENCH], "lr": quality.PEER_TRAINER["lr"],
+                     "pre_act_loss_coefficient": None}
+    assert sum(name == quality.SYNTHSAEBENCH for name in grid) == 1
+
+
+def test_a_fit_on_other_batches_is_refused(quality: ModuleType) -> None:
+    stream = quality.Stream(dm=None, steps=3, snapshot=None)
+    stream.check([1.0, 2.0, 3.0], "first")
+    stream.check([1.0, 2.0, 3.0], "second")
+    with pytest.raises(RuntimeError, match="third trained on other batches"):
+        stream.check([1.0, 3.0, 2.0], "third")

@@ -230,9 +230,11 @@ def test_fit_trains_on_a_world_harvest(tmp_path, capsys) -> None:
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
     cli = main(["fit", "--config", str(tmp_path / "fit.yaml")])
     assert cli.trainer.global_step == 8
-    assert "final (step 8): val/l0" in capsys.readouterr().out
+    final = capsys.readouterr().out.split("final (step 8): ")[1].splitlines()[0]
     logged = cli.trainer.callback_metrics
     assert "val/fvu" in logged and "val/mcc" in logged  # validated with the world's truth
+    # The run's last line says what it recovered of the truth, as logged.
+    assert f"val/mcc {float(logged['val/mcc']):.4g}" in final and "val/f1 " in final
 
 
 # -- a real sae_lens.synthetic world ------------------------------------------------------------
