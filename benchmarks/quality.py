@@ -456,6 +456,7 @@ def main(quick: bool = False, tune: bool = False, steps: int | None = None, batc
     """
     if rescore:
         return quality_report.report(json.loads((Path(output) / "quality.json").read_text()), Path(output))
+    commit = git_commit()  # the code that runs, not what HEAD has become by the end
     plan = dict(MODES["tune" if tune else "quick" if quick else "full"])
     if steps:
         plan.update(steps=steps, snapshot=plan["snapshot"] if plan["snapshot"] and plan["snapshot"] < steps else None)
@@ -474,7 +475,7 @@ def main(quick: bool = False, tune: bool = False, steps: int | None = None, batc
                     ours_jumprelu=["target_l0 (quadratic)"] + (["lambda (step L0 loss)"] if plan["lambdas"] else []),
                     peer_trainer=PEER_TRAINER, peer_jumprelu={k: {**PEER_JUMPRELU_COMMON, **v} for k, v in configs.items()},
                     peer_topk=PEER_TOPK, sae_lens=version_of("sae_lens"), torch=torch.__version__)
-    payload = {"commit": git_commit(), "settings": settings, "rows": rows}
+    payload = {"commit": commit, "settings": settings, "rows": rows}
     if tune:
         return tune_report(payload, Path(output))
     return quality_report.report(payload, Path(output))

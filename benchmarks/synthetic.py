@@ -442,6 +442,7 @@ def main(worlds: list[str] | None = None, quick: bool = False, smoke: bool = Fal
     if rescore:
         payload = json.loads((Path(output) / f"{stem}.json").read_text())
         return synthetic_report.report(payload, Path(output), stem)
+    commit = quality.git_commit()  # the code that runs, not what HEAD has become by the end
     plan = MODES["smoke" if smoke else "quick" if quick else "16k" if world_16k else "full"]
     steps = steps or plan["steps"]
     worlds = worlds or (plan["worlds"] if not tune or smoke else [synthetic_report.TUNE_WORLD])
@@ -460,7 +461,7 @@ def main(worlds: list[str] | None = None, quick: bool = False, smoke: bool = Fal
     settings = dict(mode="tune" if tune else "benchmark", steps=steps, batch=batch, worlds=facts, ours=OURS, peer=PEER,
                     families=plan["families"], multipliers=plan["multipliers"], sae_lens=quality.version_of("sae_lens"),
                     torch=torch.__version__)
-    payload = {"commit": quality.git_commit(), "settings": settings, "rows": rows}
+    payload = {"commit": commit, "settings": settings, "rows": rows}
     return synthetic_report.report(payload, Path(output), stem)
 
 
