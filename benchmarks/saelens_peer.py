@@ -83,6 +83,13 @@ def make_run(name: str, family: str, cfg: Any, steps: int, batch: int, schedule:
     return PeerRun(name, family, trainer, settings={**schedule})
 
 
+def split_fields(fields: dict[str, Any], trainer: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A peer configuration as (SAE config fields, SAETrainerConfig fields): ``trainer`` with the
+    configuration's ``lr``, if it names one, since SAELens sets the learning rate on its trainer."""
+    sae_fields = {k: v for k, v in fields.items() if k != "lr"}
+    return sae_fields, {**trainer, **({"lr": fields["lr"]} if "lr" in fields else {})}
+
+
 def _training_class(family: str) -> Any:
     import sae_lens
 

@@ -23,7 +23,10 @@ from gs_lightning import frontier
 from gs_lightning.plots import plot_frontier_curves
 
 TUNE_WORLD = "tune"
-"""The world the defaults were tuned on: its figures are printed apart, as ``tune:`` lines."""
+"""The world ``--tune`` sweeps by default."""
+TUNING_WORLDS = (TUNE_WORLD, "tune_flat")
+"""The worlds the defaults were tuned on (with and without a hierarchy): their figures are
+printed apart, as ``tune:`` lines, never in the ``result:`` lines."""
 OURS, THEIRS = "gs_lightning", "SAELens"
 HEADLINE = (  # (figure, our family, their family, score)
     ("synth_jumprelu_mcc_vs_saelens", "jumprelu", "jumprelu", "mcc"),
@@ -179,9 +182,10 @@ def report(payload: dict[str, Any], output: Path, stem: str = "synthetic") -> di
     print("\nwrote " + ", ".join(str(p) for p in paths))
     if settings.get("mode") == "tune":
         return {}
-    headline = figures(rows, [w for w in dict.fromkeys(r["world"] for r in rows) if w != TUNE_WORLD])
+    worlds = list(dict.fromkeys(r["world"] for r in rows))
+    headline = figures(rows, [w for w in worlds if w not in TUNING_WORLDS])
     for name, value in headline.items():
         print(f"result: {name} {value:.4g}")
-    for name, value in figures(rows, [TUNE_WORLD]).items():
+    for name, value in figures(rows, [w for w in worlds if w in TUNING_WORLDS]).items():
         print(f"tune: {name} {value:.4g}")
     return headline

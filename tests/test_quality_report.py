@@ -131,7 +131,7 @@ def test_sites_split_into_tuning_and_held_out(quality: ModuleType) -> None:
 
 def test_the_peer_grid_holds_synthsaebench_settings_once(quality: ModuleType) -> None:
     grid = quality.tune_configs()
-    assert len(grid) == 8
+    assert len(grid) == 12  # lr {2e-3, 1e-3, 3e-4} x 2 inits x pre-activation loss on or off
     named = grid[quality.SYNTHSAEBENCH]
     assert named == {**quality.PEER_JUMPRELU[quality.SYNTHSAEBENCH], "lr": quality.PEER_TRAINER["lr"],
                      "pre_act_loss_coefficient": None}
