@@ -50,8 +50,9 @@ figures (ratios < 1: ours is better; worst over L0 and held-out sites):
 ``matryoshka_fvu_ratio_vs_saelens``, ``dead_frac_max`` (our worst never-firing fraction),
 each also at 1,000 steps with the suffix ``_1000`` in the full mode.
 
-Run: ``python benchmarks/quality.py`` (full: every site, 3,000 steps; about two hours on
-the 2-core CPU), ``--quick`` (the last residual stream, 1,000 steps, JumpReLU and
+Run: ``python benchmarks/quality.py`` (full: every site, 3,000 steps; by ``--quick``'s pace
+about 6-7 hours on the 2-core CPU, so run it a site at a time with ``--sites`` or on a
+GPU), ``--quick`` (the last residual stream, 1,000 steps, JumpReLU and
 BatchTopK; about 10 minutes), ``--tune`` (SAELens' sweep on the tuning sites, to
 ``quality_tune.json``), ``--rescore true`` (tables, plot and figures again from the JSON).
 """

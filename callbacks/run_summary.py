@@ -119,7 +119,9 @@ def _describe_data(meta: dict[str, Any]) -> str:
     text = f"text {meta.get('text')} ({meta.get('text_split')})" if meta.get("text") else None
     context = f"context {meta['context_size']}" if meta.get("context_size") else None
     details = ", ".join(x for x in (origin, text, context) if x)
-    return f"{meta['model']} {site}; {details}"
+    # A synthetic world's harvest has no model: name the world instead of printing None.
+    source = meta.get("model") or (f"synthetic world {meta['world']}" if meta.get("world") else "no model")
+    return f"{source} {site}; {details}"
 
 
 def _tokens(trainer: pl.Trainer, data: Any) -> tuple[int | None, str]:

@@ -84,3 +84,12 @@ def test_only_the_named_notices_are_dropped(caplog) -> None:
         logger.info("💡 Tip: For seamless cloud logging, try installing [litlogger]")
         logger.info("GPU available: False, used: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+
+def test_the_banner_names_a_synthetic_world_not_a_missing_model() -> None:
+    from callbacks.run_summary import _describe_data
+
+    world = {"model": None, "site": "world", "source": ["runs/w"], "world": "synthsaebench-cpu"}
+    assert _describe_data(world) == "synthetic world synthsaebench-cpu world; harvested shards"
+    lm = {"model": "gemma", "site": "blocks.1.hook_resid_post", "source": ["runs/h"], "context_size": 128}
+    assert _describe_data(lm) == "gemma blocks.1.hook_resid_post; harvested shards, context 128"

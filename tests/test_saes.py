@@ -77,8 +77,12 @@ def test_free_decoder_moves_and_the_gradient_is_normalised() -> None:
     sae = JumpReLUSAE(16, 64, target_l0=4)
     sum(sae.training_output(torch.randn(64, 16)).losses.values()).backward()
     raw = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()]))
+    # The norm in SAELens' units: thresholds and biases count at their lr scale, 1 / sqrt(16).
+    scale = {"raw_threshold": 0.25, "b_enc": 0.25, "b_dec": 0.25}
+    total = torch.linalg.vector_norm(torch.stack([g.norm() * scale.get(n, 1.0) for n, g in raw.items()]))
+    plain = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()]))
     assert abs(float(total) - 1.0) > 0.1  # the test means something only if the norm was not 1 already
+    assert float(plain / total) > 1.01  # and only if weighting the biases changes it
     sae.before_optimizer_step()
     for name, p in sae.named_parameters():  # no decoder projection: the same direction, unit norm overall
         torch.testing.assert_close(p.grad, raw[name] / total)

@@ -237,7 +237,7 @@ class ShardedActivationDataModule(ActivationDataModule):
             "model": first["model"], "revision": first.get("revision"), "site": first["site"],
             "context_size": first.get("context_size"), "text": harvest.get("text"),
             "text_split": harvest.get("text_split"), "text_column": harvest.get("text_column", "text"),
-            "val_split": self._val_split(),
+            "val_split": self._val_split(), "world": harvest.get("world"),
             "source": self.paths, "input_scaling": self.input_scaling,
             "input_scale": None if self._scales is None else self._scales[0], "d_in": self.d_in,
         }
