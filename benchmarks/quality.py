@@ -63,7 +63,6 @@ import copy
 import dataclasses
 import itertools
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,6 +81,7 @@ from gs_lightning.data import ShardedActivationDataModule
 from gs_lightning.harvest import HarvestConfig, harvest
 from gs_lightning.lm import load_language_model
 from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU
+from gs_lightning.record import code_version
 from gs_lightning.module import SAETrainingModule
 from gs_lightning.saes import BatchTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, TopKSAE
 from gs_lightning.splice import delta_lm_loss
@@ -504,10 +504,12 @@ def tune_report(payload: dict[str, Any], output: Path) -> dict[str, float]:
 
 
 def git_commit() -> str:
-    """The commit the benchmark's files were checked out at (recorded beside its results)."""
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parent)
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
+    """The commit the benchmark's files were checked out at (recorded beside its results),
+    with ``+uncommitted`` when tracked files differ from it: such a record's code is not the
+    commit's, and says so."""
+    version = code_version()
+    commit = version["git_commit"] or "unknown"
+    return commit + ("+uncommitted" if version.get("git_dirty") else "")
 
 
 def version_of(package: str) -> str | None:

@@ -144,3 +144,12 @@ def test_a_fit_on_other_batches_is_refused(quality: ModuleType) -> None:
     stream.check([1.0, 2.0, 3.0], "second")
     with pytest.raises(RuntimeError, match="third trained on other batches"):
         stream.check([1.0, 3.0, 2.0], "third")
+
+
+def test_a_record_from_uncommitted_code_says_so(quality: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quality, "code_version", lambda: {"git_commit": "ab" * 20, "git_dirty": True})
+    assert quality.git_commit() == "ab" * 20 + "+uncommitted"
+    monkeypatch.setattr(quality, "code_version", lambda: {"git_commit": "ab" * 20, "git_dirty": False})
+    assert quality.git_commit() == "ab" * 20
+    monkeypatch.setattr(quality, "code_version", lambda: {"git_commit": None, "note": "not a git checkout"})
+    assert quality.git_commit() == "unknown"
