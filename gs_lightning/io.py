@@ -230,7 +230,7 @@ def _build_jumprelu(tensors: dict[str, Tensor], source: Path, transcoder: bool =
     d_out = tensors["W_dec"].shape[1]  # a transcoder (e.g. Gemma Scope's MLP transcoders) may differ
     sae = JumpReLUSAE(d_in, d_sae, threshold_parameterization="raw", fused=False,
                       d_out=d_out if transcoder or d_out != d_in or "W_skip" in tensors else None,
-                      skip_connection="W_skip" in tensors)
+                      skip_connection="W_skip" in tensors, subtract_decoder_bias=False)
     sae.load_canonical_state_dict(tensors)
     return sae.eval()
 

@@ -82,8 +82,8 @@ class PackedSAE(nn.Module):
     def _fused_jumprelu_outputs(self, x: Tensor, warmup: float, target: Tensor | None) -> list[TrainOutput]:
         members: list[JumpReLUSAE] = list(self.members)  # type: ignore[arg-type]
         # Vectors are stacked (a small copy); the matrices go in as the members' own tensors.
-        b_enc, b_dec, threshold = (torch.stack([getattr(m, name) for m in members])
-                                   for name in ("b_enc", "b_dec", "threshold"))
+        b_enc = torch.stack([m.encoder_bias() for m in members])
+        b_dec, threshold = (torch.stack([getattr(m, name) for m in members]) for name in ("b_dec", "threshold"))
         bandwidth = torch.tensor([m.bandwidth for m in members], device=x.device)
         token_l0 = any(m.needs_token_l0 for m in members)
         mse, counts, tokens, x_hat = fused_packed_jumprelu_loss(

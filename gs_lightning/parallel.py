@@ -103,14 +103,37 @@ def sum_over_ranks(partial: Tensor, group: Any = None) -> Tensor:
     return _SumOverRanks.apply(partial, group)
 
 
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity in forward; all-reduce (sum) of the gradient in backward.
+
+    For the replicated ``b_dec`` inside ``b_dec @ W_enc[:, shard]``: each rank's gradient
+    covers its own latents only, and ``b_dec``'s is the sum over all of them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        total = grad.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total, None
+
+
 def _local(sae: JumpReLUSAE) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Any]:
-    """The local shards ``W_enc, b_enc, W_dec, b_dec, threshold`` (differentiable) and the group."""
+    """The local shards ``W_enc, b_enc, W_dec, b_dec, threshold`` (differentiable; ``b_enc`` the
+    encoder bias :meth:`JumpReLUSAE.encoder_bias` computes) and the group."""
     W_enc, b_enc, W_dec, b_dec = (p.to_local() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
     if sae.threshold_parameterization == "log":
         threshold = sae.log_threshold.to_local().float().exp()
     else:
         threshold = sae.raw_threshold.to_local().float()
-    return W_enc, b_enc, W_dec, b_dec, threshold, sae.W_enc.device_mesh.get_group()
+    group = sae.W_enc.device_mesh.get_group()
+    if sae.subtract_decoder_bias:  # the encoder reads x - b_dec: b_enc - b_dec @ W_enc, per shard
+        b_enc = b_enc - _SumGradOverRanks.apply(b_dec, group) @ W_enc
+    return W_enc, b_enc, W_dec, b_dec, threshold, group
 
 
 def _gather_counts(counts: Tensor, group: Any) -> Tensor:

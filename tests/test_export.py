@@ -148,7 +148,8 @@ def test_saelens_b_dec_subtraction_is_folded_into_b_enc(tmp_path) -> None:
     (path / "cfg.json").write_text(json.dumps(cfg))
     loaded = load_saelens(path)
     x = torch.randn(10, 16)
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # what SAELens computes
+    b_enc = sae.canonical_state_dict()["b_enc"]  # what the file holds
+    pre = (x - sae.b_dec) @ sae.W_enc + b_enc  # what SAELens computes
     torch.testing.assert_close(loaded.pre_activation(x), pre, rtol=1e-5, atol=1e-5)
 
 

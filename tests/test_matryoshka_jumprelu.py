@@ -13,7 +13,7 @@ from gs_lightning.saes import JumpReLUSAE, MatryoshkaJumpReLUSAE
 def _tiny(**kwargs) -> MatryoshkaJumpReLUSAE:
     """d_in 2, three latents, thresholds 0.5: small enough to do by hand."""
     sae = MatryoshkaJumpReLUSAE(2, 3, prefixes=[1, 2], sparsity_coefficient=0.1, bandwidth=0.1, threshold_init=0.5,
-                                **kwargs)
+                                subtract_decoder_bias=False, **kwargs)
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
         sae.b_enc.zero_()
@@ -62,8 +62,10 @@ def test_gradients_match_an_autograd_reference() -> None:
                                 aux_coefficient=0.0, dead_coefficient=0.0)
     x = torch.randn(64, 8)
     sum(sae.training_output(x, 1.0).losses.values()).backward()
-    ref = {k: v.detach().clone().requires_grad_() for k, v in sae.canonical_state_dict().items()}
-    pre = x @ ref["W_enc"] + ref["b_enc"]
+    ref = {k: v.detach().clone().requires_grad_() for k, v in sae.named_parameters()}
+    ref["threshold"] = ref.pop("raw_threshold")
+    assert sae.subtract_decoder_bias  # the default: the encoder reads x - b_dec
+    pre = (x - ref["b_dec"]) @ ref["W_enc"] + ref["b_enc"]
     f = jumprelu(pre, ref["threshold"], 0.2)
     loss = 0.3 * step(pre, ref["threshold"], 0.2).sum(-1).mean()
     for m in (4, 16, 32):

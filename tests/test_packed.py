@@ -40,7 +40,8 @@ def test_packed_fused_step_equals_single_fused_steps() -> None:
     K, B = 3, 40
     x = torch.randn(B, D)
     saes = [JumpReLUSAE(D, S, sparsity_coefficient=0.1 * (k + 1), bandwidth=0.05 * (k + 1), threshold_init=0.2,
-                        threshold_parameterization=("log", "raw", "log")[k]) for k in range(K)]
+                        threshold_parameterization=("log", "raw", "log")[k], subtract_decoder_bias=k == 1)
+            for k in range(K)]
     for sae in saes:
         with torch.no_grad():  # distinct, asymmetric weights so every term is exercised
             sae.b_enc.uniform_(-0.2, 0.2)

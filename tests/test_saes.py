@@ -9,7 +9,8 @@ from gs_lightning.io import load_sae, load_sae_config, save_sae
 from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE
 
 
-def _perturbed_jumprelu(threshold_parameterization: str, fused: bool = True) -> JumpReLUSAE:
+def _perturbed_jumprelu(threshold_parameterization: str, fused: bool = True,
+                        subtract_decoder_bias: bool = False) -> JumpReLUSAE:
     torch.manual_seed(0)
     sae = JumpReLUSAE(
         16,
@@ -19,6 +20,7 @@ def _perturbed_jumprelu(threshold_parameterization: str, fused: bool = True) -> 
         threshold_init=0.05,
         threshold_parameterization=threshold_parameterization,
         fused=fused,
+        subtract_decoder_bias=subtract_decoder_bias,
     )
     with torch.no_grad():  # move away from the symmetric init so every term is exercised
         sae.b_enc.uniform_(-0.1, 0.1)
@@ -92,12 +94,12 @@ def test_free_decoder_moves_and_the_gradient_is_normalised() -> None:
     assert not torch.allclose(sae.W_dec.norm(dim=1), norms)  # rows are not renormalised
 
 
-@pytest.mark.parametrize("parameterization", ["log", "raw"])
-def test_fused_step_equals_autograd(parameterization: str) -> None:
+@pytest.mark.parametrize("parameterization,subtract", [("log", False), ("raw", False), ("raw", True)])
+def test_fused_step_equals_autograd(parameterization: str, subtract: bool) -> None:
     x = torch.randn(48, 16)
     grads, outputs = [], []
     for fused in (True, False):
-        sae = _perturbed_jumprelu(parameterization, fused)
+        sae = _perturbed_jumprelu(parameterization, fused, subtract)
         out = sae.training_output(x, warmup=0.7)
         sum(out.losses.values()).backward()
         outputs.append(out)
@@ -206,6 +208,46 @@ def test_folded_sae_on_raw_inputs_equals_trained_sae_on_scaled_inputs(tmp_path) 
     torch.testing.assert_close(folded(x_raw), x_hat_trained / scale, rtol=1e-5, atol=1e-5)
     # Saving folds a copy: the trained SAE is untouched.
     torch.testing.assert_close(sae.encode(scale * x_raw), f_trained)
+
+
+def test_subtracted_decoder_bias_trains_differently_and_saves_folded(tmp_path) -> None:
+    x = 3.0 * torch.randn(40, 16)
+    sae = _perturbed_jumprelu("raw", subtract_decoder_bias=True)
+    plain = _perturbed_jumprelu("raw")  # the same parameters, x not centred on b_dec
+    assert torch.equal(sae.b_dec, plain.b_dec) and float(sae.b_dec.abs().sum()) > 0
+    torch.testing.assert_close(sae.pre_activation(x), (x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    assert not torch.allclose(sae.pre_activation(x), plain.pre_activation(x))
+    # b_dec also gets a gradient through the encoder: the two train differently.
+    for model in (sae, plain):
+        sum(model.training_output(x).losses.values()).backward()
+    assert not torch.allclose(sae.b_dec.grad, plain.b_dec.grad)
+    # Saved, b_dec @ W_enc is folded into b_enc: every reader sees a plain JumpReLU ...
+    sae.eval()
+    folded = sae.canonical_state_dict()
+    torch.testing.assert_close(folded["b_enc"], sae.b_enc - sae.b_dec @ sae.W_enc)
+    gemma_scope = JumpReLUSAE(16, 64, fused=False)
+    gemma_scope.load_canonical_state_dict(folded)
+    torch.testing.assert_close(gemma_scope.encode(x), sae.encode(x))
+    # ... and our own loader unfolds it, input scale folded in as well.
+    loaded = load_sae(save_sae(sae, tmp_path / "sae", input_scale=0.5))
+    assert loaded.subtract_decoder_bias
+    torch.testing.assert_close(loaded.b_enc, sae.b_enc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded.encode(x / 0.5), sae.encode(x), rtol=1e-5, atol=1e-6)
+    # A checkpoint's raw state carries its form: loaded into an SAE of the other form (or one
+    # from before the option, which has no b_dec_subtracted), b_enc is converted.
+    old_checkpoint = {k: v for k, v in plain.state_dict().items() if k != "b_dec_subtracted"}
+    for source, target in ((old_checkpoint, sae), (sae.state_dict(), plain)):
+        model = copy.deepcopy(target).eval()
+        model.load_state_dict(source)
+        torch.testing.assert_close(model.pre_activation(x), _pre_of_state(source, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="transcoder"):
+        JumpReLUSAE(16, 64, d_out=8, subtract_decoder_bias=True)
+
+
+def _pre_of_state(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """The pre-activation a raw JumpReLU state dict computes, from its own form."""
+    b_enc = state["b_enc"] - (state["b_dec"] @ state["W_enc"] if bool(state.get("b_dec_subtracted", False)) else 0)
+    return x @ state["W_enc"] + b_enc
 
 
 def test_variant_must_expose_its_constructor_arguments() -> None:

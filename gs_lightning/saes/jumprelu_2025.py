@@ -56,7 +56,8 @@ class JumpReLU2025SAE(JumpReLUSAE):
         super().__init__(d_in, d_sae, sparsity_coefficient, bandwidth, threshold_init, threshold_parameterization,
                          encoder_init_scale=1.0, aux_coefficient=0.0, dead_coefficient=0.0,
                          fused=False, d_out=d_out, skip_connection=skip_connection, normalize_decoder=False,
-                         decoder_init_norm=1.0, bias_lr_scale=1.0, normalize_gradient=False)
+                         decoder_init_norm=1.0, bias_lr_scale=1.0, normalize_gradient=False,
+                         subtract_decoder_bias=False)
         self.pre_act_coefficient = pre_act_coefficient
         self.tanh_scale = tanh_scale
 

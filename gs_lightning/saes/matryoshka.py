@@ -76,6 +76,8 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         encoder_init_scale: Norm of the encoder columns at initialisation (as in :class:`TopKSAE`).
         skip_connection: A skip-transcoder (needs ``d_out``): every prefix's reconstruction
             includes ``x @ W_skip``, as it includes ``b_dec``.
+        subtract_decoder_bias: Encode ``x - b_dec``; ``None``: on for an SAE, off for a
+            transcoder (as in :class:`JumpReLUSAE`).
     """
 
     def __init__(
@@ -134,6 +136,8 @@ class MatryoshkaJumpReLUSAE(MatryoshkaLosses, JumpReLUSAE):
         d_out: Width of the reconstruction target; set for a transcoder, default ``d_in``.
         skip_connection: A skip-transcoder (needs ``d_out``): every prefix's reconstruction
             includes ``x @ W_skip``, as it includes ``b_dec``.
+        subtract_decoder_bias: Encode ``x - b_dec``; ``None``: on for an SAE, off for a
+            transcoder (as in :class:`JumpReLUSAE`).
     """
 
     def __init__(
@@ -157,12 +161,13 @@ class MatryoshkaJumpReLUSAE(MatryoshkaLosses, JumpReLUSAE):
         dead_tokens: int = 32_768,
         d_out: int | None = None,
         skip_connection: bool = False,
+        subtract_decoder_bias: bool | None = None,
     ) -> None:
         prefixes = check_prefixes(prefixes, d_sae)
         super().__init__(
             d_in, d_sae, sparsity_coefficient, bandwidth, threshold_init, threshold_parameterization,
             encoder_init_scale, target_l0, target_per_token, dense_coefficient, dense_threshold, dead_coefficient,
             dead_pull_encoder, aux_coefficient, aux_k, dead_tokens, fused=False, d_out=d_out,
-            skip_connection=skip_connection,
+            skip_connection=skip_connection, subtract_decoder_bias=subtract_decoder_bias,
         )
         self.prefixes = prefixes
