@@ -13,10 +13,11 @@ def suite_yaml(output: Path, **overrides) -> dict:
         "output": str(output), "model": "gs-lightning/tiny-gemma2-kjv", "context_size": 32,
         "sites": ["blocks.{L}.hook_resid_post", "blocks.{L}.attn.hook_z"], "layers": [0, 2],
         "widths": [{"d_sae": 64, "tokens": 5120, "sparsity": {"sparsity_coefficient": [0.001, 0.01]}}],
-        # Gemma Scope's unit-norm decoder and full-lr thresholds: 20 steps are a pipeline check, too
-        # short for the default's lr / sqrt(d) thresholds to separate the two lambdas.
+        # Gemma Scope's unit-norm decoder, full-lr thresholds and encoder reading x: 20 steps are a
+        # pipeline check, too short for the default recipe to separate the two lambdas.
         "recipe": {"sae": {"class_path": "gs_lightning.saes.JumpReLUSAE",
-                           "init_args": {"normalize_decoder": True, "bias_lr_scale": 1.0, "normalize_gradient": False}},
+                           "init_args": {"normalize_decoder": True, "bias_lr_scale": 1.0, "normalize_gradient": False,
+                                         "subtract_decoder_bias": False}},
                    "lr": 0.001, "lr_warmup_steps": 2,
                    "sparsity_warmup_steps": 5},
         "batch_size": 256,

@@ -76,8 +76,6 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         encoder_init_scale: Norm of the encoder columns at initialisation (as in :class:`TopKSAE`).
         skip_connection: A skip-transcoder (needs ``d_out``): every prefix's reconstruction
             includes ``x @ W_skip``, as it includes ``b_dec``.
-        subtract_decoder_bias: Encode ``x - b_dec``; ``None``: on for an SAE, off for a
-            transcoder (as in :class:`JumpReLUSAE`).
     """
 
     def __init__(
