@@ -31,6 +31,7 @@ from gs_lightning.browse.records import (
 )
 from gs_lightning.browse.site import write_site
 from gs_lightning.browse.source import HarvestSource
+from gs_lightning import formats
 from gs_lightning.errors import ConfigError
 from gs_lightning.io import load_sae, load_sae_config, sae_paths
 from gs_lightning.lm import shared_language_model
@@ -147,8 +148,10 @@ def _records(sae: Any, source: HarvestSource, data: LatentData, strings: list[st
 
 
 def _metadata(path: Path) -> dict[str, Any]:
-    """Our saved SAE's metadata; empty for formats that carry none (SAELens, params.npz)."""
-    if path.is_dir() and (path / "config.json").is_file():
+    """Our saved SAE's metadata; empty for the other formats (SAELens, params.npz, ...).
+
+    Asked of the format registry: a Gemma Scope 2 folder has a config.json too, not ours."""
+    if formats.format_for(path).name == "native":
         try:
             return dict(load_sae_config(path).get("metadata", {}))
         except (json.JSONDecodeError, AttributeError):

@@ -1,1 +1,1 @@
-"""Release formats: writing dictionaries in the layouts other tools load."""
+"""Release formats: kept for the import paths of before; the formats live in :mod:`gs_lightning.formats`."""

@@ -12,6 +12,8 @@ repositories; ``N`` is the SAE's L0 on the held-out harvest, rounded. The releas
 rebuilt whole each time (in a temporary folder, then swapped in), so it always matches
 the suite table. Formats that cannot hold an SAE (SAELens has no transcoder folder here;
 Gemma Scope holds JumpReLU and ReLU only) are left out of its index entry, with why.
+Each format is written through the format registry (:mod:`gs_lightning.formats`);
+:data:`LAYOUTS` says which ones a release holds and where.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from typing import Any
 
 import yaml
 
+from gs_lightning import formats
 from gs_lightning.errors import ConfigError
-from gs_lightning.export import export_gemma_scope, export_saelens, gemma_scope_folder
+from gs_lightning.formats.gemma_scope import gemma_scope_folder
 from gs_lightning.io import load_sae, load_sae_config
 from gs_lightning.suite.config import SuiteConfig
 from gs_lightning.suite.state import write_json
 
 RELEASE = "release"
+# The formats a release holds, each under its own subfolder of the release ("": its root).
+LAYOUTS = {"gemma_scope": "", "saelens": "saelens"}
 
 
 def leaf(row: dict[str, Any], clashes: Counter) -> str:
@@ -61,17 +66,14 @@ def _release_one(config: SuiteConfig, row: dict[str, Any], root: Path, folder: s
     entry: dict[str, Any] = {k: row[k] for k in ("site", "kind", "layer", "d_sae", "sparsity_key", "sparsity",
                                                  "l0", "fvu", "delta_loss", "dead_frac", "dense_frac")}
     entry.update(id=f"{repo}/{folder}", source=row["sae"])
-    try:
-        path = export_gemma_scope(sae, root / repo, row["layer"], row["l0"], folder_name=folder)
-        entry["gemma_scope"] = str(path.relative_to(root))
-    except ConfigError as err:
-        entry["gemma_scope"], entry["gemma_scope_skipped"] = None, str(err)
-    try:
-        meta = load_sae_config(source).get("metadata", {})
-        path = export_saelens(sae, root / "saelens" / repo / folder, meta)
-        entry["saelens"] = str(path.relative_to(root))
-    except ConfigError as err:
-        entry["saelens"], entry["saelens_skipped"] = None, str(err)
+    meta = load_sae_config(source).get("metadata", {})
+    for name, subfolder in LAYOUTS.items():
+        try:
+            path = formats.get(name).write(sae, root / subfolder / repo / folder, metadata=meta,
+                                           layer=row["layer"], average_l0=row["l0"])
+            entry[name] = str(path.relative_to(root))
+        except ConfigError as err:
+            entry[name], entry[f"{name}_skipped"] = None, str(err)
     return entry
 
 
