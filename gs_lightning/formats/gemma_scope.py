@@ -16,7 +16,7 @@ import torch
 from gs_lightning.errors import ConfigError
 from gs_lightning.formats.base import ReleaseFormat
 from gs_lightning.formats.files import write_file
-from gs_lightning.formats.jumprelu import GEMMA_SCOPE_KEYS, build_jumprelu, check_one_site, jumprelu_tensors
+from gs_lightning.formats.jumprelu import GEMMA_SCOPE_KEYS, build_jumprelu, check_jumprelu, jumprelu_tensors
 from gs_lightning.formats.naming import width_label
 from gs_lightning.saes import SAE, JumpReLUSAE
 
@@ -69,11 +69,10 @@ class GemmaScope(ReleaseFormat):
         return load_gemma_scope(path if path.name == PARAMS else path / PARAMS)
 
     def check(self, sae: SAE) -> None:
-        check_one_site(sae, self.name)
         if sae.W_skip is not None:
             raise ConfigError("a skip-transcoder has no place in Gemma Scope's params.npz (Gemma 2's release has "
                               "no skip path; gemma_scope_2's layout has one)")
-        jumprelu_tensors(sae)
+        check_jumprelu(sae, self.name)
 
     def write(self, sae: SAE, path: Path, **options: Any) -> Path:
         """Write ``path/params.npz``; return its path (the npz carries no metadata)."""

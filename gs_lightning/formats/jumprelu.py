@@ -28,18 +28,23 @@ def jumprelu_tensors(sae: SAE) -> dict[str, Tensor]:
     tensors = {k: v.detach().float().cpu() for k, v in sae.canonical_state_dict().items()}
     if isinstance(sae, ReLUSAE):
         tensors["threshold"] = torch.zeros(sae.d_sae)  # relu(pre) == pre * H(pre - 0)
-    if set(tensors) - {"W_skip"} != set(GEMMA_SCOPE_KEYS):
-        raise ConfigError(
-            f"{type(sae).__name__} cannot be written as a JumpReLU (it has {sorted(tensors)}); "
-            "the Gemma Scope format holds JumpReLU (and ReLU) SAEs only"
-        )
+    _check_names(sae, set(tensors))
     return tensors
 
 
 def check_jumprelu(sae: SAE, format_name: str) -> None:
-    """A ConfigError unless ``sae`` is one site's JumpReLU (or ReLU) dictionary."""
+    """A ConfigError unless ``sae`` is one site's JumpReLU (or ReLU) dictionary (looks at the
+    tensors' names only: nothing is copied)."""
     check_one_site(sae, format_name)
-    jumprelu_tensors(sae)
+    _check_names(sae, set(sae.canonical_state_dict()) | ({"threshold"} if isinstance(sae, ReLUSAE) else set()))
+
+
+def _check_names(sae: SAE, names: set[str]) -> None:
+    if names - {"W_skip"} != set(GEMMA_SCOPE_KEYS):
+        raise ConfigError(
+            f"{type(sae).__name__} cannot be written as a JumpReLU (it has {sorted(names)}); "
+            "the Gemma Scope format holds JumpReLU (and ReLU) SAEs only"
+        )
 
 
 def build_jumprelu(tensors: dict[str, Tensor], source: Path, transcoder: bool = False) -> JumpReLUSAE:

@@ -298,9 +298,7 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
         return self.target_l0 is not None and self.target_per_token
 
     def dead_pre_activation(self, x: Tensor, idx: Tensor) -> Tensor:
-        W = self.W_enc[:, idx]
-        bias = self.b_enc[idx] - self.b_dec @ W if self.subtract_decoder_bias else self.b_enc[idx]
-        return x.reshape(-1, self.d_in) @ W + bias
+        return x.reshape(-1, self.d_in) @ self.W_enc[:, idx] + self.encoder_bias()[idx]
 
     def dead_decoders(self, idx: Tensor) -> Tensor:
         return self.W_dec[idx]
