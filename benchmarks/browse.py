@@ -32,11 +32,11 @@ from jsonargparse import CLI
 from gs_lightning.browse.build import browse
 from gs_lightning.browse.source import HarvestSource
 from gs_lightning.console import quiet_third_party
-from gs_lightning.evaluate import reconstruction_metrics
-from gs_lightning.io import load_sae
-from gs_lightning.lm import shared_language_model
-from gs_lightning.splice import delta_lm_loss
-from gs_lightning.text import iter_contexts, iter_texts
+from gs_lightning.evaluation.evaluate import reconstruction_metrics
+from gs_lightning.formats.io import load_sae
+from gs_lightning.lm.load import shared_language_model
+from gs_lightning.evaluation.splice import delta_lm_loss
+from gs_lightning.lm.text import iter_contexts, iter_texts
 
 
 def main(sae: str = "runs/quickstart/lightning_logs/version_0/sae",

@@ -8,7 +8,7 @@ At one shape (default: B=2048 tokens, L=4 layers, d=256, n=4096 latents per laye
    and the backward GEMMs ``dW_dec``, ``df`` and ``dW_enc`` (the input gradient is not
    needed), each timed alone into a preallocated output;
 2. the CLT's training step (forward, backward, Adam, decoder constraint) in fp32, with the
-   fused step (:mod:`gs_lightning.saes.clt_fused`, the default) and through autograd
+   fused step (:mod:`gs_lightning.kernels.clt_fused`, the default) and through autograd
    (``fused=False``);
 3. the same latents as L per-layer JumpReLU transcoders (``n`` latents each, the fused step),
    whose GEMMs are the CLT's with only the ``l -> l`` decoders.

@@ -5,7 +5,7 @@
    parameters (state does not depend on the gradients' values), then every tensor in its
    state is counted. 8-bit Adam keeps the matrices' moments in uint8 (plus one float32
    scale per 256 values) and the vectors' (threshold, biases) in float32, as
-   ``gs_lightning.optim`` configures it.
+   ``gs_lightning.train.optim`` configures it.
 2. Wider dictionaries (``--extrapolate_d_sae``, default 131072: 302M parameters, whose
    fp32 Adam state alone is 2.4 GB) are not allocated: the bytes per matrix element and
    per vector element measured in 1. are multiplied by their parameter counts. The table
@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from jsonargparse import CLI
 
-from gs_lightning.optim import build_optimizer, state_bytes
+from gs_lightning.train.optim import build_optimizer, state_bytes
 from gs_lightning.saes import JumpReLUSAE
 
 OPTIMIZERS = ("adam", "adam8bit")

@@ -43,8 +43,8 @@ from gs_lightning.data.shard_format import (
     shard_name,
     write_manifest,
 )
-from gs_lightning.module import SAETrainingModule
-from gs_lightning.packed import PackedSAE
+from gs_lightning.train.module import SAETrainingModule
+from gs_lightning.train.packed import PackedSAE
 from gs_lightning.saes import JumpReLUSAE
 
 

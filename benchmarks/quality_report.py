@@ -7,7 +7,7 @@ the tests use them on a saved ``quality.json``.
 
 A *curve* is one configuration of one tool and architecture at one site and run length:
 its SAEs over the L0 targets (or k), joined in L0 order. Each side may bring several
-configurations; at each L0 a side counts with its best (:func:`gs_lightning.frontier.lowest`),
+configurations; at each L0 a side counts with its best (:func:`gs_lightning.evaluation.frontier.lowest`),
 so the comparison is frontier against frontier, each tool at its best setting there,
 read where both are defined (nothing is extrapolated). Lower is better for FVU and delta
 LM loss, so a figure is a ratio, ours over theirs, and its worst case is the largest.
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gs_lightning import frontier
-from gs_lightning.plots import plot_frontier_curves
+from gs_lightning.evaluation import frontier
+from gs_lightning.evaluation.plots import plot_frontier_curves
 
 OURS, THEIRS = "gs_lightning", "SAELens"
 FAMILIES = ("jumprelu", "topk", "batchtopk", "matryoshka")

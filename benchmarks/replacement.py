@@ -41,12 +41,12 @@ from callbacks import SaveSAE
 from gs_lightning.console import quiet_third_party
 from gs_lightning.data import AlignedShardsDataModule, ShardedActivationDataModule
 from gs_lightning.evaluation import ReplacementPart, replacement_metrics
-from gs_lightning.io import load_sae
-from gs_lightning.lm import shared_language_model
-from gs_lightning.module import SAETrainingModule
+from gs_lightning.formats.io import load_sae
+from gs_lightning.lm.load import shared_language_model
+from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.saes.clt import CrossLayerTranscoder
-from gs_lightning.text import iter_contexts, iter_texts
+from gs_lightning.lm.text import iter_contexts, iter_texts
 
 MODEL = "gs-lightning/tiny-gemma2-kjv"
 HARVEST_CONFIG = "configs/harvest_quickstart_clt.yaml"
@@ -64,7 +64,7 @@ def ensure_harvest(harvest: Path, layers: int) -> None:
     """Harvest the CLT sites with the shipped config if any folder is missing."""
     if all((harvest / s / "manifest.json").is_file() for l in range(layers) for s in (_mid(l), _out(l))):
         return
-    from gs_lightning.harvest import harvest_main
+    from gs_lightning.harvest.model import harvest_main
 
     print(f"harvesting into {harvest} ({HARVEST_CONFIG})", flush=True)
     harvest_main(["--config", HARVEST_CONFIG, "--output", str(harvest)])

@@ -44,7 +44,7 @@ from callbacks.progress import StepProgressBar
 from callbacks.throughput import device_name, peak_flops_for
 from gs_lightning.console import quiet_third_party
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.module import SAETrainingModule
+from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
 
 

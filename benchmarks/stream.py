@@ -30,9 +30,9 @@ from jsonargparse import CLI
 
 from gs_lightning.data import ShardedActivationDataModule
 from gs_lightning.data.shard_format import encode_shard, shard_entry, shard_name, write_manifest
-from gs_lightning.harvest import HarvestConfig, harvest
-from gs_lightning.lm import load_language_model
-from gs_lightning.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.harvest.model import HarvestConfig, harvest
+from gs_lightning.lm.load import load_language_model
+from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 
 
 def _write_shards(folder: Path, tokens: int, d: int, shard_tokens: int) -> int:

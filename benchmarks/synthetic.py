@@ -90,7 +90,7 @@ from gs_lightning.data.ground_truth import GroundTruth, read_sparse_true_acts
 from gs_lightning.data.shard_format import read_manifest
 from gs_lightning.data.worlds import MODEL_FOLDER, named_config
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer
-from gs_lightning.harvest import HarvestConfig, harvest
+from gs_lightning.harvest.model import HarvestConfig, harvest
 from gs_lightning.saes import BatchTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, MatryoshkaJumpReLUSAE
 
 # Our module settings (SAETrainingModule), in one place; the SAEs' own recipes are their

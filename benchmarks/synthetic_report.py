@@ -6,7 +6,7 @@ scored (dicts with ``world``, ``tool``, ``family``, ``setting``, ``l0``, ``mcc``
 
 Two trainers rarely land on the same L0, so they are compared on curves: a (tool,
 architecture) pair's SAEs of one world, joined in L0 order and read at the other's L0s
-where the two overlap (:func:`gs_lightning.frontier.interpolate`, linear in log L0;
+where the two overlap (:func:`gs_lightning.evaluation.frontier.interpolate`, linear in log L0;
 nothing is extrapolated). Scores are higher-is-better, so a comparison is a difference,
 ours minus theirs, and its worst case is the smallest.
 """
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gs_lightning import frontier
-from gs_lightning.plots import plot_frontier_curves
+from gs_lightning.evaluation import frontier
+from gs_lightning.evaluation.plots import plot_frontier_curves
 
 TUNE_WORLD = "tune"
 """The world ``--tune`` sweeps by default."""

@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from gs_lightning.metrics import FiringStatistics, PooledFVU
-from gs_lightning.parallel import whole_saes
-from gs_lightning.plots import plot_density, plot_frontier
+from gs_lightning.evaluation.metrics import FiringStatistics, PooledFVU
+from gs_lightning.train.parallel import whole_saes
+from gs_lightning.evaluation.plots import plot_density, plot_frontier
 
 
 class SavePlots(pl.Callback):

@@ -7,8 +7,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from gs_lightning.io import plain_scale, save_sae
-from gs_lightning.parallel import whole_saes
+from gs_lightning.formats.io import plain_scale, save_sae
+from gs_lightning.train.parallel import whole_saes
 
 
 class SaveSAE(pl.Callback):

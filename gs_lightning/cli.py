@@ -28,9 +28,9 @@ from callbacks.run_summary import RunSummary
 from gs_lightning.console import quiet_third_party
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.module import SAETrainingModule, check_widths
-from gs_lightning.parallel import close_process_group
-from gs_lightning.record import RecordingSaveConfigCallback
+from gs_lightning.train.module import SAETrainingModule, check_widths
+from gs_lightning.train.parallel import close_process_group
+from gs_lightning.train.record import RecordingSaveConfigCallback
 
 
 class GSLightningCLI(LightningCLI):
@@ -95,9 +95,9 @@ def _console_callbacks(trainer_config: dict[str, Any]) -> dict[str, Any]:
 # Subcommands outside LightningCLI: name -> "module:function(args)", imported on use so
 # that fit/validate never pay for them.
 EXTRA_SUBCOMMANDS = {
-    "harvest": "gs_lightning.harvest:harvest_main",
-    "evaluate": "gs_lightning.evaluate:evaluate_main",
-    "export": "gs_lightning.export:export_main",
+    "harvest": "gs_lightning.harvest.model:harvest_main",
+    "evaluate": "gs_lightning.evaluation.evaluate:evaluate_main",
+    "export": "gs_lightning.formats.export:export_main",
     "sweep": "gs_lightning.sweep:sweep_main",
     "suite": "gs_lightning.suite.cli:suite_main",
     "browse": "gs_lightning.browse.build:browse_main",

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gs_lightning.plots import plot_frontier_curves
+from gs_lightning.evaluation.plots import plot_frontier_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from gs_lightning.cli import main
-from gs_lightning.io import load_sae, load_sae_config
+from gs_lightning.formats.io import load_sae, load_sae_config
 
 
 def _config(root: Path, **overrides) -> dict:
@@ -222,7 +222,7 @@ def test_close_process_group_stops_gloo_threads(tmp_path) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from gs_lightning.parallel import close_process_group
+    from gs_lightning.train.parallel import close_process_group
 
     def gloo_threads() -> int:
         names = [(Path("/proc/self/task") / t / "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
@@ -241,7 +241,7 @@ def test_close_process_group_stops_gloo_threads(tmp_path) -> None:
 
 def test_close_process_group_is_registered_at_exit_once(monkeypatch) -> None:
     # Multi-process runs built without the CLI close their groups through atexit.
-    from gs_lightning import parallel
+    from gs_lightning.train import parallel
 
     registered = []
     monkeypatch.setattr(parallel.atexit, "register", registered.append)

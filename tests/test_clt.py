@@ -14,9 +14,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gs_lightning.data import AlignedShardsDataModule
-from gs_lightning.functional import rectangle
-from gs_lightning.io import load_sae, save_sae
-from gs_lightning.module import SAETrainingModule
+from gs_lightning.kernels.functional import rectangle
+from gs_lightning.formats.io import load_sae, save_sae
+from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.saes.clt import CrossLayerTranscoder, clt_memory
 from tests.test_aligned import _sibling

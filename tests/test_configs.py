@@ -30,7 +30,7 @@ def test_configs_exist() -> None:
 
 @pytest.mark.parametrize("path", HARVEST_CONFIGS, ids=lambda p: p.name)
 def test_harvest_config_parses(path: Path) -> None:
-    from gs_lightning.harvest import HarvestConfig, build_parser
+    from gs_lightning.harvest.model import HarvestConfig, build_parser
 
     cfg = build_parser().parse_args(["--config", str(path)])
     raw = yaml.safe_load(path.read_text())
@@ -74,8 +74,8 @@ def _harvest_small(root: Path) -> list[str]:
 
 def _harvest_small_world(root: Path, config: Path) -> list[str]:
     """Harvest a few thousand rows of a fake world as wide as the config's SAE; the fit's data path."""
-    from gs_lightning.harvest import HarvestConfig
-    from gs_lightning.harvest_world import harvest_world
+    from gs_lightning.harvest.model import HarvestConfig
+    from gs_lightning.harvest.world import harvest_world
     from tests.world_helpers import FakeWorld
 
     d_in = yaml.safe_load(config.read_text())["model"]["sae"]["init_args"]["d_in"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gs_lightning.data import AlignedShardsDataModule
-from gs_lightning.functional import rectangle
-from gs_lightning.io import load_sae, save_sae
-from gs_lightning.module import SAETrainingModule
+from gs_lightning.kernels.functional import rectangle
+from gs_lightning.formats.io import load_sae, save_sae
+from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import Crosscoder, CrossLayerTranscoder, JumpReLUSAE
 from gs_lightning.saes.crosscoder import crosscoder_parameters
 from tests.test_aligned import _sibling

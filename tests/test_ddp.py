@@ -52,7 +52,7 @@ def train(root: Path, shards: Path, sae: str, devices: int) -> None:
     The Trainer is built directly, so the test controls every option of the two runs.
     """
     from gs_lightning.data import ShardedActivationDataModule
-    from gs_lightning.module import SAETrainingModule
+    from gs_lightning.train.module import SAETrainingModule
     from gs_lightning.saes import BatchTopKSAE, JumpReLUSAE
 
     pl.seed_everything(0)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.evaluate import evaluate
-from gs_lightning.io import save_sae
+from gs_lightning.evaluation.evaluate import evaluate
+from gs_lightning.formats.io import save_sae
 from gs_lightning.saes import JumpReLUSAE
 
 META = {"model": "gs-lightning/tiny-gemma2-kjv", "site": "blocks.1.hook_resid_post", "text": "kjv",
@@ -84,7 +84,7 @@ def test_evaluate_and_export_through_the_command_line(tmp_path, capsys) -> None:
 
 
 def test_run_labels_drop_lightning_folders() -> None:
-    from gs_lightning.plots import run_label
+    from gs_lightning.evaluation.plots import run_label
 
     assert run_label("runs/quickstart_relu/lightning_logs/version_3/sae") == "quickstart_relu"
     assert run_label("exports/l12_wide") == "l12_wide"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.export import (
+from gs_lightning.formats.export import (
     export_gemma_scope,
     export_saelens,
     load_gemma_scope,
@@ -170,8 +170,8 @@ def test_saelens_bad_configs_are_named(tmp_path) -> None:
 
 
 def test_export_saved_sae_uses_its_metadata(tmp_path) -> None:
-    from gs_lightning.export import export
-    from gs_lightning.io import save_sae
+    from gs_lightning.formats.export import export
+    from gs_lightning.formats.io import save_sae
 
     sae = _trained_like_jumprelu()
     meta = {"model": "m", "site": "blocks.7.hook_mlp_out", "context_size": 128, "text": "kjv",

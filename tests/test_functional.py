@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gs_lightning.functional import jumprelu, jumprelu_st, rectangle, step
+from gs_lightning.kernels.functional import jumprelu, jumprelu_st, rectangle, step
 
 # threshold t = [0.01, 0.01, 0.25], bandwidth eps = 0.002 so the kernel is 1 where |pre - t| < 0.001.
 PRE = torch.tensor([[0.0105, 0.5, 0.2495], [0.0095, 0.0, 0.3]])

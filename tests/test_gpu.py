@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.module import SAETrainingModule
+from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
 
 pytestmark = pytest.mark.gpu
@@ -187,7 +187,7 @@ def test_throughput_waits_for_the_gpu_and_logs_mfu() -> None:
 def test_adam8bit_on_cuda_follows_adam() -> None:
     """Five steps from the same SAE and batches: 8-bit Adam's matrices move like torch
     Adam's (up to the moments' 8-bit codes), its threshold like it (fp32 moments)."""
-    from gs_lightning.optim import build_optimizer
+    from gs_lightning.train.optim import build_optimizer
 
     torch.manual_seed(0)
     base = JumpReLUSAE(64, 8192, threshold_parameterization="raw", fused=False)  # 524,288-element matrices

@@ -19,11 +19,11 @@ from gs_lightning.data.memory import ShuffledBatches
 from gs_lightning.data.shard_format import shard_entry, write_manifest
 from gs_lightning.data.shards import ShardedActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.evaluate import evaluate_main
+from gs_lightning.evaluation.evaluate import evaluate_main
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer, GroundTruthScores, score
-from gs_lightning.io import save_sae
-from gs_lightning.module import SAETrainingModule
-from gs_lightning.packed import metric_key
+from gs_lightning.formats.io import save_sae
+from gs_lightning.train.module import SAETrainingModule
+from gs_lightning.train.packed import metric_key
 from gs_lightning.saes import JumpReLUSAE
 
 

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from gs_lightning.cli import main
 from gs_lightning.data.shard_format import MANIFEST, read_manifest
 from gs_lightning.errors import ConfigError
-from gs_lightning.harvest import HarvestConfig, harvest, site_folder
-from gs_lightning.lm import load_language_model
-from gs_lightning.sites import ActivationExtractor
-from gs_lightning.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.harvest.model import HarvestConfig, harvest, site_folder
+from gs_lightning.lm.load import load_language_model
+from gs_lightning.lm.sites import ActivationExtractor
+from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 
 SITES = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"]
 

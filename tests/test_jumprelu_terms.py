@@ -1,7 +1,7 @@
 """JumpReLU's sparsity and dictionary-health terms: target L0, dense penalty, dead-latent loss.
 
 Each term is checked against a value computed by hand, and its fused gradient against
-autograd through :func:`gs_lightning.functional.step` (single and packed steps).
+autograd through :func:`gs_lightning.kernels.functional.step` (single and packed steps).
 """
 
 import copy
@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from gs_lightning.packed import PackedSAE
+from gs_lightning.train.packed import PackedSAE
 from gs_lightning.saes import JumpReLUSAE
 
 D, S = 16, 64

@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks import SavePlots, SaveSAE
 from gs_lightning.data.shard_format import encode_shard, shard_entry, shard_name, write_manifest
 from gs_lightning.errors import ConfigError
-from gs_lightning.io import load_sae, load_sae_config
-from gs_lightning.module import SAETrainingModule
+from gs_lightning.formats.io import load_sae, load_sae_config
+from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE, TopKSAE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ class SaveGathered(pl.Callback):
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str) -> None:
         from torch.distributed.tensor import DTensor
 
-        from gs_lightning.parallel import full_state_dict
+        from gs_lightning.train.parallel import full_state_dict
 
         local = {k: tuple((p.to_local() if isinstance(p, DTensor) else p).shape)
                  for k, p in pl_module.named_parameters()}

@@ -13,9 +13,9 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFas
 
 from gs_lightning.data.live import LiveActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm import load_language_model
-from gs_lightning.sites import ActivationExtractor
-from gs_lightning.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.lm.load import load_language_model
+from gs_lightning.lm.sites import ActivationExtractor
+from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 
 EMBEDDED_NAME = "gs-lightning/tiny-gemma2-kjv"
 EMBEDDED = Path(__file__).parents[1] / "gs_lightning" / "embedded" / "tiny-gemma2-kjv"
@@ -267,8 +267,8 @@ def test_fit_with_a_trainer(source, tmp_path):
 def test_live_data_and_delta_lm_loss_share_one_model(tmp_path, monkeypatch):
     """A live run with DeltaLMLoss loads the language model's weights once, not twice."""
     from callbacks import DeltaLMLoss
-    from gs_lightning import lm
-    from gs_lightning.module import SAETrainingModule
+    from gs_lightning.lm import load as lm
+    from gs_lightning.train.module import SAETrainingModule
     from gs_lightning.saes import JumpReLUSAE
 
     loads = []

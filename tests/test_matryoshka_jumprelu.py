@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gs_lightning.functional import jumprelu, step
+from gs_lightning.kernels.functional import jumprelu, step
 from gs_lightning.saes import JumpReLUSAE, MatryoshkaJumpReLUSAE
 
 

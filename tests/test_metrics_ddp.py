@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchmetrics import MeanMetric
 
-from gs_lightning.metrics import FiringStatistics, PooledFVU
+from gs_lightning.evaluation.metrics import FiringStatistics, PooledFVU
 
 D, D_SAE = 6, 10
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from gs_lightning.metrics import FiringStatistics, PooledFVU, batch_fvu, explained_variance
-from gs_lightning.schedules import lr_factor, sparsity_warmup
+from gs_lightning.evaluation.metrics import FiringStatistics, PooledFVU, batch_fvu, explained_variance
+from gs_lightning.train.schedules import lr_factor, sparsity_warmup
 
 
 def test_pooled_fvu_differs_from_mean_of_batch_fvus() -> None:
@@ -55,7 +55,7 @@ def test_sparsity_warmup_is_linear_from_zero() -> None:
 
 def test_validation_metrics_pool_over_tokens_not_batches() -> None:
     # Two validation batches of different sizes: L0 and MSE must be means over tokens.
-    from gs_lightning.module import SAETrainingModule
+    from gs_lightning.train.module import SAETrainingModule
     from gs_lightning.saes import ReLUSAE
 
     sae = ReLUSAE(2, 2)

@@ -13,10 +13,10 @@ from callbacks import FinalSummary
 from gs_lightning.cli import main
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.fused import Workspace, fused_jumprelu_loss, fused_packed_jumprelu_loss
-from gs_lightning.io import load_sae, load_sae_config
-from gs_lightning.module import SAETrainingModule
-from gs_lightning.packed import PackedSAE
+from gs_lightning.kernels.fused import Workspace, fused_jumprelu_loss, fused_packed_jumprelu_loss
+from gs_lightning.formats.io import load_sae, load_sae_config
+from gs_lightning.train.module import SAETrainingModule
+from gs_lightning.train.packed import PackedSAE
 from gs_lightning.saes import SAE, JumpReLUSAE, MatryoshkaJumpReLUSAE, ReLUSAE, TopKSAE
 
 D, S = 16, 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from gs_lightning.plots import _label_within_decade
+from gs_lightning.evaluation.plots import _label_within_decade
 
 
 def test_log_axis_within_one_decade_gets_labelled_ticks() -> None:

@@ -9,8 +9,8 @@ from lightning.pytorch.loggers import WandbLogger
 
 from callbacks import SavePlots
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.metrics import FiringStatistics
-from gs_lightning.module import SAETrainingModule
+from gs_lightning.evaluation.metrics import FiringStatistics
+from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
 
 D, S = 16, 64

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from gs_lightning.cli import main
-from gs_lightning.io import load_sae
+from gs_lightning.formats.io import load_sae
 from tests.test_cli import _config
 from tests.test_shards import write_folder
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.evaluate import reconstruction_metrics
+from gs_lightning.evaluation.evaluate import reconstruction_metrics
 from gs_lightning.evaluation import ReplacementPart, check_causal, replacement_metrics
-from gs_lightning.lm import shared_language_model
+from gs_lightning.lm.load import shared_language_model
 from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.saes.clt import CrossLayerTranscoder
-from gs_lightning.splice import delta_lm_loss
-from gs_lightning.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.evaluation.splice import delta_lm_loss
+from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 
 MODEL = "gs-lightning/tiny-gemma2-kjv"
 L, D, N = 2, 128, 64  # the first two of the embedded model's layers, 64 latents each
@@ -152,7 +152,7 @@ def test_per_site_l0_and_fvu_against_brute_force(lm) -> None:
     clt = _clt(cross=True)
     got = replacement_metrics(model, tokenizer, [ReplacementPart(clt, [_mid(0), _mid(1)], [_out(0), _out(1)])],
                               contexts, 4)
-    from gs_lightning.sites import ActivationExtractor
+    from gs_lightning.lm.sites import ActivationExtractor
 
     with ActivationExtractor(model, [_mid(0), _mid(1), _out(0), _out(1)]) as extract:
         ids = torch.stack(contexts)
@@ -201,8 +201,8 @@ def test_a_site_written_twice_is_refused(lm) -> None:
 
 
 def test_evaluate_scores_a_clt_and_a_transcoder_set_as_replacement_models(lm, tmp_path) -> None:
-    from gs_lightning.evaluate import evaluate
-    from gs_lightning.io import save_sae
+    from gs_lightning.evaluation.evaluate import evaluate
+    from gs_lightning.formats.io import save_sae
 
     model, tokenizer, contexts = lm
     meta = {"model": MODEL, "text": "kjv", "val_split": "validation", "context_size": 32}
@@ -239,8 +239,8 @@ def test_resid_mid_is_read_but_never_replaced(lm) -> None:
 
 
 def test_evaluate_gives_a_crosscoder_its_per_site_fvu_without_a_delta_loss(lm, tmp_path, capsys) -> None:
-    from gs_lightning.evaluate import evaluate
-    from gs_lightning.io import save_sae
+    from gs_lightning.evaluation.evaluate import evaluate
+    from gs_lightning.formats.io import save_sae
     from gs_lightning.saes import Crosscoder
 
     model, tokenizer, contexts = lm

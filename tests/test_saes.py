@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from gs_lightning.io import load_sae, load_sae_config, save_sae
+from gs_lightning.formats.io import load_sae, load_sae_config, save_sae
 from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE
 
 

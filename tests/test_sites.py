@@ -14,7 +14,7 @@ from transformers import (
 )
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.sites import (
+from gs_lightning.lm.sites import (
     ActivationExtractor,
     check_site_config,
     parse_site,

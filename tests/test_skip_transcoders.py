@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.export import export_gemma_scope, export_gemma_scope_2, export_saelens
-from gs_lightning.functional import jumprelu, step
-from gs_lightning.io import load_sae, save_sae
-from gs_lightning.packed import PackedSAE
-from gs_lightning.parallel import check_supported
+from gs_lightning.formats.export import export_gemma_scope, export_gemma_scope_2, export_saelens
+from gs_lightning.kernels.functional import jumprelu, step
+from gs_lightning.formats.io import load_sae, save_sae
+from gs_lightning.train.packed import PackedSAE
+from gs_lightning.train.parallel import check_supported
 from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
 D_IN, D_OUT, S, B = 12, 20, 96, 128
@@ -246,7 +246,7 @@ def test_other_variants_take_the_skip_path_too() -> None:
 
 
 def test_export_command_writes_the_gemma_scope_2_layout(tmp_path: Path) -> None:
-    from gs_lightning.export import export
+    from gs_lightning.formats.export import export
 
     sae = _perturbed(_skip()).eval()
     meta = {"model": "tiny", "site": "blocks.1.hook_mlp_in", "target_site": "blocks.1.hook_mlp_out",

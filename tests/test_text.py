@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 
 EMBEDDED = Path(__file__).parents[1] / "gs_lightning" / "embedded" / "tiny-gemma2-kjv"
 WORDS = "in the beginning god created heaven and earth was without form void".split()

@@ -5,7 +5,7 @@ import lightning.pytorch as pl
 import pytest
 
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.module import SAETrainingModule
+from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
 
 

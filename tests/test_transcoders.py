@@ -13,11 +13,11 @@ from torch import nn
 from callbacks import SaveSAE
 from gs_lightning.data.live import LiveActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.export import export_gemma_scope, export_saelens, load_gemma_scope, load_saelens
-from gs_lightning.fused import Workspace, fused_packed_jumprelu_loss
-from gs_lightning.io import load_sae
-from gs_lightning.lm import load_language_model
-from gs_lightning.module import SAETrainingModule, check_widths
+from gs_lightning.formats.export import export_gemma_scope, export_saelens, load_gemma_scope, load_saelens
+from gs_lightning.kernels.fused import Workspace, fused_packed_jumprelu_loss
+from gs_lightning.formats.io import load_sae
+from gs_lightning.lm.load import load_language_model
+from gs_lightning.train.module import SAETrainingModule, check_widths
 from gs_lightning.saes import (
     BatchTopKSAE,
     GatedSAE,
@@ -28,8 +28,8 @@ from gs_lightning.saes import (
     ReLUSAE,
     TopKSAE,
 )
-from gs_lightning.splice import delta_lm_loss
-from gs_lightning.text import iter_contexts, iter_texts
+from gs_lightning.evaluation.splice import delta_lm_loss
+from gs_lightning.lm.text import iter_contexts, iter_texts
 
 D_IN, D_OUT, S = 12, 20, 96
 VARIANTS = {
@@ -84,7 +84,7 @@ def test_every_variant_is_a_transcoder(name: str, tmp_path) -> None:
         sae.after_optimizer_step()
     assert float(out.losses["mse"]) < 0.5 * first  # it learns the map from x to y
     # Save -> load keeps d_out; folding two scales maps raw x to raw y.
-    from gs_lightning.io import save_sae
+    from gs_lightning.formats.io import save_sae
 
     sae.eval()
     path = save_sae(sae, tmp_path / "tc", input_scale=2.0, target_scale=0.5)
@@ -196,7 +196,7 @@ def test_fit_a_transcoder_on_live_mlp_activations(tmp_path) -> None:
     assert module.target_scale != module.input_scale
     saved = load_sae(saver.saved_path)
     assert saved.d_out == 128
-    from gs_lightning.evaluate import reconstruction_metrics
+    from gs_lightning.evaluation.evaluate import reconstruction_metrics
 
     model, tokenizer = load_language_model("gs-lightning/tiny-gemma2-kjv")
     contexts = list(iter_contexts(iter_texts("kjv", split="validation"), tokenizer, 64))[:32]

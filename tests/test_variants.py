@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.io import load_sae, save_sae
-from gs_lightning.packed import build_packed
+from gs_lightning.formats.io import load_sae, save_sae
+from gs_lightning.train.packed import build_packed
 from gs_lightning.saes import (
     SAE,
     BatchTopKSAE,

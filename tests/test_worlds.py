@@ -40,8 +40,8 @@ from gs_lightning.data.shard_format import (
     write_manifest,
 )
 from gs_lightning.errors import ConfigError
-from gs_lightning.harvest import HarvestConfig, harvest
-from gs_lightning.harvest_world import harvest_world
+from gs_lightning.harvest.model import HarvestConfig, harvest
+from gs_lightning.harvest.world import harvest_world
 from tests.world_helpers import FakeWorld
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_killed_world_harvest_resumes_byte_identical(tmp_path) -> None:
                    dtype="bfloat16")
     reference = harvest(_config(tmp_path / "reference", **options))["world"]
     # The child sleeps after each shard so that the kill lands mid-harvest, whatever the machine.
-    child = ("import json, sys, time\nfrom gs_lightning.harvest import HarvestConfig, harvest\n"
+    child = ("import json, sys, time\nfrom gs_lightning.harvest.model import HarvestConfig, harvest\n"
              "harvest(HarvestConfig(**json.loads(sys.argv[1])), on_shard=lambda path: time.sleep(0.5))\n")
     killed = tmp_path / "killed"
     config = json.dumps({**options, "output": str(killed), "device": "cpu"})

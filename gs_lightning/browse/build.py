@@ -33,8 +33,8 @@ from gs_lightning.browse.site import write_site
 from gs_lightning.browse.source import HarvestSource
 from gs_lightning import formats
 from gs_lightning.errors import ConfigError
-from gs_lightning.io import load_sae, load_sae_config, sae_paths
-from gs_lightning.lm import shared_language_model
+from gs_lightning.formats.io import load_sae, load_sae_config, sae_paths
+from gs_lightning.lm.load import shared_language_model
 
 LATENTS_PER_PASS = 4096
 """Latents whose example windows are rebuilt together: each group re-reads and re-encodes
@@ -160,7 +160,7 @@ def _metadata(path: Path) -> dict[str, Any]:
 
 
 def _harvest(meta: dict[str, Any], folder: Path, tokens: int, split: str, device: str) -> Path:
-    from gs_lightning.harvest import HarvestConfig, harvest
+    from gs_lightning.harvest.model import HarvestConfig, harvest
 
     missing = [key for key in ("model", "site", "text", "context_size") if not meta.get(key)]
     if missing:

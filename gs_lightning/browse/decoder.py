@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gs_lightning.sites import parse_site, resolve_site
+from gs_lightning.lm.sites import parse_site, resolve_site
 
 CHUNK_ELEMENTS = 1 << 24
 """Scores held at once (64 MiB in float32)."""

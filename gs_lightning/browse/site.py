@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gs_lightning.metrics import DENSE_THRESHOLD
+from gs_lightning.evaluation.metrics import DENSE_THRESHOLD
 
 ASSETS = Path(__file__).with_name("assets")
 INDEX_COLUMNS = ("id", "frequency", "max", "mean", "l0_share", "flag", "search")

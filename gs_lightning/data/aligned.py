@@ -17,8 +17,8 @@ from torch import Tensor
 from gs_lightning.data.reader import Batch
 from gs_lightning.data.shards import ShardedActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.scaling import ScalingScheme
-from gs_lightning.sites import site_span
+from gs_lightning.data.scaling import ScalingScheme
+from gs_lightning.lm.sites import site_span
 
 
 class AlignedShardsDataModule(ShardedActivationDataModule):

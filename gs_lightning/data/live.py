@@ -14,15 +14,15 @@ from gs_lightning.data.base import ActivationDataModule, as_is, data_parallel_ra
 from gs_lightning.data.buffer import ShuffleBuffer
 from gs_lightning.data.shard_format import all_finite
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm import ModelDtype, check_context_size, load_model_config, parse_dtype, shared_language_model
-from gs_lightning.scaling import SCHEMES, ScalingScheme, estimate_input_scale
-from gs_lightning.sites import (
+from gs_lightning.lm.load import ModelDtype, check_context_size, load_model_config, parse_dtype, shared_language_model
+from gs_lightning.data.scaling import SCHEMES, ScalingScheme, estimate_input_scale
+from gs_lightning.lm.sites import (
     ActivationExtractor,
     check_site_config,
     site_dim,
     site_dim_from_config,
 )
-from gs_lightning.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 
 
 class _Stream(IterableDataset):

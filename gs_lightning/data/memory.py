@@ -14,7 +14,7 @@ from torch import Tensor
 
 from gs_lightning.data.base import ActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.scaling import ScalingScheme, estimate_input_scale
+from gs_lightning.data.scaling import ScalingScheme, estimate_input_scale
 
 
 class ShuffledBatches:

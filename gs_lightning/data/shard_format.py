@@ -18,7 +18,7 @@ A shard holds, per row (one content token):
 ``format_version`` in the manifest says which: version 1 (no ``context_ids``) still
 trains and streams; only code that needs provenance calls :func:`require_provenance`.
 
-A harvest of a synthetic world (:mod:`gs_lightning.harvest_world`; its manifest has a
+A harvest of a synthetic world (:mod:`gs_lightning.harvest.world`; its manifest has a
 ``world`` key) has no tokens: its shards hold ``acts`` and, instead of the token fields,
 the rows' true feature activations in CSR form (:data:`FEATURE_KEYS`): ``feature_indptr
 [N + 1]`` (int64), ``feature_indices [nnz]`` (int32) and ``feature_values [nnz]``
@@ -43,7 +43,7 @@ from safetensors.torch import save as save_bytes
 
 from gs_lightning.data import files
 from gs_lightning.errors import ConfigError
-from gs_lightning.scaling import ScalingScheme
+from gs_lightning.data.scaling import ScalingScheme
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -268,7 +268,7 @@ def read_acts_into(folder: str, entry: dict[str, Any], manifest: dict[str, Any],
 
 
 def scale_from_statistics(stats: dict[str, float], d: int, scheme: ScalingScheme) -> float:
-    """The input scale of :func:`gs_lightning.scaling.estimate_input_scale` from summed statistics."""
+    """The input scale of :func:`gs_lightning.data.scaling.estimate_input_scale` from summed statistics."""
     if scheme == "none":
         return 1.0
     n, sum_sq = stats["count"], stats["sum_sq_norm"]

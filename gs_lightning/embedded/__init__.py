@@ -1,7 +1,7 @@
 """Language models shipped inside the package, for machines that cannot reach a model hub.
 
 ``gs-lightning/tiny-gemma2-kjv`` is a ~1.5M-parameter ``Gemma2ForCausalLM`` trained on the King
-James Bible (see its ``README.md``; rebuilt by ``python -m gs_lightning.embedded.build``). Code
+James Bible (see its ``README.md``; rebuilt by ``python scripts/build_embedded.py``). Code
 that takes a model name calls :func:`resolve_embedded` first and, when it returns a directory,
 loads from there instead of asking the hub.
 """

@@ -23,7 +23,7 @@ folded in).
 * pooled FVU over all replaced sites, total L0, the fractions of latents never firing and
   firing on over 10% of tokens, and each latent's firing rate (``density``);
 * the replacement model's clean / replaced / zero-ablated cross-entropy, delta LM loss,
-  KL and loss recovered (:func:`gs_lightning.splice.spliced_lm_loss`).
+  KL and loss recovered (:func:`gs_lightning.evaluation.splice.spliced_lm_loss`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU
+from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU
 from gs_lightning.saes import SAE
-from gs_lightning.sites import ActivationExtractor
-from gs_lightning.splice import Capture, Splice, spliced_lm_loss
-from gs_lightning.text import content_mask
+from gs_lightning.lm.sites import ActivationExtractor
+from gs_lightning.evaluation.splice import Capture, Splice, spliced_lm_loss
+from gs_lightning.lm.text import content_mask
 
 
 @dataclass
@@ -192,7 +192,7 @@ def clean_metrics(model: nn.Module, tokenizer: Any, parts: Sequence[ReplacementP
 def replacement_lm_loss(model: nn.Module, tokenizer: Any, parts: Sequence[ReplacementPart],
                         contexts: Sequence[Tensor], batch_size: int = 8) -> dict[str, float]:
     """Clean, replaced (every written site at once) and zero-ablated cross-entropy; the keys of
-    :func:`gs_lightning.splice.spliced_lm_loss` with ``ce_spliced`` named ``ce_replaced``."""
+    :func:`gs_lightning.evaluation.splice.spliced_lm_loss` with ``ce_spliced`` named ``ce_replaced``."""
     written = [s for part in parts for s in part.output_sites]
     clash = sorted({s for s in written if written.count(s) > 1})
     if clash:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gs_lightning.functional import step
+from gs_lightning.kernels.functional import step
 from gs_lightning.saes.base import SAE
 from gs_lightning.saes.dead import DeadLatentTracking, check_remedies
 

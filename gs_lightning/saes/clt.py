@@ -41,11 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gs_lightning.functional import jumprelu
-from gs_lightning.fused import Workspace, autocast_dtype
+from gs_lightning.kernels.functional import jumprelu
+from gs_lightning.kernels.fused import Workspace, autocast_dtype
 from gs_lightning.saes.base import TrainOutput
 from gs_lightning.saes.blocked import BlockedJumpReLU, per_site
-from gs_lightning.saes.clt_fused import fused_clt_loss
+from gs_lightning.kernels.clt_fused import fused_clt_loss
 from gs_lightning.saes.jumprelu import recipe_defaults
 
 
@@ -73,7 +73,7 @@ class CrossLayerTranscoder(BlockedJumpReLU):
             ``lambda mean_b sum_l (2 / T) (l0_bl - T)^2``; None keeps the L0 term
             ``lambda mean_b sum_l l0_bl``.
         d_out: Width of the MLP outputs reconstructed; default ``d_in``.
-        fused: Train with the fused step of :mod:`gs_lightning.saes.clt_fused` (the same
+        fused: Train with the fused step of :mod:`gs_lightning.kernels.clt_fused` (the same
             losses and gradients, far less memory traffic and time); false, or a step that
             needs a gradient w.r.t. the input, goes through autograd.
         dead_coefficient: Weight of the pre-activation loss on dead latents (thresholds

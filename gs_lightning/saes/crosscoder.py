@@ -54,7 +54,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from gs_lightning.functional import jumprelu
+from gs_lightning.kernels.functional import jumprelu
 from gs_lightning.saes.blocked import BlockedJumpReLU, per_site
 from gs_lightning.saes.jumprelu import recipe_defaults
 

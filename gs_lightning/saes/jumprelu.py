@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gs_lightning.functional import jumprelu, step
-from gs_lightning.fused import Workspace, autocast_dtype, fused_jumprelu_loss
+from gs_lightning.kernels.functional import jumprelu, step
+from gs_lightning.kernels.fused import Workspace, autocast_dtype, fused_jumprelu_loss
 from gs_lightning.saes.base import SAE, TrainOutput
 from gs_lightning.saes.dead import DeadLatentTracking
 

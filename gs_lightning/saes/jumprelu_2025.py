@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from gs_lightning.functional import jumprelu_st
+from gs_lightning.kernels.functional import jumprelu_st
 from gs_lightning.saes.jumprelu import JumpReLUSAE
 
 
@@ -18,7 +18,7 @@ class JumpReLU2025SAE(JumpReLUSAE):
     stand-in for L0) + ``lambda_p * sum_i relu(threshold_i - pre_i) * ||W_dec_i||`` (pulls
     latents that never reach their threshold back towards it, against dead latents). The
     JumpReLU passes its pseudo-derivative straight through to ``pre`` as well
-    (:func:`~gs_lightning.functional.jumprelu_st`). The decoder is unconstrained, its norms
+    (:func:`~gs_lightning.kernels.functional.jumprelu_st`). The decoder is unconstrained, its norms
     weighting both penalties. The recipe warms lambda up over the whole run
     (``sparsity_warmup_steps = max_steps``) and decays the lr over the last 20%
     (``lr_decay_fraction: 0.2``). No fused path.

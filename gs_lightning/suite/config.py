@@ -2,7 +2,7 @@
 
 A suite expands into *groups* (:mod:`gs_lightning.suite.groups`), one per (site, width):
 each group is one packed run over that width's sparsity levels
-(:mod:`gs_lightning.packed`), so a site's shards are read once per width however many
+(:mod:`gs_lightning.train.packed`), so a site's shards are read once per width however many
 sparsity levels it has. The dataclasses' docstrings are ``suite --help``. Everything is
 checked before anything runs: a bad key, an empty list or a site pattern that matches
 nothing ends with one :class:`~gs_lightning.errors.ConfigError` naming it.

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.harvest import safe_name
-from gs_lightning.sites import num_layers, parse_site, site_dim_from_config
+from gs_lightning.harvest.model import safe_name
+from gs_lightning.lm.sites import num_layers, parse_site, site_dim_from_config
 from gs_lightning.suite.config import SuiteConfig, WidthSpec
 
 LAYER = "{L}"

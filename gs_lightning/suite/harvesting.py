@@ -13,7 +13,7 @@ from typing import Any
 
 from gs_lightning.data.shard_format import MANIFEST, read_manifest
 from gs_lightning.errors import ConfigError
-from gs_lightning.harvest import HarvestConfig, harvest
+from gs_lightning.harvest.model import HarvestConfig, harvest
 from gs_lightning.suite.config import SuiteConfig
 from gs_lightning.suite.groups import SuiteSite
 from gs_lightning.suite.state import harvest_root, harvest_site

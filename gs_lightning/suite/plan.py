@@ -17,8 +17,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm import load_model_config
-from gs_lightning.sites import decoder_layers, parse_site, site_dim_from_config
+from gs_lightning.lm.load import load_model_config
+from gs_lightning.lm.sites import decoder_layers, parse_site, site_dim_from_config
 from gs_lightning.suite.config import SuiteConfig
 from gs_lightning.suite.groups import Group, SuiteSite, expand_groups, sparsity_levels, suite_steps
 from gs_lightning.suite.harvesting import needed_sites

@@ -28,7 +28,7 @@ import yaml
 from gs_lightning import formats
 from gs_lightning.errors import ConfigError
 from gs_lightning.formats.gemma_scope import gemma_scope_folder
-from gs_lightning.io import load_sae, load_sae_config
+from gs_lightning.formats.io import load_sae, load_sae_config
 from gs_lightning.suite.config import SuiteConfig
 from gs_lightning.suite.state import write_json
 

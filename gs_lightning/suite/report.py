@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gs_lightning.plots import log_l0_axis  # noqa: E402
+from gs_lightning.evaluation.plots import log_l0_axis  # noqa: E402
 
 REPORT = "report"
 KIND_TITLES = {"res": "residual stream", "mlp": "MLP output", "att": "attention (hook_z)", "transcoder": "transcoders"}

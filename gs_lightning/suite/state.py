@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.harvest import site_folder
+from gs_lightning.harvest.model import site_folder
 from gs_lightning.suite.config import SuiteConfig
 from gs_lightning.suite.groups import Group
 

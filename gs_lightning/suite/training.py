@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from gs_lightning.data.shard_format import read_manifest
-from gs_lightning.packed import member_name, sweep_members
+from gs_lightning.train.packed import member_name, sweep_members
 from gs_lightning.suite.config import SuiteConfig
 from gs_lightning.suite.groups import Group
 from gs_lightning.suite.harvesting import harvest_config, site_identity

@@ -11,15 +11,15 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from gs_lightning import parallel
+from gs_lightning.train import parallel
 from gs_lightning.data.ground_truth import GroundTruth, GroundTruthBatch
 from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer
-from gs_lightning.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, batch_fvu
-from gs_lightning.optim import OPTIMIZERS, OptimizerName, build_optimizer
-from gs_lightning.packed import PackedSAE, build_packed, metric_key
+from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, batch_fvu
+from gs_lightning.train.optim import OPTIMIZERS, OptimizerName, build_optimizer
+from gs_lightning.train.packed import PackedSAE, build_packed, metric_key
 from gs_lightning.saes import SAE, TrainOutput
-from gs_lightning.schedules import lr_factor, sparsity_warmup
+from gs_lightning.train.schedules import lr_factor, sparsity_warmup
 
 
 def param_groups(sae: SAE, lr: float) -> list[dict[str, Any]]:
@@ -77,7 +77,7 @@ class SAETrainingModule(pl.LightningModule):
     scores against the truth (:mod:`gs_lightning.evaluation.ground_truth`): ``val/mcc``,
     ``val/uniqueness``, ``val/precision``, ``val/recall``, ``val/f1``, ``val/shrinkage``.
 
-    With ``sweep``, ``sae`` is the template of K SAEs (:mod:`gs_lightning.packed`) that
+    With ``sweep``, ``sae`` is the template of K SAEs (:mod:`gs_lightning.train.packed`) that
     read every batch once; each logs its own metrics under ``<key>/<name>`` (e.g.
     ``train/l0/sparsity_coefficient=0.0003``) and has its own Adam parameter group.
 
@@ -103,7 +103,7 @@ class SAETrainingModule(pl.LightningModule):
             8-bit moments for the matrices, float32 for the threshold and biases; needs
             the ``bnb`` extra). Same lr, betas, eps and parameter groups either way.
         latent_parallel: Shard the SAE's latents across the ranks of
-            ``ModelParallelStrategy`` (:mod:`gs_lightning.parallel`; JumpReLU only): every
+            ``ModelParallelStrategy`` (:mod:`gs_lightning.train.parallel`; JumpReLU only): every
             rank reads the same batch and holds ``d_sae / W`` latents.
     """
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.fused import Workspace, fused_packed_jumprelu_loss
+from gs_lightning.kernels.fused import Workspace, fused_packed_jumprelu_loss
 from gs_lightning.saes import SAE, JumpReLUSAE, TrainOutput
 
 MODULE_KEYS = ("seed", "lr")

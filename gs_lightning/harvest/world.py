@@ -51,7 +51,7 @@ from gs_lightning.errors import ConfigError
 
 
 class HarvestConfig(Protocol):
-    """The options of :class:`gs_lightning.harvest.HarvestConfig` a world harvest reads (named here,
+    """The options of :class:`gs_lightning.harvest.model.HarvestConfig` a world harvest reads (named here,
     not imported, so that ``harvest`` imports this module and not the other way round)."""
 
     output: str

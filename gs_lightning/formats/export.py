@@ -34,7 +34,7 @@ from gs_lightning.formats.jumprelu import GEMMA_SCOPE_KEYS, jumprelu_tensors
 from gs_lightning.formats.naming import site_layer, width_label
 from gs_lightning.formats.native import load_sae_config
 from gs_lightning.formats.saelens import SAELENS_CFG, SAELENS_SPARSITY, SAELENS_WEIGHTS, export_saelens, load_saelens
-from gs_lightning.io import load_sae, sae_paths
+from gs_lightning.formats.io import load_sae, sae_paths
 from gs_lightning.saes import SAE
 
 __all__ = [

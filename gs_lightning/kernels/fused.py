@@ -5,7 +5,7 @@ Autograd over a JumpReLU SAE allocates half a dozen ``[batch, d_sae]`` tensors p
 threshold with a fresh ``mmap`` and returns it with ``munmap``, so the step pays page
 faults on every one of them, and element-wise work and copies end up costing more than the
 matmuls (DESIGN.md section 5). This function computes exactly the same losses and
-gradients as :mod:`gs_lightning.functional` does through autograd, but with five GEMMs,
+gradients as :mod:`gs_lightning.kernels.functional` does through autograd, but with five GEMMs,
 a handful of element-wise passes and ``[batch, d_sae]`` buffers that live across steps
 in a :class:`Workspace`.
 
@@ -13,7 +13,7 @@ The step returns the firing counts per latent (``sum_b H(pre - t)``) and, on req
 per token (``sum_i H(pre - t)``), both carrying the step function's pseudo-derivative, so
 any sparsity loss built from them (Gemma Scope's mean L0, Gemma Scope 2's quadratic
 penalty around a target L0, a penalty on dense latents) gets exactly the threshold
-gradient autograd would give it through :func:`gs_lightning.functional.step`.
+gradient autograd would give it through :func:`gs_lightning.kernels.functional.step`.
 
 Gradients (``err = x_hat - x``, ``g = 2 err / B``, ``mask = pre > t``,
 ``near = |pre - t| < eps/2``, ``c_i`` and ``u_b`` the upstream gradients of the per-latent

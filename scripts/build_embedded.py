@@ -7,8 +7,8 @@ layers included, just tiny) with its own byte-level BPE tokenizer that uses Gemm
 ids. This script trains both from scratch on CPU in a few minutes and writes a directory that
 ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load offline::
 
-    python -m gs_lightning.embedded.build                      # time-budgeted, ~6 minutes
-    python -m gs_lightning.embedded.build --max_steps 500      # exact, reproducible schedule
+    python scripts/build_embedded.py                      # time-budgeted, ~6 minutes
+    python scripts/build_embedded.py --max_steps 500      # exact, reproducible schedule
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from gs_lightning.embedded.kjv import kjv_split
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "tiny-gemma2-kjv"
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parents[1] / "gs_lightning" / "embedded" / "tiny-gemma2-kjv"
 # Gemma's order, so code written against real Gemma checkpoints finds the same ids.
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(4)
@@ -437,7 +437,7 @@ _REBUILD_ARGS = (
 
 def _command(args: dict, steps: int) -> str:
     """The command line that rebuilds this exact model (``--max_steps`` pins the schedule)."""
-    parts = ["python -m gs_lightning.embedded.build"]
+    parts = ["python scripts/build_embedded.py"]
     if pathlib.Path(args["out"]).resolve() != DEFAULT_OUT:
         parts.append(f"--out {args['out']}")
     for name in _REBUILD_ARGS:

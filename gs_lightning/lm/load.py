@@ -53,7 +53,7 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (Path(embedded) / "config.json").exists():
             raise ConfigError(
                 f"model {name_or_path!r}: the embedded model's files are missing from {embedded} "
-                f"(rebuild them with `python -m gs_lightning.embedded.build`)"
+                f"(rebuild them with `python scripts/build_embedded.py`)"
             )
         return embedded
     if Path(name_or_path).expanduser().exists():

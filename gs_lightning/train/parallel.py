@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.functional import jumprelu, step
+from gs_lightning.kernels.functional import jumprelu, step
 from gs_lightning.saes import JumpReLUSAE, TrainOutput
 
 # Placement of each parameter along the latent dimension; everything else is replicated.

@@ -4,10 +4,10 @@ Through autograd a CLT step at B=2048, L=4, n=4096 spends three quarters of its 
 outside the GEMMs: the einsum encode, the JumpReLU and step functions over ``[B, L n]``,
 the in-place slice adds of the decode and their backward each allocate and walk
 ``[B, L n]`` tensors (134 MB in fp32), which glibc serves with fresh mappings whose pages
-fault in every step (see :mod:`gs_lightning.fused`). This function computes the same
+fault in every step (see :mod:`gs_lightning.kernels.fused`). This function computes the same
 numbers as :class:`~gs_lightning.saes.clt.CrossLayerTranscoder`'s autograd path with one
 GEMM per layer and direction and ``[L, B, n]`` buffers kept in a
-:class:`~gs_lightning.fused.Workspace`; each layer's slice ``[B, n]`` is contiguous, so a
+:class:`~gs_lightning.kernels.fused.Workspace`; each layer's slice ``[B, n]`` is contiguous, so a
 GEMM writes it in place and the element-wise passes run once over all layers.
 
 With ``x_l = x[:, l]``, ``err = y_hat - y``, ``g = 2 err / B`` (``[B, L d_out]``, layer-major),
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gs_lightning.fused import Workspace, step_threshold_grad
+from gs_lightning.kernels.fused import Workspace, step_threshold_grad
 
 
 class FusedCLTLoss(torch.autograd.Function):
@@ -69,7 +69,7 @@ class FusedCLTLoss(torch.autograd.Function):
             for l in range(L):
                 torch.addmm(b_enc_c[l], xc[:, l], W_enc[l].to(cd), out=pre[l])
             t = threshold.float().unsqueeze(1)  # [L, 1, n]
-            # 0/1 masks in the compute dtype, as in gs_lightning.fused (bool arithmetic copies).
+            # 0/1 masks in the compute dtype, as in gs_lightning.kernels.fused (bool arithmetic copies).
             mask = workspace.get("mask", (L, B, n), cd, dev)
             torch.gt(pre, t, out=mask)
             near = workspace.get("near", (L, B, n), cd, dev)

@@ -12,7 +12,7 @@ uninterrupted one. Each row records its context's index in the context stream
 shuffled; a context never spans two buckets, since buckets close between forward groups.
 
 With ``world`` set there is no language model: a synthetic world's rows and their true
-feature activations are sampled into ``output/world`` (:mod:`gs_lightning.harvest_world`).
+feature activations are sampled into ``output/world`` (:mod:`gs_lightning.harvest.world`).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from gs_lightning.data.shard_format import (
     write_manifest,
 )
 from gs_lightning.errors import ConfigError
-from gs_lightning.harvest_world import harvest_world
-from gs_lightning.lm import ModelDtype, check_context_size, parse_dtype, shared_language_model
-from gs_lightning.sites import ActivationExtractor, parse_site, site_dim
-from gs_lightning.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.harvest.world import harvest_world
+from gs_lightning.lm.load import ModelDtype, check_context_size, parse_dtype, shared_language_model
+from gs_lightning.lm.sites import ActivationExtractor, parse_site, site_dim
+from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 
 StorageDtype = Literal["float32", "bfloat16"]
 _WORLD_OPTIONS = ("world", "max_tokens", "dtype", "shuffle_bucket_tokens", "shard_tokens", "seed")

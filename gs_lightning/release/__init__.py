@@ -1,1 +1,0 @@
-"""Release formats: kept for the import paths of before; the formats live in :mod:`gs_lightning.formats`."""
