@@ -46,6 +46,7 @@ from gs_lightning.lm.load import shared_language_model
 from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.saes.clt import CrossLayerTranscoder
+from gs_lightning.lm.sites import SITE_KINDS
 from gs_lightning.lm.text import iter_contexts, iter_texts
 
 MODEL = "gs-lightning/tiny-gemma2-kjv"
@@ -53,11 +54,11 @@ HARVEST_CONFIG = "configs/harvest_quickstart_clt.yaml"
 
 
 def _mid(l: int) -> str:
-    return f"blocks.{l}.hook_resid_mid"
+    return SITE_KINDS["resid_mid"].site(l)
 
 
 def _out(l: int) -> str:
-    return f"blocks.{l}.hook_mlp_out"
+    return SITE_KINDS["mlp_out"].site(l)
 
 
 def ensure_harvest(harvest: Path, layers: int) -> None:

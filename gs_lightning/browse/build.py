@@ -35,6 +35,7 @@ from gs_lightning import formats
 from gs_lightning.errors import ConfigError
 from gs_lightning.formats.io import load_sae, load_sae_config, sae_paths
 from gs_lightning.lm.load import shared_language_model
+from gs_lightning.lm.sites import site_layer
 
 LATENTS_PER_PASS = 4096
 """Latents whose example windows are rebuilt together: each group re-reads and re-encodes
@@ -210,7 +211,7 @@ class _NeuronpediaBatches:
     def _flush(self) -> None:
         if not self.pending:
             return
-        batch = {"model_id": self.data.model.split("/")[-1], "layer": _layer(self.data.site),
+        batch = {"model_id": self.data.model.split("/")[-1], "layer": site_layer(self.data.site) or 0,
                  "sae_set": self.data.site, "features": self.pending}
         (self.folder / f"batch-{self.written // self.per_batch}.json").write_text(json.dumps(batch, allow_nan=False))
         self.written += len(self.pending)
@@ -222,11 +223,6 @@ class _NeuronpediaBatches:
         shutil.rmtree(target, ignore_errors=True)
         self.folder.rename(target)
         print(f"browse: wrote {self.written:,} features to {target} (Neuronpedia's upload JSON)")
-
-
-def _layer(site: str) -> int:
-    parts = site.split(".")
-    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else 0
 
 
 def browse_main(args: list[str]) -> list[Path]:

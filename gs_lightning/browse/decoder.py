@@ -36,14 +36,16 @@ def residual_directions(model: nn.Module, site: str, W_dec: Tensor) -> Tensor | 
     """Decoder rows as directions in the residual stream, or None where a site's vectors
     do not live there (an MLP input, a module path: unknown).
 
-    Residual-stream and MLP-output sites write to it directly. ``attn.hook_z`` goes through
+    The site's kind says how (:attr:`gs_lightning.lm.sites.SiteKind.to_residual`): the residual
+    stream after a layer and MLP outputs are in it already, ``attn.hook_z`` goes through
     the attention output projection's weight; norms after that projection (Gemma 2's
     post-attention norm) are ignored, so the effect there is approximate.
     """
-    hook = parse_site(site).hook
-    if hook in ("resid_post", "mlp_out"):
+    kind = parse_site(site).kind
+    to_residual = kind.to_residual if kind else None
+    if to_residual == "identity":
         return W_dec
-    if hook == "attn_z":
+    if to_residual == "module_weight":
         module, _ = resolve_site(model, site)
         if isinstance(module, nn.Linear):
             return W_dec @ module.weight.detach().float().T

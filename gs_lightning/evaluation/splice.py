@@ -31,9 +31,10 @@ class Splice:
     """A hook that rewrites a site's activation at content positions with ``fn(x)``."""
 
     def __init__(self, model: nn.Module, site: str) -> None:
-        if parse_site(site).hook == "resid_mid":
-            # Read at the pre-MLP norm's input: rewriting it there would change what the MLP
-            # sees but not the residual stream the layer adds the MLP's output to.
+        kind = parse_site(site).kind
+        if kind is not None and not kind.spliceable:
+            # hook_resid_mid is read at the pre-MLP norm's input: rewriting it there would change
+            # what the MLP sees but not the residual stream the layer adds the MLP's output to.
             raise ConfigError(f"site={site!r} cannot be replaced in the model (the residual connection keeps "
                               "the original); reading it is fine (a CLT's input), replacing it gives no delta LM "
                               "loss. Train on blocks.L.hook_resid_pre or hook_resid_post to splice the stream.")

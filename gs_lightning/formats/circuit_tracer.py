@@ -38,11 +38,12 @@ from gs_lightning.errors import ConfigError
 from gs_lightning.formats.base import Format
 from gs_lightning.formats.files import read_safetensors, write_folder
 from gs_lightning.saes import SAE, CrossLayerTranscoder
+from gs_lightning.lm.sites import SITE_KINDS, layer_and_kind
 
 CONFIG = "config.yaml"
 # circuit-tracer's defaults (load_clt's feature_input_hook and feature_output_hook), which are
 # also the sites a CrossLayerTranscoder is trained on.
-INPUT_HOOK, OUTPUT_HOOK = "hook_resid_mid", "hook_mlp_out"
+INPUT_HOOK, OUTPUT_HOOK = SITE_KINDS["resid_mid"].hook, SITE_KINDS["mlp_out"].hook
 # Constructor arguments the tensors fix; the others (training settings) come from config.yaml.
 SHAPE_ARGS = ("n_layers", "d_in", "d_sae", "d_out")
 FIRST_ENCODER = "W_enc_0.safetensors"
@@ -89,11 +90,11 @@ def _hook(sites: list[str] | None, n_layers: int, key: str, default: str) -> str
     one hook name for all layers), or ``default`` when the metadata has no sites."""
     if not sites:
         return default
-    hooks = [site.removeprefix(f"blocks.{l}.") for l, site in enumerate(sites)]
-    if len(sites) != n_layers or len(set(hooks)) != 1 or any(h == s for h, s in zip(hooks, sites)):
+    layers, kinds = zip(*map(layer_and_kind, sites))
+    if list(layers) != list(range(n_layers)) or len(set(kinds)) != 1 or kinds[0] is None:
         raise ConfigError(f"metadata {key}: circuit-tracer reads layer l at blocks.{{l}}.<one hook> for "
                           f"l = 0..{n_layers - 1}, but this CLT's sites are {sites}")
-    return hooks[0]
+    return kinds[0].hook
 
 
 def load_circuit_tracer(path: str | Path) -> CrossLayerTranscoder:

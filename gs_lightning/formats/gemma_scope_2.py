@@ -18,30 +18,29 @@ from gs_lightning.formats.files import read_safetensors, write_folder
 from gs_lightning.formats.jumprelu import build_jumprelu, check_jumprelu, jumprelu_tensors
 from gs_lightning.formats.naming import site_layer, width_label
 from gs_lightning.saes import SAE, JumpReLUSAE
+from gs_lightning.lm.sites import SITE_KINDS, TRANSCODER, layer_and_kind
 
 GEMMA_SCOPE_2_WEIGHTS = "params.safetensors"
 GEMMA_SCOPE_2_CONFIG = "config.json"
 # Lower-case weight names, and the skip path of an "affine" transcoder as affine_skip_connection.
 GEMMA_SCOPE_2_NAMES = {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec",
                        "threshold": "threshold", "W_skip": "affine_skip_connection"}
-# Gemma Scope 2's folder prefix for each kind of site (a transcoder's is "transcoder").
-GEMMA_SCOPE_2_KINDS = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "attn.hook_z": "attn_out"}
-# The Hugging Face module outputs/inputs Gemma Scope 2 names for our TransformerLens sites (Gemma 3).
-HF_HOOK_POINTS = {"hook_resid_post": "model.layers.{L}.output",
-                  "hook_mlp_in": "model.layers.{L}.pre_feedforward_layernorm.output",
-                  "hook_mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
-                  "attn.hook_z": "model.layers.{L}.self_attn.o_proj.input"}
+# Gemma Scope 2's folder prefix for each kind of site (a transcoder's is "transcoder"), and
+# the Hugging Face module outputs/inputs it names for our TransformerLens sites (Gemma 3), by
+# hook; both are columns of the site-kind table.
+GEMMA_SCOPE_2_KINDS = {k.hook: k.gemma_scope_2 for k in SITE_KINDS.values() if k.gemma_scope_2}
+HF_HOOK_POINTS = {k.hook: k.hf_hook_point for k in SITE_KINDS.values() if k.hf_hook_point}
 
 
 def gemma_scope_2_folder(sae: SAE, layer: int, average_l0: float, site: str | None = None) -> str:
     """``{kind}/layer_{L}_width_{W}_l0_{N}[_affine]``: where Gemma Scope 2 puts one dictionary
     (``kind`` is ``transcoder`` for a transcoder, else from the site: ``resid_post``,
     ``mlp_out``, ``attn_out``)."""
-    hook = (site or "").split(".", 2)[-1]
-    kind = "transcoder" if sae.is_transcoder else GEMMA_SCOPE_2_KINDS.get(hook)
+    _, site_kind = layer_and_kind(site or "")
+    kind = TRANSCODER if sae.is_transcoder else (site_kind.gemma_scope_2 if site_kind else None)
     if kind is None:
-        raise ConfigError(f"site {site!r} has no Gemma Scope 2 folder kind (resid_post, mlp_out, attn_out); "
-                          "give folder_name")
+        kinds = ", ".join(GEMMA_SCOPE_2_KINDS.values())
+        raise ConfigError(f"site {site!r} has no Gemma Scope 2 folder kind ({kinds}); give folder_name")
     affine = "_affine" if sae.W_skip is not None else ""
     return f"{kind}/layer_{layer}_width_{width_label(sae.d_sae)}_l0_{round(average_l0)}{affine}"
 
@@ -91,8 +90,9 @@ def _hf_hook_point(site: str | None, layer: int | None) -> str | None:
         return None
     if ":" in site:  # already a module path: "<path>:output"
         return site.replace(":", ".")
-    hook = site.split(".", 2)[-1]
-    return HF_HOOK_POINTS[hook].format(L=layer) if hook in HF_HOOK_POINTS and layer is not None else site
+    _, kind = layer_and_kind(site)
+    point = kind.hf_hook_point if kind else None
+    return point.format(L=layer) if point and layer is not None else site
 
 
 class GemmaScope2(ReleaseFormat):

@@ -1,6 +1,11 @@
-"""How releases name an SAE: Gemma Scope's width labels and the layer of a TransformerLens site."""
+"""How releases name an SAE: Gemma Scope's width labels and the layer of a TransformerLens site
+(:func:`gs_lightning.lm.sites.site_layer`, importable from here too)."""
 
 from __future__ import annotations
+
+from gs_lightning.lm.sites import site_layer
+
+__all__ = ["site_layer", "width_label"]
 
 
 def width_label(d_sae: int) -> str:
@@ -9,9 +14,3 @@ def width_label(d_sae: int) -> str:
     if d_sae >= 1_000_000:
         return f"{d_sae // 1_000_000}m"
     return f"{d_sae // 1000}k" if d_sae >= 1000 else str(d_sae)
-
-
-def site_layer(site: str | None) -> int | None:
-    """The layer of a ``blocks.{L}.<hook>`` site; None for module paths and no site."""
-    parts = (site or "").split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None

@@ -17,12 +17,22 @@ or any module of any Hugging Face model by path: ``"<module.path>:output"`` or
 
 Note that HF's ``hidden_states[-1]`` is taken *after* the final norm, so
 ``blocks.{last}.hook_resid_post`` (the raw layer output) differs from it.
+
+Everything one kind of ``blocks.{L}.<hook>`` site means lives in one row of
+:data:`SITE_KINDS` (a :class:`SiteKind`), and :func:`layer_and_kind` is the one parser of
+site names: other modules ask the row (its width, whether it can be spliced, its names in
+Gemma Scope 2 and in suite releases) instead of matching hook names themselves. To add a
+kind, add a row: its hook name, the module inside a decoder layer that it reads (a
+tuple of paths, first that exists wins, and whether it reads that module's input or
+output) and its width rule; the parser, :func:`resolve_site`, the extractor and the
+export names follow from the row.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,13 +41,6 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from gs_lightning.errors import ConfigError
-
-_TL_SITE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_in|hook_mlp_out|attn\.hook_z)$")
-_MODULE_SITE = re.compile(r"^([A-Za-z_][\w.]*):(input|output)$")
-_FORMS = (
-    "blocks.{L}.hook_resid_pre, blocks.{L}.hook_resid_mid, blocks.{L}.hook_resid_post, blocks.{L}.hook_mlp_in, blocks.{L}.hook_mlp_out, blocks.{L}.attn.hook_z, "
-    "'<module.path>:output' or '<module.path>:input'"
-)
 
 # Where the decoder-layer list lives, by model family; first match wins.
 LAYER_LIST_PATHS = (
@@ -52,37 +55,125 @@ LAYER_LIST_PATHS = (
     "bert.encoder.layer",
     "h",
 )
-_MLP_OUT_PATHS = ("post_feedforward_layernorm", "mlp")
-_MLP_PATHS = ("mlp",)  # its input is the MLP input (after the pre-MLP norm)
-# The pre-MLP norm, whose input is the residual stream after attention. Gemma 2/3 also have
-# a post_attention_layernorm, but there it normalises the attention output: Gemma's name
-# must come first.
-_PRE_MLP_NORM_PATHS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
-_ATTN_OUT_PROJ_PATHS = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attn.out_proj")
+
+TRANSCODER = "transcoder"
+"""The kind Gemma Scope 2 folders and suite releases give a transcoder (a pair of sites)."""
+
+
+def d_model(config: PretrainedConfig) -> int:
+    """Width of the residual stream (``hidden_size``; GPT-2's ``n_embd``)."""
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+def d_attn_z(config: PretrainedConfig) -> int:
+    """Width of the heads concatenated, ``n_heads * d_head`` (Gemma's ``head_dim`` is not
+    ``d_model / n_heads``)."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    return int(heads * (getattr(config, "head_dim", None) or d_model(config) // heads))
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """One kind of TransformerLens site, ``blocks.{L}.<hook>``: a row of :data:`SITE_KINDS`."""
+
+    name: str
+    """Short name, e.g. ``resid_post`` (:attr:`SiteSpec.hook`)."""
+    hook: str
+    """The TransformerLens hook after ``blocks.{L}.``, e.g. ``hook_resid_post``, ``attn.hook_z``."""
+    label: str
+    """The kind in words, for plot titles."""
+    release: str
+    """Suffix of a suite's release repository, as Gemma Scope names them (``...-2b-pt-res``)."""
+    modules: tuple[str, ...]
+    """Paths inside a decoder layer of the module hooked, first that exists wins; () is the layer."""
+    io: Literal["input", "output"]
+    """Whether the hook reads that module's input or its output."""
+    width: Callable[[PretrainedConfig], int]
+    """The site's width (d_in) from the model's text config."""
+    spliceable: bool = True
+    """Whether a reconstruction written there reaches the rest of the model (delta LM loss)."""
+    transcoder_role: Literal["input", "target"] | None = None
+    """Where transcoders meet it: read as their input, or reconstructed as their target."""
+    to_residual: Literal["identity", "module_weight"] | None = None
+    """How a decoder row becomes a residual-stream direction for logit effects: as it is,
+    through the hooked module's weight, or (None) not shown."""
+    gemma_scope_2: str | None = None
+    """Gemma Scope 2's folder kind (``resid_post``, ``mlp_out``, ``attn_out``); None: it has none."""
+    hf_hook_point: str | None = None
+    """Gemma Scope 2's Hugging Face name for it (Gemma 3), ``{L}`` standing for the layer."""
+
+    def site(self, layer: int | str) -> str:
+        """The site of this kind at ``layer`` (or at a placeholder such as ``{L}``)."""
+        return f"blocks.{layer}.{self.hook}"
+
+
+_KINDS = (
+    SiteKind("resid_pre", "hook_resid_pre", "residual stream, layer input", "resid_pre",
+             modules=(), io="input", width=d_model),
+    # The pre-MLP norm's input: the residual stream after attention. Gemma 2/3 also have a
+    # post_attention_layernorm, but there it normalises the attention output: Gemma's name
+    # must come first. Rewriting it there would not reach the residual stream.
+    SiteKind("resid_mid", "hook_resid_mid", "residual stream, before the MLP", "resid_mid",
+             modules=("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2"), io="input",
+             width=d_model, spliceable=False, transcoder_role="input"),
+    SiteKind("resid_post", "hook_resid_post", "residual stream", "res", modules=(), io="output", width=d_model,
+             to_residual="identity", gemma_scope_2="resid_post", hf_hook_point="model.layers.{L}.output"),
+    # The MLP's input is after the pre-MLP norm.
+    SiteKind("mlp_in", "hook_mlp_in", "MLP input", "mlp_in", modules=("mlp",), io="input", width=d_model,
+             transcoder_role="input", hf_hook_point="model.layers.{L}.pre_feedforward_layernorm.output"),
+    SiteKind("mlp_out", "hook_mlp_out", "MLP output", "mlp", modules=("post_feedforward_layernorm", "mlp"),
+             io="output", width=d_model, transcoder_role="target", to_residual="identity", gemma_scope_2="mlp_out",
+             hf_hook_point="model.layers.{L}.post_feedforward_layernorm.output"),
+    SiteKind("attn_z", "attn.hook_z", "attention (hook_z)", "att",
+             modules=("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attn.out_proj"), io="input",
+             width=d_attn_z, to_residual="module_weight", gemma_scope_2="attn_out",
+             hf_hook_point="model.layers.{L}.self_attn.o_proj.input"),
+)
+SITE_KINDS = {kind.name: kind for kind in _KINDS}
+"""Every kind of ``blocks.{L}.<hook>`` site, by short name."""
+
+_BY_HOOK = {kind.hook: kind for kind in _KINDS}
+_TL_SITE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(map(re.escape, _BY_HOOK)) + r")$")
+_MODULE_SITE = re.compile(r"^([A-Za-z_][\w.]*):(input|output)$")
+_FORMS = ", ".join(kind.site("{L}") for kind in _KINDS) + ", '<module.path>:output' or '<module.path>:input'"
+
+
+def layer_and_kind(site: str) -> tuple[int | None, SiteKind | None]:
+    """``(layer, kind)`` of a ``blocks.{L}.<hook>`` site; ``(None, None)`` for anything else
+    (a module path, a typo). The one place site names are taken apart."""
+    m = _TL_SITE.match(site)
+    return (int(m.group(1)), _BY_HOOK[m.group(2)]) if m else (None, None)
+
+
+def site_layer(site: str | None) -> int | None:
+    """The layer of a ``blocks.{L}.<hook>`` site; None for module paths and no site."""
+    return layer_and_kind(site or "")[0]
 
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """A parsed site: ``layer`` is set for TransformerLens names, ``path`` for module paths."""
+    """A parsed site: ``layer`` and ``kind`` are set for TransformerLens names, ``path`` for module paths."""
 
     site: str
-    hook: Literal["resid_pre", "resid_mid", "resid_post", "mlp_in", "mlp_out", "attn_z", "module"]
+    kind: SiteKind | None
     layer: int | None = None
     path: str | None = None
     io: Literal["input", "output"] = "output"
 
+    @property
+    def hook(self) -> str:
+        """The kind's short name (``resid_post``, ``attn_z``, ...), or ``module`` for a module path."""
+        return self.kind.name if self.kind is not None else "module"
+
 
 def parse_site(site: str) -> SiteSpec:
     """Parse a site string (syntax only; see :func:`resolve_site` for the module)."""
-    m = _TL_SITE.match(site)
-    if m:
-        hook = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
-                "hook_mlp_in": "mlp_in", "hook_mlp_out": "mlp_out", "attn.hook_z": "attn_z"}
-        io = "output" if m.group(2) in ("hook_resid_post", "hook_mlp_out") else "input"
-        return SiteSpec(site, hook[m.group(2)], layer=int(m.group(1)), io=io)
+    layer, kind = layer_and_kind(site)
+    if kind is not None:
+        return SiteSpec(site, kind, layer=layer, io=kind.io)
     m = _MODULE_SITE.match(site)
     if m:
-        return SiteSpec(site, "module", path=m.group(1), io=m.group(2))  # type: ignore[arg-type]
+        return SiteSpec(site, None, path=m.group(1), io=m.group(2))  # type: ignore[arg-type]
     raise ConfigError(f"site={site!r} is not a site; expected one of: {_FORMS}")
 
 
@@ -110,16 +201,8 @@ def _no_such_layer(site: str, layer: int, n: int) -> ConfigError:
 
 def site_dim_from_config(config: PretrainedConfig, site: str) -> int | None:
     """Width of a TransformerLens site from the config alone; None for module-path sites."""
-    spec = parse_site(site)
-    if spec.hook == "module":
-        return None
-    config = config.get_text_config()
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    if spec.hook != "attn_z":
-        return int(hidden)
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return int(heads * head_dim)
+    kind = parse_site(site).kind
+    return None if kind is None else kind.width(config.get_text_config())
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -154,7 +237,7 @@ def _first_submodule(layer: nn.Module, paths: tuple[str, ...], site: str) -> nn.
 def resolve_site(model: nn.Module, site: str) -> tuple[nn.Module, Literal["input", "output"]]:
     """The module a site hooks and whether it reads the module's input or output."""
     spec = parse_site(site)
-    if spec.hook == "module":
+    if spec.kind is None:
         module = _get(model, spec.path)
         if module is None:
             hint = _path_hint(model, spec.path)
@@ -164,18 +247,8 @@ def resolve_site(model: nn.Module, site: str) -> tuple[nn.Module, Literal["input
     layers = decoder_layers(model)
     if spec.layer >= len(layers):
         raise _no_such_layer(site, spec.layer, len(layers))
-    layer = layers[spec.layer]
-    if spec.hook == "resid_post":
-        return layer, "output"
-    if spec.hook == "resid_pre":
-        return layer, "input"
-    if spec.hook == "resid_mid":
-        return _first_submodule(layer, _PRE_MLP_NORM_PATHS, site), "input"
-    if spec.hook == "mlp_out":
-        return _first_submodule(layer, _MLP_OUT_PATHS, site), "output"
-    if spec.hook == "mlp_in":
-        return _first_submodule(layer, _MLP_PATHS, site), "input"
-    return _first_submodule(layer, _ATTN_OUT_PROJ_PATHS, site), "input"
+    layer, kind = layers[spec.layer], spec.kind
+    return (_first_submodule(layer, kind.modules, site) if kind.modules else layer), kind.io
 
 
 def _path_hint(model: nn.Module, path: str) -> str:

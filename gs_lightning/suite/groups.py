@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.harvest.model import safe_name
-from gs_lightning.lm.sites import num_layers, parse_site, site_dim_from_config
+from gs_lightning.lm.sites import SITE_KINDS, TRANSCODER, num_layers, parse_site, site_dim_from_config
 from gs_lightning.suite.config import SuiteConfig, WidthSpec
 
 LAYER = "{L}"
@@ -22,7 +22,7 @@ LAYER = "{L}"
 TRANSCODER_ARROW = "->"
 """``"<input site> -> <target site>"`` asks for transcoders from one site to another."""
 
-KIND_NAMES = {"resid_post": "res", "mlp_out": "mlp", "attn_z": "att", "mlp_in": "mlp_in"}
+KIND_NAMES = {kind.name: kind.release for kind in SITE_KINDS.values()}
 """Site kind -> release suffix, as Gemma Scope names its repositories (``...-2b-pt-res``)."""
 
 
@@ -32,7 +32,7 @@ class SuiteSite:
 
     site: str
     target: str | None  # a transcoder's target site
-    kind: str  # release suffix: res, mlp, att, transcoder, or the module path
+    kind: str  # release suffix (SiteKind.release: res, mlp, att, ...) or transcoder
     layer: int | None
     d_in: int
     d_out: int | None
@@ -104,7 +104,7 @@ def _suite_site(i: int, entry: str, source: str, target: str | None, model_confi
     if d_in is None or (target and d_out is None):
         raise ConfigError(f"{where}: suites take TransformerLens site names ({LAYER} patterns of blocks.{{L}}...); "
                           "module-path sites need their width, which the config alone does not give")
-    kind = "transcoder" if target else KIND_NAMES.get(spec.hook, spec.hook)
+    kind = TRANSCODER if target else spec.kind.release
     return SuiteSite(source, target, kind, spec.layer, d_in, d_out)
 
 

@@ -18,9 +18,10 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from gs_lightning.evaluation.plots import log_l0_axis  # noqa: E402
+from gs_lightning.lm.sites import SITE_KINDS, TRANSCODER  # noqa: E402
 
 REPORT = "report"
-KIND_TITLES = {"res": "residual stream", "mlp": "MLP output", "att": "attention (hook_z)", "transcoder": "transcoders"}
+KIND_TITLES = {kind.release: kind.label for kind in SITE_KINDS.values()} | {TRANSCODER: "transcoders"}
 
 
 def _kinds(rows: Sequence[dict[str, Any]]) -> list[str]:
