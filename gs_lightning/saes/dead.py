@@ -73,12 +73,13 @@ class DeadLatentTracking:
 
     def init_dead_tracking(self) -> None:
         """Register the counters ``tokens_since_fired [d_sae]``, zero: none is dead before a window."""
-        self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.float64))  # type: ignore[attr-defined]
+        self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.float64))
 
     def init_remedies(self, dead_coefficient: float, aux_coefficient: float, aux_k: int, dead_tokens: int) -> None:
         """Check and set the JumpReLU family's remedy settings, then :meth:`init_dead_tracking`."""
         if min(dead_coefficient, aux_coefficient) < 0:
-            raise ValueError(f"dead_coefficient and aux_coefficient must be >= 0, got {dead_coefficient}, {aux_coefficient}")
+            raise ValueError("dead_coefficient and aux_coefficient must be >= 0, "
+                             f"got {dead_coefficient}, {aux_coefficient}")
         if dead_tokens <= 0 or aux_k <= 0:
             raise ValueError(f"dead_tokens and aux_k must be > 0, got {dead_tokens}, {aux_k}")
         self.dead_coefficient, self.aux_coefficient = dead_coefficient, aux_coefficient
@@ -128,7 +129,7 @@ class DeadLatentTracking:
         """Both remedies for inputs ``x`` (or their pre-activations ``pre``) reconstructing
         ``target`` as ``x_hat``, on the gathered dead latents; empty when disabled or out of
         training, zero while no latent is dead."""
-        if not self.tracks_dead or not self.training:  # type: ignore[attr-defined]
+        if not self.tracks_dead or not self.training:
             return {}
         idx = self.dead.nonzero().squeeze(-1)  # one host sync; the set is usually small
         if idx.numel() == 0:
@@ -137,12 +138,12 @@ class DeadLatentTracking:
         # (and no graph for it when no term sends a gradient through pre).
         with torch.set_grad_enabled(torch.is_grad_enabled() and (self.aux_coefficient > 0 or self.dead_pull_encoder)):
             pre_dead = (self.dead_pre_activation(x, idx) if pre is None
-                        else pre.reshape(-1, self.d_sae)[:, idx]).float()  # type: ignore[attr-defined]
+                        else pre.reshape(-1, self.d_sae)[:, idx]).float()
         losses = {}
         if self.dead_coefficient > 0:
             # Held fixed (unless dead_pull_encoder), pre leaves the dead latents' directions to
             # AuxK; only their thresholds come down.
-            t = self.threshold.flatten()[idx]  # type: ignore[attr-defined]
+            t = self.threshold.flatten()[idx]
             gap = (t - (pre_dead if self.dead_pull_encoder else pre_dead.detach())).relu()
             losses["dead_pre_act"] = self.dead_coefficient * gap.sum(-1).mean()
         if self.aux_coefficient > 0:
@@ -156,4 +157,4 @@ class DeadLatentTracking:
         return self.dead_losses(x, x, x_hat, pre)
 
     def update_statistics(self, pre: Tensor, f: Tensor) -> None:
-        self.track_firing((f != 0).reshape(-1, self.d_sae).sum(0), f.numel() // self.d_sae)  # type: ignore[attr-defined]
+        self.track_firing((f != 0).reshape(-1, self.d_sae).sum(0), f.numel() // self.d_sae)
