@@ -130,6 +130,9 @@ PREFIXES = [128, 256, 512]  # Matryoshka prefixes at width 1,024 (width / 8, / 4
 OURS: dict[str, Any] = dict(lr=2e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0,
                             sparsity_warmup_steps=1, dead_window_tokens=102_400)
 TOPK_LR = 1e-3
+# The TopK family's dead window, 100 steps of the run's batch (its default, 102,400 tokens,
+# at the default 1,024), so another --batch keeps the window it was measured with.
+TOPK_DEAD_STEPS = 100
 # The TopK family's gradient clipping (per SAE, E||x||^2 = 1 units), as in its quickstart
 # configs. SAELens clips every gradient to norm 1 in its units; measured on resid at k 64
 # (800 steps), our TopK went from FVU 0.0233 unclipped to 0.0234 / 0.0226 / 0.0213 / 0.0214
@@ -319,7 +322,8 @@ def train_ours(stream: Stream, d: int, width: int, plan: dict[str, Any], topk: b
     for family in plan["topk_families"] if topk else []:
         cls = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaBatchTopKSAE}[family]
         nested = {"prefixes": [width // 8, width // 4, width // 2]} if family == "matryoshka" else {}
-        fits.append((family, "defaults", cls(d, width, k=plan["ks"][0], **nested), "k", plan["ks"], clipped))
+        sae = cls(d, width, k=plan["ks"][0], dead_tokens=TOPK_DEAD_STEPS * stream.dm.batch_size, **nested)
+        fits.append((family, "defaults", sae, "k", plan["ks"], clipped))
     out = []
     for family, config, template, key, values, schedule in fits:
         for steps, members, seconds in stream.fit(template, {key: values}, schedule, f"our {family} ({config})"):

@@ -241,10 +241,13 @@ def prefixes(width: int) -> list[int]:
     return [width // 8, width // 4, width // 2]
 
 
-def template(family: str, d: int, width: int, target: int) -> tuple[Any, str]:
-    """Our SAE of ``family`` at its class defaults with L0 ``target``, and the name of the swept argument."""
+def template(family: str, d: int, width: int, target: int, batch: int) -> tuple[Any, str]:
+    """Our SAE of ``family`` at its class defaults with L0 ``target`` (the TopK family's dead
+    window in steps of ``batch``), and the name of the swept argument."""
     cls, key = OUR_CLASSES[family]
     nested = {"prefixes": prefixes(width)} if family.startswith("matryoshka") else {}
+    if key == "k":
+        nested["dead_tokens"] = quality.TOPK_DEAD_STEPS * batch
     return cls(d, width, **{key: target}, **nested), key
 
 
@@ -265,7 +268,7 @@ def train_ours(stream: Stream, width: int, targets: list[int], families: list[st
     """Each family as one packed fit over the L0 targets."""
     out = []
     for family in families:
-        sae, key = template(family, stream.dm.d_in, width, targets[0])
+        sae, key = template(family, stream.dm.d_in, width, targets[0], stream.dm.batch_size)
         members, seconds = stream.fit_family(sae, {key: targets}, family)
         out += [Trained(synthetic_report.OURS, family, f"{key}={t}", t, m, seconds) for t, m in zip(targets, members)]
     return out
@@ -288,7 +291,7 @@ def tune_ours(stream: Stream, width: int, target: int, grid: list[dict[str, Any]
     out = [Trained(synthetic_report.OURS, "jumprelu", _label(lr=lr, **option), target, sae, seconds)
            for (lr, option), sae in zip(members, saes)]
     for family in ("batchtopk", "matryoshka"):
-        sae, key = template(family, d, width, target)
+        sae, key = template(family, d, width, target, stream.dm.batch_size)
         saes, seconds = stream.fit_family(sae, {"lr": list(TUNE_LRS), key: [target] * len(TUNE_LRS)}, family)
         out += [Trained(synthetic_report.OURS, family, _label(lr=lr), target, s, seconds)
                 for lr, s in zip(TUNE_LRS, saes)]
@@ -420,7 +423,7 @@ def run_world(world: str, plan: dict[str, Any], data: Path, steps: int, batch: i
         rows += score(train_peers(stream, runs), stream, world, check_mcc=False)
     facts = dict(width=width, rows=n_rows, val_rows=plan["val_rows"], true_l0=true_l0, targets=targets,
                  harvest_seconds=harvest_seconds, train_and_score_seconds=time.perf_counter() - start,
-                 ours_init_args={f: template(f, stream.dm.d_in, width, targets[0])[0].init_args()
+                 ours_init_args={f: template(f, stream.dm.d_in, width, targets[0], stream.dm.batch_size)[0].init_args()
                                  for f in plan["families"]})
     return rows, facts
 

@@ -131,10 +131,10 @@ def test_batchtopk_matches_one_process(runs) -> None:
     assert float(one["sae.threshold"]) > 0  # an estimate was made
     for key in (*PARAMS, "sae.threshold"):
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
-    # AuxK's dead-latent steps: a latent fired if it fired on either rank's half.
-    assert (one["sae.steps_since_fired"] > 0).any()
-    assert torch.equal(ddp["sae.steps_since_fired"], one["sae.steps_since_fired"])
-    assert torch.equal(runs["batchtopk"]["rank1"]["sae.steps_since_fired"], one["sae.steps_since_fired"])
+    # AuxK's dead-latent counters: a latent fired if it fired on either rank's half.
+    assert (one["sae.tokens_since_fired"] > 0).any()
+    assert torch.equal(ddp["sae.tokens_since_fired"], one["sae.tokens_since_fired"])
+    assert torch.equal(runs["batchtopk"]["rank1"]["sae.tokens_since_fired"], one["sae.tokens_since_fired"])
 
 
 if __name__ == "__main__":  # the DDP run: python -m tests.test_ddp ROOT SHARDS SAE

@@ -66,8 +66,9 @@ def test_validation_metrics_pool_over_tokens_not_batches() -> None:
     module.log = lambda *args, **kwargs: None  # no trainer attached
     module.validation_step(torch.tensor([[1.0, 1.0]]), 0)  # l0 2, mse 2
     module.validation_step(torch.tensor([[1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]]), 1)  # l0 1, 0, 0; mse 2 each
-    assert module.val_l0.compute().item() == pytest.approx(3 / 4)  # per-batch mean of means would say 1.17
-    assert module.val_mse.compute().item() == pytest.approx(2.0)
+    scores = module.val_scores[0].compute()
+    assert scores["l0"].item() == pytest.approx(3 / 4)  # per-batch mean of means would say 1.17
+    assert scores["mse"].item() == pytest.approx(2.0)
 
 
 def test_firing_statistics_by_hand() -> None:

@@ -41,7 +41,7 @@ class Case:
 
 def _kill_half(sae: TopKSAE) -> TopKSAE:
     # Mark latents [32, 64) dead so that AuxK has something to do.
-    sae.steps_since_fired[D_SAE // 2 :] = sae.dead_steps_threshold
+    sae.tokens_since_fired[D_SAE // 2 :] = float("inf")  # never fired: dead under any window
     return sae
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from gs_lightning.evaluation.ground_truth import GroundTruthScorer
 from gs_lightning.evaluation.replacement import ReplacementPart, clean_metrics, replacement_metrics
 from gs_lightning.formats.io import load_sae, load_sae_config, sae_paths
 from gs_lightning.lm.load import shared_language_model
-from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
+from gs_lightning.evaluation.scoring import ReconstructionScorer, score
+from gs_lightning.evaluation.metrics import explained_variance
 from gs_lightning.evaluation.plots import plot_density, plot_frontier
 from gs_lightning.saes import SAE
 from gs_lightning.lm.sites import ActivationExtractor, site_span
@@ -45,13 +47,19 @@ WORLD_BATCH_ROWS = 4096
 """Rows of a world scored at a time (their true activations are made dense a batch at a time)."""
 
 
-@torch.no_grad()
 def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, contexts: list[torch.Tensor],
                            batch_size: int, target_site: str | None = None) -> dict[str, Any]:
     """Pooled L0, FVU, explained variance, dead and dense fractions and per-latent firing
-    rate (``density``) of ``sae`` on the content tokens of ``contexts``; a transcoder reads
-    ``site`` and is scored on ``target_site``."""
-    fvu, firing = PooledFVU(sae.out_width), FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
+    rate (``density``) of ``sae`` on the content tokens of ``contexts``
+    (:mod:`gs_lightning.evaluation.scoring`); a transcoder reads ``site`` and is scored on ``target_site``."""
+    scores = score(sae, _activation_batches(model, tokenizer, site, contexts, batch_size, target_site))
+    return {k: scores[k] for k in ("l0", "fvu", "explained_variance", "dead_frac", "dense_frac", "density", "tokens")}
+
+
+@torch.no_grad()
+def _activation_batches(model: Any, tokenizer: Any, site: str, contexts: list[torch.Tensor], batch_size: int,
+                        target_site: str | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input, target)`` activations of the content tokens of ``contexts``, a batch of contexts at a time."""
     device = next(model.parameters()).device
     sites = [site] if target_site is None else [site, target_site]
     with ActivationExtractor(model, sites) as extract:
@@ -59,16 +67,7 @@ def reconstruction_metrics(sae: SAE, model: Any, tokenizer: Any, site: str, cont
             ids = torch.stack(contexts[start : start + batch_size]).to(device)
             acts = extract(ids)
             mask = content_mask(ids, tokenizer)
-            x = acts[site][mask].float()
-            y = acts[sites[-1]][mask].float()
-            f = sae.encode(x)
-            fvu.update(y.cpu(), sae.decode(f, x).cpu())
-            firing.update(f.cpu())
-    stats = firing.compute()
-    pooled = float(fvu.compute())
-    return {"l0": float(stats["l0"]), "fvu": pooled, "explained_variance": explained_variance(pooled),
-            "dead_frac": float(stats["dead_frac"]), "dense_frac": float(stats["dense_frac"]),
-            "density": stats["density"], "tokens": int(firing.tokens)}
+            yield acts[site][mask].float(), acts[sites[-1]][mask].float()
 
 
 def evaluate(
@@ -177,13 +176,13 @@ def world_row(path: str, sae: SAE, folder: str, n_rows: int) -> dict[str, Any]:
     if sae.stacked_sites is not None or sae.is_transcoder or sae.d_in != width:
         raise ConfigError(f"{path}: a world of width {width} is scored with a one-site SAE (not a transcoder) "
                           f"of d_in={width}; this {type(sae).__name__} has d_in={sae.d_in}, d_out={sae.d_out}")
-    scorer = GroundTruthScorer(sae.W_dec, truth.features)
-    firing = FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
+    scorer, reconstruction = GroundTruthScorer(sae.W_dec, truth.features), ReconstructionScorer(sae)
     for batch in world_batches(folder, n_rows, WORLD_BATCH_ROWS):
         f = sae.encode(batch.acts)
-        scorer.update(batch.acts, sae.decode(f, batch.acts), f, batch.true_acts)
-        firing.update(f)
-    scores, stats = scorer.compute()._asdict(), firing.compute()
+        x_hat = sae.decode(f, batch.acts)
+        scorer.update(batch.acts, x_hat, f, batch.true_acts)
+        reconstruction.update(batch.acts, x_hat, f)
+    scores, stats = scorer.compute()._asdict(), reconstruction.compute()
     print(f"{path}: no delta LM loss (scored on the synthetic world {folder}, which has no language model)")
     return {"sae": str(path), "site": read_manifest(folder)["site"], "d_sae": sae.d_sae, **scores,
             "fvu": 1.0 - scores["explained_variance"], "dense_frac": float(stats["dense_frac"]),

@@ -50,7 +50,8 @@ class FiringStatistics(Metric):
 
     ``compute`` returns L0 (mean active latents per token), the dead fraction (latents
     that never fired on these tokens), the dense fraction (latents firing on more than
-    ``dense_threshold`` of tokens) and the per-latent firing rate (feature density).
+    ``dense_threshold`` of tokens), the per-latent firing rate (feature density) and the
+    number of tokens.
     """
 
     full_state_update = False
@@ -80,6 +81,7 @@ class FiringStatistics(Metric):
             "dead_frac": (self.fires == 0).double().mean(),
             "dense_frac": (density > self.dense_threshold).double().mean(),
             "density": density,
+            "tokens": self.tokens.clone(),
         }
 
 

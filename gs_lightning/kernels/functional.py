@@ -98,3 +98,11 @@ def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 def jumprelu_st(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """JumpReLU whose pseudo-derivative also reaches ``pre`` (see module docstring)."""
     return JumpReLUStraightThroughFunction.apply(pre, threshold, bandwidth)
+
+
+def target_l0_penalty(l0: Tensor, target: float) -> Tensor:
+    """Gemma Scope 2's quadratic penalty around a target L0 ``T``, elementwise:
+    ``(2 / T) (l0 - T)^2`` (SAELens' ``quadratic`` form); callers average it over tokens
+    (and sum it over blocks of latents)."""
+    T = float(target)
+    return (2.0 / T) * (l0 - T).pow(2)

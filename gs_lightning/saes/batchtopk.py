@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gs_lightning.saes.topk import TopKSAE, data_parallel_world
+from gs_lightning.saes.dead import data_parallel_world
+from gs_lightning.saes.topk import DEAD_TOKENS, TopKSAE
 
 
 class BatchTopKSAE(TopKSAE):
@@ -23,13 +24,14 @@ class BatchTopKSAE(TopKSAE):
         k: Mean active latents per token.
         aux_k: Dead latents used by the AuxK reconstruction.
         aux_coefficient: Weight of the AuxK loss.
-        dead_steps_threshold: A latent that has not fired for this many training steps is dead.
+        dead_tokens: A latent that has not fired for this many training tokens is dead (as in :class:`TopKSAE`).
         threshold_decay: Decay of the moving average that estimates the inference threshold.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
         encoder_init_scale: Norm of the encoder columns at initialisation (as in :class:`TopKSAE`).
         skip_connection: A skip-transcoder (needs ``d_out``): adds ``x @ W_skip`` to the
             reconstruction, ``W_skip`` zero at first (:class:`~gs_lightning.saes.SAE`).
+        dead_steps_threshold: The window in training steps instead (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -39,18 +41,19 @@ class BatchTopKSAE(TopKSAE):
         k: int,
         aux_k: int = 512,
         aux_coefficient: float = 0.25,
-        dead_steps_threshold: int = 100,
+        dead_tokens: int = DEAD_TOKENS,
         threshold_decay: float = 0.99,
         d_out: int | None = None,
         encoder_init_scale: float | None = None,
         skip_connection: bool = False,
+        dead_steps_threshold: int | None = None,
     ) -> None:
         if not 0 <= threshold_decay < 1:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, d_out, encoder_init_scale,
-                         skip_connection)
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_tokens, d_out, encoder_init_scale,
+                         skip_connection, dead_steps_threshold)
         self.threshold_decay = threshold_decay
-        # -1 marks "no batch seen yet"; float32 like every threshold (see DESIGN.md).
+        # -1 marks "no batch seen yet"; float32 like every threshold (docs/guide/variants.md, dead latents).
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     def activation(self, pre: Tensor) -> Tensor:

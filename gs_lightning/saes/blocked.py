@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gs_lightning.kernels.functional import step
+from gs_lightning.kernels.functional import step, target_l0_penalty
 from gs_lightning.saes.base import SAE
-from gs_lightning.saes.dead import DeadLatentTracking, check_remedies
+from gs_lightning.saes.dead import DeadLatentTracking
 
 
 class BlockedJumpReLU(DeadLatentTracking, SAE):
@@ -30,7 +30,8 @@ class BlockedJumpReLU(DeadLatentTracking, SAE):
     blocks and whose ``raw_threshold`` holds every latent's threshold (block-major).
 
     Subclasses set ``sparsity_coefficient``, ``bandwidth`` and ``target_l0``, call
-    :meth:`init_remedies`, and define :attr:`blocks` and :meth:`block_encoder`."""
+    ``init_remedies`` (:class:`~gs_lightning.saes.dead.DeadLatentTracking`), and define
+    :attr:`blocks` and :meth:`block_encoder`."""
 
     sparsity_coefficient: float
     bandwidth: float
@@ -71,26 +72,10 @@ class BlockedJumpReLU(DeadLatentTracking, SAE):
         """Training FLOPs per token: 6 per encoder and decoder weight (forward 2, backward 4)."""
         return 6 * sum(p.numel() for name, p in self.named_parameters() if name.startswith(("W_enc", "W_dec")))
 
-    def init_remedies(self, dead_coefficient: float, aux_coefficient: float, aux_k: int, dead_tokens: int) -> None:
-        """Set the dead-latent remedies' settings and counters (see :mod:`gs_lightning.saes.dead`)."""
-        check_remedies(dead_coefficient, aux_coefficient, aux_k, dead_tokens)
-        self.dead_coefficient, self.aux_coefficient = dead_coefficient, aux_coefficient
-        self.aux_k, self.dead_tokens = aux_k, dead_tokens
-        # float64 counts tokens exactly up to 2^53.
-        self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.float64))
-
     @property
     def threshold(self) -> Tensor:
         """Thresholds, float32, in the shape of ``raw_threshold``."""
         return self.raw_threshold.float()
-
-    def block_penalty(self, block_l0: Tensor) -> Tensor:
-        """The unweighted sparsity term from ``[tokens, blocks]`` (pseudo-differentiable) L0s:
-        ``mean_b sum_k l0_bk``, or with ``target_l0`` ``mean_b sum_k (2 / T) (l0_bk - T)^2``."""
-        if self.target_l0 is None:
-            return block_l0.sum(-1).mean()
-        T = float(self.target_l0)
-        return ((2.0 / T) * (block_l0 - T).pow(2)).sum(-1).mean()
 
     def sparsity_terms(self, counts: Tensor, block_l0: Tensor | None, tokens: int, warmup: float) -> dict[str, Tensor]:
         """The weighted L0 term from step-function counts carrying pseudo-derivatives: without
@@ -99,8 +84,7 @@ class BlockedJumpReLU(DeadLatentTracking, SAE):
         if self.target_l0 is None:
             penalty = counts.sum() / tokens
         else:
-            T = float(self.target_l0)
-            penalty = ((2.0 / T) * (block_l0 - T).pow(2)).sum(-1).mean()
+            penalty = target_l0_penalty(block_l0, self.target_l0).sum(-1).mean()
         return {"l0_penalty": warmup * self.sparsity_coefficient * penalty}
 
     def sparsity_losses(self, pre: Tensor, f: Tensor, warmup: float) -> dict[str, Tensor]:

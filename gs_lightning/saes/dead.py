@@ -1,18 +1,23 @@
-"""The dead-latent remedies of the JumpReLU dictionaries, in one place.
+"""Dead latents, defined once: what "dead" means, how it is counted, and the remedies.
 
-A latent that has not fired for ``dead_tokens`` training tokens is dead. Two terms bring
-dead latents back (see :class:`~gs_lightning.saes.JumpReLUSAE` for their measured effect):
+A latent is dead when it has not fired for ``window`` training tokens. Every reader counts
+the same way, :func:`count_firing`: per latent a float64 count of the tokens since it last
+fired (exact up to 2^53 tokens), advanced by each batch's token count and reset to 0 where
+the latent fired; under data parallelism the counts and tokens are the global batch's. The
+SAEs' remedies (:class:`DeadLatentTracking`), the training module's ``train/dead_frac``
+and its checkpoints all hold that count. Evaluation's ``dead_frac`` and validation's
+``val/never_fire_frac`` are the same definition with the window the whole scored set: a
+latent that fired on none of its tokens (:mod:`gs_lightning.evaluation.scoring`).
+
+Two terms bring dead latents back:
 
 * the pre-activation loss ``dead_coefficient * mean_b sum_{i dead} relu(t_i - pre_bi)``
   (Anthropic's 2025 form restricted to dead latents, as SAELens does), whose gradient
-  reaches the thresholds only unless the caller lets ``pre`` carry one;
-* AuxK (Gao et al. 2024): the ``aux_k`` largest ``relu(pre)`` of each token's dead latents
-  reconstruct the residual ``target - x_hat`` (held fixed) through their decoders, so they
-  learn directions the live latents miss.
-
-:class:`DeadLatentTracking` keeps the counters (a float64 buffer, global under data
-parallelism) and computes both terms from the dead latents' pre-activations and decoders,
-which each variant gathers its own way.
+  reaches the thresholds only unless the caller lets ``pre`` carry one (JumpReLU family);
+* AuxK (Gao et al. 2024), :func:`aux_k_loss`: the ``aux_k`` largest ``relu(pre)`` of each
+  token's dead latents reconstruct the residual ``target - x_hat`` (held fixed) through
+  their decoders, so they learn directions the live latents miss (every TopK and JumpReLU
+  variant).
 """
 
 from __future__ import annotations
@@ -20,30 +25,76 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gs_lightning.saes.topk import data_parallel_world
+
+def data_parallel_world() -> int:
+    """Ranks sharing a batch through data parallelism (1 outside torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def count_firing(tokens_since_fired: Tensor, counts: Tensor, tokens: Tensor | float) -> None:
+    """Advance ``tokens_since_fired`` (float64, ``[..., d_sae]``) in place by one batch of
+    ``tokens`` tokens on which latent i fired ``counts[..., i]`` times."""
+    tokens_since_fired.add_(tokens).masked_fill_(counts > 0, 0)
+
+
+def is_dead(tokens_since_fired: Tensor, window: float) -> Tensor:
+    """``[..., d_sae]`` bool: latents that have not fired for ``window`` tokens."""
+    return tokens_since_fired >= window
+
+
+def aux_k_loss(pre_dead: Tensor, decoders: Tensor, residual: Tensor, aux_k: int) -> Tensor:
+    """AuxK: ``mean_b ||e_b - f_aux_b @ decoders||^2`` where ``f_aux`` keeps the ``aux_k``
+    largest (then relu'd) of each token's dead pre-activations ``pre_dead [tokens, n]`` and
+    ``e = residual [tokens, out]``, the part of the target the live latents miss (detach it).
+    Columns of live latents may be passed masked to -inf (a static shape): relu zeroes them."""
+    values, chosen = pre_dead.topk(min(aux_k, pre_dead.shape[-1]), dim=-1)
+    f_aux = torch.zeros_like(pre_dead).scatter(-1, chosen, values.relu())
+    return (f_aux @ decoders - residual).pow(2).sum(-1).mean()
 
 
 class DeadLatentTracking:
-    """Mixin of an :class:`~gs_lightning.saes.SAE` with the dead-latent remedies.
+    """Mixin of an :class:`~gs_lightning.saes.SAE` that counts its dead latents.
 
-    The class sets ``dead_coefficient``, ``aux_coefficient``, ``aux_k`` and ``dead_tokens``,
-    registers the float64 buffer ``tokens_since_fired [d_sae]`` (see :func:`check_remedies`)
-    and says how to gather its dead latents' pre-activations and decoders
+    The class calls :meth:`init_remedies` (the JumpReLU family) or sets ``aux_k``,
+    ``aux_coefficient`` and a window and calls :meth:`init_dead_tracking` (TopK); the JumpReLU
+    family also says how to gather its dead latents' pre-activations and decoders
     (:meth:`dead_pre_activation`, :meth:`dead_decoders`)."""
 
     training_buffers: tuple[str, ...] = ("tokens_since_fired",)
     dead_pull_encoder: bool = False
     """Let the pre-activation loss pull the dead latents' pre-activations up too."""
-    dead_coefficient: float
+    dead_coefficient: float = 0.0
     aux_coefficient: float
     aux_k: int
     dead_tokens: int
     tokens_since_fired: Tensor
 
+    def init_dead_tracking(self) -> None:
+        """Register the counters ``tokens_since_fired [d_sae]``, zero: none is dead before a window."""
+        self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.float64))
+
+    def init_remedies(self, dead_coefficient: float, aux_coefficient: float, aux_k: int, dead_tokens: int) -> None:
+        """Check and set the JumpReLU family's remedy settings, then :meth:`init_dead_tracking`."""
+        if min(dead_coefficient, aux_coefficient) < 0:
+            raise ValueError("dead_coefficient and aux_coefficient must be >= 0, "
+                             f"got {dead_coefficient}, {aux_coefficient}")
+        if dead_tokens <= 0 or aux_k <= 0:
+            raise ValueError(f"dead_tokens and aux_k must be > 0, got {dead_tokens}, {aux_k}")
+        self.dead_coefficient, self.aux_coefficient = dead_coefficient, aux_coefficient
+        self.aux_k, self.dead_tokens = aux_k, dead_tokens
+        self.init_dead_tracking()
+
+    @property
+    def dead_window(self) -> float:
+        """Training tokens without firing after which a latent is dead (``dead_tokens``)."""
+        return self.dead_tokens
+
     @property
     def dead(self) -> Tensor:
-        """``[d_sae]`` bool: latents that have not fired for ``dead_tokens`` training tokens."""
-        return self.tokens_since_fired >= self.dead_tokens
+        """``[d_sae]`` bool: latents that have not fired for :attr:`dead_window` training tokens."""
+        return is_dead(self.tokens_since_fired, self.dead_window)
 
     @property
     def tracks_dead(self) -> bool:
@@ -52,7 +103,7 @@ class DeadLatentTracking:
 
     @torch.no_grad()
     def track_firing(self, counts: Tensor, tokens: int) -> None:
-        """Advance the dead-latent counters by one batch (global under data parallelism)."""
+        """Advance the counters by one local batch of ``tokens`` tokens (global under data parallelism)."""
         if not self.tracks_dead:
             return
         counts = counts.detach().float()
@@ -60,7 +111,7 @@ class DeadLatentTracking:
         if world > 1:  # dead means unfired on every rank's share of the batch
             counts = counts.clone()
             torch.distributed.all_reduce(counts)
-        self.tokens_since_fired.add_(tokens * world).masked_fill_(counts > 0, 0)
+        count_firing(self.tokens_since_fired, counts, tokens * world)
 
     def remedy_names(self) -> list[str]:
         """The loss terms the remedies add, in order (zero while no latent is dead)."""
@@ -76,8 +127,8 @@ class DeadLatentTracking:
 
     def dead_losses(self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor | None = None) -> dict[str, Tensor]:
         """Both remedies for inputs ``x`` (or their pre-activations ``pre``) reconstructing
-        ``target`` as ``x_hat``; empty when disabled or out of training, zero while no
-        latent is dead."""
+        ``target`` as ``x_hat``, on the gathered dead latents; empty when disabled or out of
+        training, zero while no latent is dead."""
         if not self.tracks_dead or not self.training:
             return {}
         idx = self.dead.nonzero().squeeze(-1)  # one host sync; the set is usually small
@@ -96,11 +147,9 @@ class DeadLatentTracking:
             gap = (t - (pre_dead if self.dead_pull_encoder else pre_dead.detach())).relu()
             losses["dead_pre_act"] = self.dead_coefficient * gap.sum(-1).mean()
         if self.aux_coefficient > 0:
-            values, chosen = pre_dead.topk(min(self.aux_k, idx.numel()), dim=-1)
-            f_aux = torch.zeros_like(pre_dead).scatter(-1, chosen, values.relu())
             decoders = self.dead_decoders(idx).float()
             residual = (target - x_hat).detach().reshape(-1, decoders.shape[-1]).float()
-            losses["aux_k"] = self.aux_coefficient * (f_aux @ decoders - residual).pow(2).sum(-1).mean()
+            losses["aux_k"] = self.aux_coefficient * aux_k_loss(pre_dead, decoders, residual, self.aux_k)
         return losses
 
     def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
@@ -109,10 +158,3 @@ class DeadLatentTracking:
 
     def update_statistics(self, pre: Tensor, f: Tensor) -> None:
         self.track_firing((f != 0).reshape(-1, self.d_sae).sum(0), f.numel() // self.d_sae)
-
-def check_remedies(dead_coefficient: float, aux_coefficient: float, aux_k: int, dead_tokens: int) -> None:
-    """Raise ValueError, naming the values, unless the remedies' settings are valid."""
-    if min(dead_coefficient, aux_coefficient) < 0:
-        raise ValueError(f"dead_coefficient and aux_coefficient must be >= 0, got {dead_coefficient}, {aux_coefficient}")
-    if dead_tokens <= 0 or aux_k <= 0:
-        raise ValueError(f"dead_tokens and aux_k must be > 0, got {dead_tokens}, {aux_k}")

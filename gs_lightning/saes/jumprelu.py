@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gs_lightning.kernels.functional import jumprelu, step
+from gs_lightning.kernels.functional import jumprelu, step, target_l0_penalty
 from gs_lightning.kernels.fused import Workspace, autocast_dtype, fused_jumprelu_loss
 from gs_lightning.saes.base import SAE, TrainOutput
 from gs_lightning.saes.dead import DeadLatentTracking
@@ -36,80 +36,60 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
     """JumpReLU SAE: ``f = pre * H(pre - threshold)``, loss MSE + lambda * L0.
 
     The sparsity term is Gemma Scope's mean L0 (``lambda * mean_b sum_i H(pre - t)``), or
-    with ``target_l0`` Gemma Scope 2's quadratic penalty around a target L0, in SAELens'
-    ``quadratic`` form: ``lambda * mean_b (2 / T) (l0_b - T)^2`` with ``l0_b`` token b's
-    L0, so coefficients carry over between the two tools at the same input scaling. Two
-    opt-in terms act on the dictionary's health: a penalty on dense latents and a
-    pre-activation loss that revives dead ones (see the arguments).
+    with ``target_l0`` Gemma Scope 2's quadratic penalty around a target L0 in SAELens'
+    ``quadratic`` form (:func:`~gs_lightning.kernels.functional.target_l0_penalty`), so coefficients
+    carry over between the two tools at the same input scaling. Opt-in and default-on terms
+    act on the dictionary's health: a penalty on dense latents and the dead-latent remedies
+    of :mod:`gs_lightning.saes.dead`. The defaults and what each was measured to do are in
+    docs/guide/variants.md (dead latents), docs/results/quality.md and
+    docs/results/ground_truth.md.
 
     Args:
         d_in: Width of the activations the SAE reads.
         d_sae: Number of latents (dictionary size).
-        sparsity_coefficient: lambda, the weight of the sparsity term (at the end of warm-up).
-            Its scale depends on the input scaling scheme; Gemma Scope sweeps it per site.
-            ``None`` (the default) picks ``1 / d_in`` with ``target_l0`` (SAELens' coefficient
-            1 for the quadratic penalty, whose squared error is ``d_in`` times ours under its
-            E||x|| = sqrt(d) scaling) and 1e-3 for the mean L0.
-        bandwidth: eps, the width of the rectangle kernel of the pseudo-derivatives.
-            ``None`` (the default) picks ``2 sigma0``, twice the typical initial pre-activation
-            ``sigma0 = encoder_init_scale / sqrt(d_in)`` of inputs scaled to E||x||^2 = 1: at
-            ``d_sae = 4 d_in`` that is ``1 / sqrt(d_in)``, SynthSAEBench's 1.0 in SAELens' units,
-            with which the default recipe recovers the true features of synthetic worlds
-            (docs/results/ground_truth.md); tied to sigma0, a wider dictionary does not start
-            with every threshold many pre-activations up and nothing firing.
+        sparsity_coefficient: lambda, the weight of the sparsity term (at the end of warm-up);
+            its scale depends on the input scaling. ``None`` picks ``1 / d_in`` with
+            ``target_l0`` (SAELens' coefficient 1, whose squared error is ``d_in`` times
+            ours under its E||x|| = sqrt(d) scaling) and 1e-3 for the mean L0.
+        bandwidth: eps, the width of the rectangle kernel of the pseudo-derivatives. ``None``
+            picks ``2 sigma0``, twice the typical initial pre-activation ``sigma0 =
+            encoder_init_scale / sqrt(d_in)`` of inputs scaled to E||x||^2 = 1 (SynthSAEBench's
+            1.0 in SAELens' units at ``d_sae = 4 d_in``); tied to sigma0, a wider dictionary
+            does not start with nothing firing.
         threshold_init: Initial threshold of every latent; ``None`` picks ``2 sigma0`` as for
             ``bandwidth`` (about 2% of latents fire at first).
         threshold_parameterization: ``raw`` trains the threshold itself, clamped at >= 0;
             ``log`` trains log(threshold) as the paper does, which Adam moves by about lr
             per step in log space: too slow for runs of thousands of steps.
         encoder_init_scale: Norm of the encoder columns at initialisation (``W_enc =
-            scale * W_dec^T``). ``None`` (the default) picks ``2 * d_in / d_sae`` (for a
-            transcoder, whose random decoder does not add up coherently, its square root),
-            so that the initial reconstruction has about the input's norm: with unit encoder columns
-            (Gemma Scope's ``W_enc = W_dec^T``) about half the latents fire on every token
-            at first and the reconstruction is ``d_sae / (2 d_in)`` times too large (8x for
-            the quickstart); the SAE then spends its first steps shrinking, kills half its
-            latents and ends worse on both L0 and FVU (docs/results/quality.md).
-        target_l0: Train towards this L0 with the quadratic penalty above instead of the
-            mean L0; ``None`` keeps Gemma Scope's mean-L0 term.
-        target_per_token: With ``target_l0``, penalise each token's L0 (SAELens' form,
-            the default) or, ``False``, the batch's mean L0, ``lambda (2 / T) (mean_b l0_b
-            - T)^2``, under which every active latent feels the same pull, as with a
-            fixed lambda. Offered because the per-token form left 12-19% of latents
-            never firing at targets 30-60 on the quickstart (docs/results/quality.md);
-            whether this form does better has not been measured yet.
+            scale * W_dec^T``). ``None`` picks ``2 * d_in / d_sae`` (its square root for a
+            transcoder, whose random decoder does not add up coherently), so the initial
+            reconstruction has about the input's norm; unit columns make it ``d_sae / (2
+            d_in)`` times too large, and the SAE kills latents while it shrinks.
+        target_l0: Train towards this L0 with the quadratic penalty instead of the mean L0;
+            ``None`` keeps Gemma Scope's mean-L0 term.
+        target_per_token: With ``target_l0``, penalise each token's L0 (SAELens' form) or,
+            ``False``, the batch's mean L0, under which every active latent feels the same
+            pull, as with a fixed lambda.
         dense_coefficient: Weight of ``sum_i relu(p_i - dense_threshold)``, ``p_i`` being
-            latent i's firing frequency in the batch (with the step's pseudo-derivative):
-            it raises the threshold of latents that fire on more than ``dense_threshold``
-            of tokens and leaves the others alone. Gemma Scope 2 penalises high-frequency
-            latents in an unpublished form; this is ours. 0 disables.
+            latent i's firing frequency in the batch (with the step's pseudo-derivative): it
+            raises the thresholds of latents firing on more than ``dense_threshold`` of tokens
+            (Gemma Scope 2 penalises such latents in an unpublished form; this is ours). 0 disables.
         dense_threshold: Firing frequency above which a latent is penalised as dense.
         dead_coefficient: Weight of the pre-activation loss ``mean_b sum_{i dead}
-            relu(t_i - pre_bi)`` on latents that have not fired for ``dead_tokens`` tokens
-            (Anthropic's 2025 pre-activation loss, restricted to dead latents as SAELens
-            does). By default its gradient reaches the thresholds only (``pre`` is held
-            fixed, see ``dead_pull_encoder``): a dead latent's threshold comes down until
-            it fires on the tokens where its pre-activation is highest, which AuxK has
-            been training towards what the live latents miss. The default 0.1, with AuxK,
-            leaves 0-4% of latents never firing over the benchmark's lambdas on both sites
-            (AuxK alone: 23-51% at the MLP output). 0 disables.
-        dead_pull_encoder: Let the pre-activation loss pull the dead latents'
-            pre-activations up as well (encoder and bias; Anthropic's form). That lifts them
-            on every token alike, so they come back firing broadly and spend the L0 budget
-            poorly: at the MLP output (lambda 1e-3) FVU 0.0408 against 0.0377 with the
-            thresholds alone, and 0.0632 against 0.0556 at 3e-3 (docs/results/quality.md).
-        aux_coefficient: Weight of an AuxK loss on dead latents (Gao et al. 2024's remedy
-            for TopK, here for JumpReLU): the ``aux_k`` largest ``relu(pre)`` of each
-            token's dead latents reconstruct the residual ``x - x_hat`` (a fixed target),
-            so dead latents learn directions the live ones miss, encoder and decoder both,
-            before they fire again. 0.5 cut never-firing latents from 16-27% to 0-3% at
-            the quickstart's lambdas, with a slightly better FVU; 1.0 (the default) took
-            lambda 3e-3 from 8.8% to 5.9% at the same FVU (2.0: 6.4%). 0 disables.
+            relu(t_i - pre_bi)`` on dead latents (Anthropic's 2025 loss restricted to dead
+            latents, as SAELens does). Its gradient reaches the thresholds only (see
+            ``dead_pull_encoder``): a dead latent's threshold comes down until it fires where
+            its pre-activation is highest, which AuxK trains towards what live latents miss. 0 disables.
+        dead_pull_encoder: Let the pre-activation loss pull the dead latents' pre-activations
+            up as well (encoder and bias; Anthropic's form); they then come back firing
+            broadly and spend the L0 budget poorly.
+        aux_coefficient: Weight of AuxK on dead latents (Gao et al. 2024's remedy for TopK):
+            the ``aux_k`` largest ``relu(pre)`` of each token's dead latents reconstruct the
+            residual ``x - x_hat`` (a fixed target), encoder and decoder both. 0 disables.
         aux_k: Dead latents per token in the AuxK reconstruction.
         dead_tokens: A latent that has not fired for this many training tokens is dead
-            for ``dead_coefficient`` and ``aux_coefficient`` (32,768: the size of the
-            held-out set latents are judged on, a firing rate of about 3e-5; 8,192 left
-            23% never firing at lambda 3e-3, 65,536 and 131,072 7.3% and 8.7%).
+            (32,768: the size of the held-out set latents are judged on).
         fused: Use the fused forward/backward step while training (same numbers, less
             memory traffic); falls back to autograd when gradients to the input are needed.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
@@ -118,32 +98,24 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
             + b_dec``, ``W_skip`` zero at first; the fused step computes the skip term and its
             gradient too. Gemma Scope 2 calls these transcoders ``affine``.
         normalize_decoder: Hold decoder rows at unit norm (Gemma Scope). The default leaves
-            them free from ``decoder_init_norm``: on synthetic worlds the unit-norm constraint
-            cost 0.06 of MCC (docs/results/ground_truth.md).
+            them free from ``decoder_init_norm``, which recovers more true features.
         decoder_init_norm: Norm of the decoder rows at initialisation when they are free
             (SynthSAEBench's 0.5); ignored with ``normalize_decoder``.
         bias_lr_scale: Learning-rate multiplier of the threshold and ``b_enc`` (and of
-            ``b_dec``). ``None`` picks ``1 / sqrt(d_in)`` (``1 / sqrt(d_out)`` for ``b_dec``): inputs
-            scaled to E||x||^2 = 1 make thresholds and biases ``sqrt(d)`` times smaller than
-            in SAELens' units while Adam moves every parameter by about lr a step, so without it
-            they move ``sqrt(d)`` times faster relative to their size, and the dictionary
-            recovered fewer true features (docs/results/ground_truth.md). 1.0: Gemma Scope.
+            ``b_dec``). ``None`` picks ``1 / sqrt(d_in)`` (``1 / sqrt(d_out)`` for ``b_dec``):
+            inputs scaled to E||x||^2 = 1 make thresholds and biases ``sqrt(d)`` times smaller
+            than in SAELens' units while Adam moves every parameter by about lr a step. 1.0: Gemma Scope.
         normalize_gradient: Rescale the SAE's whole gradient to unit norm before each
-            optimizer step (after the decoder projection). SAELens clips at norm 1 in its
-            units, where the gradient is larger than that on every step, so its Adam sees
-            unit-norm gradients; this is that, independent of the input scaling. The norm is
-            measured in those units: each threshold or bias gradient counts at its
-            :meth:`lr_scales` multiplier, since in our units it is ``sqrt(d)`` times larger
-            relative to the weights' and would otherwise set the norm by itself. Off, the true
-            features recovered fell by 0.08 of MCC; measured with unweighted biases, by 0.03 on
-            a world without a hierarchy (docs/results/ground_truth.md).
+            optimizer step (after the decoder projection), as SAELens' clip at norm 1 does in
+            its units, where the gradient is larger than that on every step. Each threshold or
+            bias gradient counts at its :meth:`lr_scales` multiplier, so the norm is measured
+            in those units whatever the input scaling.
         subtract_decoder_bias: Encode ``x - b_dec`` rather than ``x`` (SAELens'
-            ``apply_b_dec_to_input``): ``b_dec`` then learns the activations' centre and the
-            encoder reads deviations from it. The same SAE as one with encoder bias
-            ``b_enc - b_dec @ W_enc``, which is what :meth:`canonical_state_dict` (and so every
-            saved or exported SAE) holds; only training differs. ``None`` (the default): on for
-            an SAE, off for a transcoder, whose ``b_dec`` lives at another site. On the flat
-            tuning world it recovered 0.02 more of MCC and F1 (docs/results/ground_truth.md).
+            ``apply_b_dec_to_input``): ``b_dec`` learns the activations' centre and the
+            encoder reads deviations from it. The same SAE as one with encoder bias ``b_enc -
+            b_dec @ W_enc``, which :meth:`canonical_state_dict` (and so every saved or exported
+            SAE) holds; only training differs. ``None``: on for an SAE, off for a transcoder,
+            whose ``b_dec`` lives at another site.
     """
 
     def __init__(
@@ -177,13 +149,9 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
             raise ValueError(f"threshold_parameterization must be 'log' or 'raw', not {threshold_parameterization!r}")
         if target_l0 is not None and not 0 < target_l0 <= d_sae:
             raise ValueError(f"target_l0 must be in (0, d_sae={d_sae}], got {target_l0}")
-        if min(dense_coefficient, dead_coefficient, aux_coefficient) < 0 or not 0 < dense_threshold <= 1:
-            raise ValueError(
-                "dense_coefficient, dead_coefficient and aux_coefficient must be >= 0 and dense_threshold in (0, 1], "
-                f"got {dense_coefficient}, {dead_coefficient}, {aux_coefficient}, {dense_threshold}"
-            )
-        if dead_tokens <= 0 or aux_k <= 0:
-            raise ValueError(f"dead_tokens and aux_k must be > 0, got {dead_tokens}, {aux_k}")
+        if dense_coefficient < 0 or not 0 < dense_threshold <= 1:
+            raise ValueError(f"dense_coefficient must be >= 0 and dense_threshold in (0, 1], "
+                             f"got {dense_coefficient}, {dense_threshold}")
         if subtract_decoder_bias is None:
             subtract_decoder_bias = d_out is None
         if subtract_decoder_bias and d_out is not None:
@@ -216,19 +184,14 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
         self.target_per_token = target_per_token
         self.dense_coefficient = dense_coefficient
         self.dense_threshold = dense_threshold
-        self.dead_coefficient = dead_coefficient
         self.dead_pull_encoder = dead_pull_encoder
-        self.aux_coefficient = aux_coefficient
-        self.aux_k = aux_k
-        self.dead_tokens = dead_tokens
         self.fused = fused
         init = torch.full((d_sae,), threshold_init, dtype=torch.float32)
         if threshold_parameterization == "log":
             self.log_threshold = nn.Parameter(init.log())
         else:
             self.raw_threshold = nn.Parameter(init)
-        # float64 counts tokens exactly up to 2^53; only dead_coefficient reads it.
-        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.float64))
+        self.init_remedies(dead_coefficient, aux_coefficient, aux_k, dead_tokens)
         # Which form b_enc is in, saved with checkpoints: one written in the other form (or before
         # this option existed, or canonical) is converted on load, so the SAE computes the same thing.
         self.register_buffer("b_dec_subtracted", torch.tensor(subtract_decoder_bias))
@@ -276,12 +239,11 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
         """The weighted sparsity terms from step-function counts with pseudo-derivatives:
         ``counts [d_sae]`` (tokens each latent fired on) and ``token_l0 [batch]`` (latents
         active per token; needed with ``target_l0``)."""
-        T = None if self.target_l0 is None else float(self.target_l0)
         if self.needs_token_l0:
-            penalty = ((2.0 / T) * (token_l0 - T).pow(2)).mean()
+            penalty = target_l0_penalty(token_l0, self.target_l0).mean()
         else:
             l0 = token_l0.mean() if token_l0 is not None else counts.sum() / batch
-            penalty = l0 if T is None else (2.0 / T) * (l0 - T).pow(2)
+            penalty = l0 if self.target_l0 is None else target_l0_penalty(l0, self.target_l0)
         terms = {"l0_penalty": warmup * self.sparsity_coefficient * penalty}
         if self.dense_coefficient > 0:
             excess = (counts / batch - self.dense_threshold).relu().sum()

@@ -19,6 +19,7 @@ from typing import Literal
 from torch import Tensor
 
 from gs_lightning.saes.batchtopk import BatchTopKSAE
+from gs_lightning.saes.topk import DEAD_TOKENS
 from gs_lightning.saes.jumprelu import JumpReLUSAE
 
 
@@ -69,13 +70,14 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         prefixes: Increasing prefix sizes, each below ``d_sae`` (the full dictionary is ``mse``).
         aux_k: Dead latents used by the AuxK reconstruction.
         aux_coefficient: Weight of the AuxK loss.
-        dead_steps_threshold: A latent that has not fired for this many training steps is dead.
+        dead_tokens: A latent that has not fired for this many training tokens is dead (as in :class:`TopKSAE`).
         threshold_decay: Decay of the moving average that estimates the inference threshold.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
         encoder_init_scale: Norm of the encoder columns at initialisation (as in :class:`TopKSAE`).
         skip_connection: A skip-transcoder (needs ``d_out``): every prefix's reconstruction
             includes ``x @ W_skip``, as it includes ``b_dec``.
+        dead_steps_threshold: The window in training steps instead (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -86,15 +88,16 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         prefixes: list[int],
         aux_k: int = 512,
         aux_coefficient: float = 0.25,
-        dead_steps_threshold: int = 100,
+        dead_tokens: int = DEAD_TOKENS,
         threshold_decay: float = 0.99,
         d_out: int | None = None,
         encoder_init_scale: float | None = None,
         skip_connection: bool = False,
+        dead_steps_threshold: int | None = None,
     ) -> None:
         prefixes = check_prefixes(prefixes, d_sae)
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_steps_threshold, threshold_decay, d_out,
-                         encoder_init_scale, skip_connection)
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_tokens, threshold_decay, d_out,
+                         encoder_init_scale, skip_connection, dead_steps_threshold)
         self.prefixes = prefixes
 
 

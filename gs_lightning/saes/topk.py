@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gs_lightning.saes.base import SAE
+from gs_lightning.saes.dead import DeadLatentTracking, aux_k_loss, data_parallel_world
+
+DEAD_TOKENS = 102_400
+"""The TopK family's dead window: 100 steps of 1,024 tokens, the window it was tuned with."""
 
 
-class TopKSAE(SAE):
+class TopKSAE(DeadLatentTracking, SAE):
     """``f = TopK(relu(pre))``: the k largest activations of each token; loss MSE + AuxK.
 
     No sparsity penalty: k fixes L0. AuxK reconstructs the residual ``x - x_hat`` from the
-    ``aux_k`` largest pre-activations among *dead* latents (none fired for
-    ``dead_steps_threshold`` training steps), which gives them a gradient back to life.
+    ``aux_k`` largest pre-activations among *dead* latents (none fired for ``dead_tokens``
+    training tokens, :mod:`gs_lightning.saes.dead`), which gives them a gradient back to life.
 
     Train the TopK family with gradient clipping (``model.gradient_clip_norm: 0.03`` in its
     configs, E||x||^2 = 1 units). It was the difference that made SAELens' TopK better at
@@ -32,9 +37,9 @@ class TopKSAE(SAE):
             window; with the short default window below, 0.25 left 4.2% of latents
             never firing at k 32 in the 1,000-step quick benchmark (7-13% at k 16-64 in
             the 800-step full run, with gradient clipping; docs/results/quality.md).
-        dead_steps_threshold: A latent that has not fired for this many training steps is
-            dead. 100 (about 100k tokens at 1,024 per batch): a window as long as the run
-            (the old default, 1,000 steps, in the 1,000-step benchmark) never lets AuxK act.
+        dead_tokens: A latent that has not fired for this many training tokens is dead.
+            102,400 (100 steps at 1,024 per batch): a window as long as the run (1,000
+            steps in the 1,000-step benchmark) never lets AuxK act.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
         encoder_init_scale: Norm of the encoder columns at initialisation (``W_enc =
@@ -46,9 +51,10 @@ class TopKSAE(SAE):
             transcoder, on which the rule was not measured, keeps unit columns.
         skip_connection: A skip-transcoder (needs ``d_out``): adds ``x @ W_skip`` to the
             reconstruction, ``W_skip`` zero at first (:class:`~gs_lightning.saes.SAE`).
+        dead_steps_threshold: The window counted in training steps instead, as configs
+            from before ``dead_tokens`` give it; it becomes tokens at the first training
+            batch (this many steps of that batch's global tokens). None: ``dead_tokens``.
     """
-
-    training_buffers = ("steps_since_fired",)
 
     def __init__(
         self,
@@ -57,15 +63,17 @@ class TopKSAE(SAE):
         k: int,
         aux_k: int = 512,
         aux_coefficient: float = 0.25,
-        dead_steps_threshold: int = 100,
+        dead_tokens: int = DEAD_TOKENS,
         d_out: int | None = None,
         encoder_init_scale: float | None = None,
         skip_connection: bool = False,
+        dead_steps_threshold: int | None = None,
     ) -> None:
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
-        if aux_k < 0 or dead_steps_threshold <= 0:
-            raise ValueError(f"aux_k must be >= 0 and dead_steps_threshold > 0, got {aux_k}, {dead_steps_threshold}")
+        if aux_k < 0 or dead_tokens <= 0 or (dead_steps_threshold is not None and dead_steps_threshold <= 0):
+            raise ValueError(f"aux_k must be >= 0, dead_tokens and dead_steps_threshold > 0, "
+                             f"got {aux_k}, {dead_tokens}, {dead_steps_threshold}")
         scale = encoder_init_scale
         if scale is None:  # the rule is measured on SAEs; a transcoder keeps unit columns
             scale = topk_init_scale(d_in, d_sae, k) if d_out is None else 1.0
@@ -74,9 +82,13 @@ class TopKSAE(SAE):
         self.k = k
         self.aux_k = aux_k
         self.aux_coefficient = aux_coefficient
+        self.dead_tokens = dead_tokens
         self.dead_steps_threshold = dead_steps_threshold
         self.encoder_init_scale = encoder_init_scale  # as given: a packed sweep over k re-derives it
-        self.register_buffer("steps_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        self.init_dead_tracking()
+        self._step_tokens: int | None = None  # global tokens of a training step, from the first batch
+        self._pending_steps: Tensor | None = None
+        self._register_load_state_dict_pre_hook(self._convert_step_counts)
 
     def activation(self, pre: Tensor) -> Tensor:
         values, indices = pre.topk(self.k, dim=-1)
@@ -86,34 +98,48 @@ class TopKSAE(SAE):
         return {}
 
     @property
-    def dead(self) -> Tensor:
-        """``[d_sae]`` bool: latents that have not fired for ``dead_steps_threshold`` steps."""
-        return self.steps_since_fired >= self.dead_steps_threshold
+    def dead_window(self) -> float:
+        """``dead_tokens``; a window given in steps, in tokens once the first batch gave a step's size."""
+        if self.dead_steps_threshold is None:
+            return self.dead_tokens
+        return math.inf if self._step_tokens is None else self.dead_steps_threshold * self._step_tokens
+
+    @property
+    def tracks_dead(self) -> bool:
+        return self.aux_k > 0
 
     def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
+        """``aux_k``: AuxK (:func:`~gs_lightning.saes.dead.aux_k_loss`) decoding, without
+        ``b_dec``, the residual ``x - x_hat`` from the top ``aux_k`` dead latents; 0 while none are dead."""
         if not self.training or self.aux_k == 0:
             return {}
-        return {"aux_k": self.aux_coefficient * self.aux_k_loss(x, pre, x_hat)}
-
-    def aux_k_loss(self, x: Tensor, pre: Tensor, x_hat: Tensor) -> Tensor:
-        """``||e - e_hat||^2`` with ``e = x - x_hat`` (a fixed target) and ``e_hat`` decoded,
-        without ``b_dec``, from the top ``aux_k`` dead latents; 0 while none are dead."""
-        # min(aux_k, d_sae) keeps the shape static (no host sync on the number dead); live
-        # latents are masked to -inf, and relu zeroes any of them topk still picks.
-        n = min(self.aux_k, self.d_sae)
-        masked = pre.masked_fill(~self.dead, float("-inf"))
-        values, indices = masked.topk(n, dim=-1)
-        f_aux = torch.zeros_like(pre).scatter(-1, indices, values.relu())
-        e = (x - x_hat).detach()
-        return (f_aux @ self.W_dec - e).pow(2).sum(-1).mean() * self.dead.any()
+        self._count_steps_in_tokens(pre.numel() // self.d_sae)
+        dead = self.dead
+        # Live latents masked to -inf keep the shape static (no host sync on the number dead).
+        masked = pre.masked_fill(~dead, float("-inf"))
+        loss = aux_k_loss(masked, self.W_dec, (x - x_hat).detach(), self.aux_k) * dead.any()
+        return {"aux_k": self.aux_coefficient * loss}
 
     def update_statistics(self, pre: Tensor, f: Tensor) -> None:
-        fired = (f != 0).reshape(-1, self.d_sae).any(0)
-        if data_parallel_world() > 1:  # dead means unfired on every rank's share of the batch
-            fired = fired.to(torch.int32)
-            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
-            fired = fired.bool()
-        self.steps_since_fired.add_(1).masked_fill_(fired, 0)
+        self._count_steps_in_tokens(f.numel() // self.d_sae)
+        super().update_statistics(pre, f)
+
+    def _count_steps_in_tokens(self, tokens: int) -> None:
+        """At the first training batch (``tokens`` local rows): the size of a step, and the
+        counters of a checkpoint that counted steps, in tokens."""
+        if self._step_tokens is None:
+            self._step_tokens = tokens * data_parallel_world()
+        if self._pending_steps is not None:
+            self.tokens_since_fired.copy_(self._pending_steps * self._step_tokens)
+            self._pending_steps = None
+
+    def _convert_step_counts(self, state: dict[str, Any], prefix: str, *_: object) -> None:
+        """Load-state-dict pre-hook: a checkpoint from before the counters were in tokens holds
+        ``steps_since_fired``; it becomes ``tokens_since_fired`` at the first training batch."""
+        steps = state.pop(prefix + "steps_since_fired", None)
+        if steps is not None:
+            self._pending_steps = steps.to(self.tokens_since_fired.device, torch.float64)
+            state[prefix + "tokens_since_fired"] = torch.zeros_like(self.tokens_since_fired)
 
 
 def topk_init_scale(d_in: int, d_sae: int, k: int) -> float:
@@ -131,8 +157,3 @@ def topk_init_scale(d_in: int, d_sae: int, k: int) -> float:
     z = math.sqrt(2 * math.log(max(d_sae / k, math.e)))  # >= 1 when k is close to d_sae
     return math.sqrt(d_in / k) / (2 * z)
 
-
-def data_parallel_world() -> int:
-    """Ranks sharing a batch through data parallelism (1 outside torch.distributed)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

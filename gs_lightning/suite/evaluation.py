@@ -19,7 +19,7 @@ import torch
 from gs_lightning.data.shard_format import load_shard, read_manifest
 from gs_lightning.formats.io import load_sae
 from gs_lightning.lm.load import shared_language_model
-from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
+from gs_lightning.evaluation.scoring import score
 from gs_lightning.saes import SAE
 from gs_lightning.evaluation.splice import delta_lm_loss
 from gs_lightning.suite.config import SuiteConfig
@@ -43,22 +43,16 @@ def _val_rows(config: SuiteConfig, site: str) -> list[torch.Tensor]:
     return [load_shard(folder, entry, manifest, verify=True)["acts"] for entry in manifest["shards"]]
 
 
-@torch.no_grad()
 def shard_metrics(sae: SAE, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> dict[str, float]:
-    """Pooled reconstruction and firing metrics of ``sae`` over held-out rows (raw activations)."""
+    """Pooled reconstruction and firing metrics of ``sae`` over held-out rows (raw activations),
+    from :mod:`gs_lightning.evaluation.scoring`."""
     device = next(sae.parameters()).device
-    fvu = PooledFVU(sae.out_width).to(device)
-    firing = FiringStatistics(sae.d_sae, DENSE_THRESHOLD).to(device)
-    for x_all, y_all in zip(inputs, targets):
-        for start in range(0, len(x_all), ROWS_PER_PASS):
-            x = x_all[start : start + ROWS_PER_PASS].to(device, torch.float32)
-            f = sae.encode(x)
-            fvu.update(y_all[start : start + ROWS_PER_PASS].to(device, torch.float32), sae.decode(f, x))
-            firing.update(f)
-    stats, pooled = firing.compute(), float(fvu.compute())
-    return {"l0": float(stats["l0"]), "fvu": pooled, "explained_variance": explained_variance(pooled),
-            "dead_frac": float(stats["dead_frac"]), "dense_frac": float(stats["dense_frac"]),
-            "eval_tokens": int(firing.tokens)}
+    batches = ((x_all[start : start + ROWS_PER_PASS].to(device, torch.float32),
+                y_all[start : start + ROWS_PER_PASS].to(device, torch.float32))
+               for x_all, y_all in zip(inputs, targets) for start in range(0, len(x_all), ROWS_PER_PASS))
+    scores = score(sae, batches)
+    return {**{k: scores[k] for k in ("l0", "fvu", "explained_variance", "dead_frac", "dense_frac")},
+            "eval_tokens": scores["tokens"]}
 
 
 def evaluate_group(config: SuiteConfig, group: Group) -> list[dict[str, Any]]:

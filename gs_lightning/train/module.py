@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from gs_lightning.train import parallel
 from gs_lightning.data.ground_truth import GroundTruth, GroundTruthBatch
 from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer
-from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, batch_fvu
+from gs_lightning.evaluation.scoring import ReconstructionScorer
+from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, batch_fvu
 from gs_lightning.train.optim import OPTIMIZERS, OptimizerName, build_optimizer
 from gs_lightning.train.packed import PackedSAE, build_packed, metric_key
 from gs_lightning.saes import SAE, TrainOutput
+from gs_lightning.saes.dead import count_firing, is_dead
 from gs_lightning.train.schedules import lr_factor, sparsity_warmup
 
 
@@ -90,7 +90,8 @@ class SAETrainingModule(pl.LightningModule):
         lr_decay_fraction: Decay the learning rate linearly to 0 over this final fraction of
             ``trainer.max_steps`` (0 disables; Anthropic's 2025 recipe uses 0.2).
         sparsity_warmup_steps: Linear warm-up of the sparsity coefficient from 0 (Gemma Scope: 10,000).
-        dead_window_tokens: A latent that has not fired for this many tokens counts as dead.
+        dead_window_tokens: A latent that has not fired for this many training tokens counts as dead
+            in ``train/dead_frac`` (:mod:`gs_lightning.saes.dead`).
         check_finite: Stop with a clear error when a batch or the loss is NaN/Inf
             (one host sync per step).
         gradient_clip_norm: Clip each SAE's gradient to this norm (after the decoder
@@ -145,23 +146,11 @@ class SAETrainingModule(pl.LightningModule):
         self.register_buffer("input_scale", torch.ones(sae.scale_shape, dtype=torch.float64))
         if sae.d_out is not None:  # a transcoder: its target site has its own scale
             self.register_buffer("target_scale", torch.ones(sae.scale_shape, dtype=torch.float64))
-        # Tokens since each latent last fired; float64 counts exactly up to 2^53 tokens.
+        # Tokens since each latent last fired (gs_lightning.saes.dead), for train/dead_frac.
         shape = (sae.d_sae,) if sweep is None else (len(self._lrs), sae.d_sae)
         self.register_buffer("tokens_since_fired", torch.zeros(shape, dtype=torch.float64))
-        # torchmetrics states: pooled over every validation token and summed across ranks.
-        if sweep is None:
-            self.val_fvu, self.val_l0, self.val_mse = PooledFVU(math.prod(sae.out_shape)), MeanMetric(), MeanMetric()
-            self.val_firing = FiringStatistics(sae.d_sae, DENSE_THRESHOLD)
-            # Stacked sites (a CLT, a crosscoder): FVU per output site, L0 per block of latents.
-            sites = sae.out_shape[0] if len(sae.out_shape) > 1 else 0
-            self.val_site_fvu = nn.ModuleList([PooledFVU(sae.out_width) for _ in range(sites)])
-            self.val_site_l0 = nn.ModuleList([MeanMetric() for _ in range(sae.latent_blocks or 0)])
-        else:
-            self.val_fvu = nn.ModuleList([PooledFVU(sae.out_width) for _ in self._lrs])
-            self.val_l0 = nn.ModuleList([MeanMetric() for _ in self._lrs])
-            self.val_mse = nn.ModuleList([MeanMetric() for _ in self._lrs])
-            self.val_firing = nn.ModuleList([FiringStatistics(sae.d_sae, DENSE_THRESHOLD) for _ in self._lrs])
-            self.val_site_fvu, self.val_site_l0 = nn.ModuleList(), nn.ModuleList()  # members read one site
+        # One scorer per SAE: torchmetrics states pooled over every validation token and rank.
+        self.val_scores = nn.ModuleList([ReconstructionScorer(sae) for _ in self._lrs])
         # One per SAE, made afresh each validation epoch (not submodules: no checkpointed state).
         self._truth_scorers: list[GroundTruthScorer] = []
 
@@ -262,10 +251,8 @@ class SAETrainingModule(pl.LightningModule):
             # Dead latents are judged on the global batch: a latent that fired on any rank fired.
             counts = self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-        self.tokens_since_fired += tokens.to(self.tokens_since_fired.dtype)
-        fired = counts > 0
-        self.tokens_since_fired.masked_fill_(fired, 0)
-        dead = (self.tokens_since_fired >= self.hparams.dead_window_tokens).float().mean(-1).view(-1)
+        count_firing(self.tokens_since_fired, counts, tokens.to(self.tokens_since_fired.dtype))
+        dead = is_dead(self.tokens_since_fired, self.hparams.dead_window_tokens).float().mean(-1).view(-1)
         # Dense: firing on more than DENSE_THRESHOLD of this (global) batch's tokens.
         dense = (counts.float() > DENSE_THRESHOLD * tokens).float().mean(-1).view(-1)
         groups = self.trainer.optimizers[0].param_groups if self._trainer is not None else None
@@ -334,55 +321,35 @@ class SAETrainingModule(pl.LightningModule):
         target = batch[1] if isinstance(batch, (tuple, list)) else raw
         out_scale = getattr(self, "target_scale", self.input_scale).to(target.dtype)
         for i, (name, sae) in enumerate(self.named_saes()):
-            val_fvu, val_l0, val_mse, firing = (_item(m, i) for m in (self.val_fvu, self.val_l0, self.val_mse,
-                                                                        self.val_firing))
+            f, counts = None, None
             if self.hparams.get("latent_parallel"):
-                x_hat, l0, counts = parallel.sharded_reconstruction(sae, x)
-                firing.update(counts, tokens=x.shape[0])
+                x_hat, _, counts = parallel.sharded_reconstruction(sae, x)
             else:
                 f = sae.encode(x)
-                x_hat, l0 = sae.decode(f, x), (f != 0).sum(-1).float()
-                firing.update(f)
-                self._log_blocks(f)
+                x_hat = sae.decode(f, x)
             # Reconstruction in raw units: FVU and MSE are reported on unscaled activations.
             x_hat = x_hat / out_scale
             if true_acts is not None:
                 self._truth_scorers[i].update(target, x_hat, f, true_acts)
-            self._log_sites(target, x_hat)
-            val_fvu.update(target.flatten(1), x_hat.flatten(1))  # stacked sites: one row per token
-            self.log(metric_key("val/fvu", name), val_fvu, on_step=False, on_epoch=True, prog_bar=i == 0)
-            val_l0.update(l0)
-            val_mse.update((x_hat - target).pow(2).flatten(1).sum(-1))
-            self.log(metric_key("val/l0", name), val_l0, on_step=False, on_epoch=True)
-            self.log(metric_key("val/mse", name), val_mse, on_step=False, on_epoch=True)
-
-
-    def _log_sites(self, target: Tensor, x_hat: Tensor) -> None:
-        """``val/fvu_site{j}``: FVU of stacked output site j (raw units, pooled over validation)."""
-        for j, metric in enumerate(self.val_site_fvu):
-            metric.update(target[:, j], x_hat[:, j])
-            self.log(f"val/fvu_site{j}", metric, on_step=False, on_epoch=True)
-
-    def _log_blocks(self, f: Tensor) -> None:
-        """``val/l0_site{j}``: active latents of block j (a CLT's latents reading layer j)."""
-        metrics = self.val_site_l0
-        if len(metrics):
-            per_block = (f != 0).view(f.shape[0], len(metrics), -1).sum(-1).float()
-            for j, metric in enumerate(metrics):
-                metric.update(per_block[:, j])
-                self.log(f"val/l0_site{j}", metric, on_step=False, on_epoch=True)
+            self.val_scores[i].update(target, x_hat, f, counts)
 
     def on_validation_epoch_end(self) -> None:
-        # Firing statistics are pooled over every validation token (and rank) before they
-        # mean anything: a latent that never fires on one batch may fire on the next.
+        # Every score is pooled over the whole validation set (and every rank) before it means
+        # anything: a latent that never fires on one batch may fire on the next.
         for i, (name, _) in enumerate(self.named_saes()):
-            firing = _item(self.val_firing, i)
-            if firing.update_count == 0:
+            scorer = self.val_scores[i]
+            if scorer.empty:
                 continue
-            stats = firing.compute()
-            self.log(metric_key("val/never_fire_frac", name), stats["dead_frac"].float(), sync_dist=True)
-            self.log(metric_key("val/dense_frac", name), stats["dense_frac"].float(), sync_dist=True)
-            firing.reset()
+            scores = scorer.compute()
+            for key, logged in (("l0", "l0"), ("fvu", "fvu"), ("mse", "mse"), ("dead_frac", "never_fire_frac"),
+                                ("dense_frac", "dense_frac")):
+                self.log(metric_key(f"val/{logged}", name), scores[key].float(), prog_bar=i == 0 and key == "fvu",
+                         sync_dist=True)
+            for j, value in enumerate(scores.get("fvu_sites", [])):
+                self.log(f"val/fvu_site{j}", value.float(), sync_dist=True)
+            for j, value in enumerate(scores.get("l0_sites", [])):
+                self.log(f"val/l0_site{j}", value.float(), sync_dist=True)
+            scorer.reset()
         self._log_truth()
 
     def _log_truth(self) -> None:
@@ -405,7 +372,3 @@ def _as_scale(value: float | list[float], like: Tensor) -> Tensor:
         raise ConfigError(f"the data has {scale.numel()} site scales but the SAE expects {like.numel()}")
     return scale.reshape(like.shape)
 
-
-def _item(metrics: nn.Module, i: int) -> Any:
-    """The i-th SAE's metric: a sweep keeps one per SAE in a ModuleList."""
-    return metrics[i] if isinstance(metrics, nn.ModuleList) else metrics
