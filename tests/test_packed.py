@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from torch import Tensor
 
 from callbacks import FinalSummary
 from gs_lightning.cli import main
@@ -76,6 +77,33 @@ def test_packed_fused_function_is_a_batch_of_single_calls() -> None:
         single = fused_jumprelu_loss(x, *(t[k] for t in tensors), float(bandwidth[k]), Workspace(), token_l0=True)
         for a, b in zip((out[k] for out in packed), single):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("K, member", [(1, 0), (3, 1)])
+def test_single_fused_step_is_a_packed_member(K: int, member: int) -> None:
+    """Values and gradients (weights, biases, threshold) of the single step on SAE k equal
+    member k's of the packed step on the same inputs."""
+    torch.manual_seed(3)
+    B = 48
+    x = torch.randn(B, D)
+    stacked = [torch.randn(K, D, S), torch.randn(K, S) * 0.1, torch.randn(K, S, D) / 4, torch.randn(K, D) * 0.1,
+               torch.rand(K, S) * 0.5]
+    bandwidth = torch.tensor([0.1, 0.3, 0.2][:K])
+
+    def loss(mse: Tensor, counts: Tensor, tokens: Tensor) -> Tensor:  # every output carries a gradient
+        return mse.sum() + 1e-2 * counts.pow(2).sum() + 1e-2 * tokens.pow(2).sum()
+
+    packed_params = [t.clone().requires_grad_() for t in stacked]
+    packed = fused_packed_jumprelu_loss(x, *packed_params, bandwidth, Workspace(), token_l0=True)
+    loss(*packed[:3]).backward()
+    single_params = [t[member].clone().requires_grad_() for t in stacked]
+    single = fused_jumprelu_loss(x, *single_params, float(bandwidth[member]), Workspace(), token_l0=True)
+    loss(*single[:3]).backward()
+    for name, a, b in zip(("mse", "fire_counts", "token_l0", "x_hat"), (out[member] for out in packed), single):
+        torch.testing.assert_close(a, b, msg=name)
+    for name, p, q in zip(("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), packed_params, single_params):
+        assert q.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad[member], q.grad, msg=name)
 
 
 def test_packed_fused_step_under_bf16_autocast_matches_the_single_step() -> None:

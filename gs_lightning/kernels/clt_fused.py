@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gs_lightning.kernels.fused import Workspace, step_threshold_grad
+from gs_lightning.kernels.fused import Workspace, gate, gate_backward, keep_for_backward, saved_buffers
 
 
 class FusedCLTLoss(torch.autograd.Function):
@@ -68,18 +68,7 @@ class FusedCLTLoss(torch.autograd.Function):
             pre = workspace.get("pre", (L, B, n), cd, dev)
             for l in range(L):
                 torch.addmm(b_enc_c[l], xc[:, l], W_enc[l].to(cd), out=pre[l])
-            t = threshold.float().unsqueeze(1)  # [L, 1, n]
-            # 0/1 masks in the compute dtype, as in gs_lightning.kernels.fused (bool arithmetic copies).
-            mask = workspace.get("mask", (L, B, n), cd, dev)
-            torch.gt(pre, t, out=mask)
-            near = workspace.get("near", (L, B, n), cd, dev)
-            upper = workspace.get("g_f", (L, B, n), cd, dev)  # free until the backward
-            torch.gt(pre, t - bandwidth / 2, out=near)
-            torch.lt(pre, t + bandwidth / 2, out=upper)
-            near.mul_(upper)
-            fire_counts = mask.sum(1, dtype=torch.float32)
-            per_token = mask.sum(2, dtype=torch.float32).t() if layer_l0 else fire_counts.new_zeros(B, 0)
-            f = pre.mul_(mask)  # the pre-activation buffer now holds f
+            f, fire_counts, per_token = gate(workspace, pre, threshold, bandwidth / 2, layer_l0)
             # Source layer 0 writes every layer: its GEMM adds to b_dec and creates y_hat.
             y_hat = torch.addmm(b_dec.to(cd).flatten(), f[0], W_decs[0].to(cd).flatten(1))
             for l in range(1, L):
@@ -87,33 +76,20 @@ class FusedCLTLoss(torch.autograd.Function):
             x_hat = y_hat.float().view(B, L, d_out)
             err = x_hat - target.float()
             mse = err.pow(2).sum() / B
-        workspace.generation += 1
-        ctx.generation = workspace.generation
-        ctx.workspace, ctx.bandwidth, ctx.compute_dtype = workspace, bandwidth, cd
-        ctx.weight_dtypes = (W_enc.dtype, W_decs[0].dtype)
-        ctx.save_for_backward(x, threshold, err, *W_decs)
-        ctx.mark_non_differentiable(x_hat)
+        keep_for_backward(ctx, workspace, cd, x_hat, x, threshold, err, *W_decs)
+        ctx.bandwidth, ctx.weight_dtypes = bandwidth, (W_enc.dtype, W_decs[0].dtype)
         # Unused outputs get None, not zeros: a zero c would still cost a pass over near.
         ctx.set_materialize_grads(False)
-        return mse, fire_counts, per_token, x_hat
+        return mse, fire_counts, fire_counts.new_zeros(B, 0) if per_token is None else per_token.t(), x_hat
 
     @staticmethod
     def backward(ctx, grad_mse: Tensor | None, grad_counts: Tensor | None,  # type: ignore[override]
                  grad_layer_l0: Tensor | None, *_: Tensor):
-        ws: Workspace = ctx.workspace
-        if ws.generation != ctx.generation:
-            raise RuntimeError(
-                "fused CLT step: another forward pass reused the workspace before this "
-                "backward ran; call backward after each forward, or set fused: false"
-            )
         x, threshold, err, *W_decs = ctx.saved_tensors
-        (B, L, _), (n, _, d_out) = x.shape, W_decs[0].shape
-        cd, dev, eps = ctx.compute_dtype, x.device, ctx.bandwidth
+        (B, L, _), (n, _, d_out), cd = x.shape, W_decs[0].shape, ctx.compute_dtype
         enc_dtype, dec_dtype = ctx.weight_dtypes
-        f = ws.get("pre", (L, B, n), cd, dev)
-        mask = ws.get("mask", (L, B, n), cd, dev)
-        near = ws.get("near", (L, B, n), cd, dev)
-        g_f = ws.get("g_f", (L, B, n), cd, dev)
+        buffers = saved_buffers(ctx, "fused CLT step", (L, B, n))
+        f, g_f = buffers[0], buffers[3]
         scale = 0.0 if grad_mse is None else 2.0 * grad_mse / B
         g = (err * scale).to(cd).view(B, L * d_out)
         grad_b_dec = g.float().sum(0).view(L, d_out)
@@ -122,14 +98,10 @@ class FusedCLTLoss(torch.autograd.Function):
             g_l = g[:, l * d_out:]  # the layers source l writes
             grad_W_decs.append(torch.mm(f[l].t(), g_l).view(n, L - l, d_out).to(dec_dtype))
             torch.mm(g_l, W.to(cd).flatten(1).t(), out=g_f[l])
-        # f is no longer needed: reuse its buffer for near * g_f (and near * u).
-        near_g = torch.mul(g_f, near, out=f).sum(1, dtype=torch.float32)
         u = None if grad_layer_l0 is None else grad_layer_l0.t()  # [L, B]
-        grad_t = -(threshold.float() / eps) * near_g - step_threshold_grad(near, f, grad_counts, u, eps)
-        g_pre = g_f.mul_(mask)
-        grad_b_enc = g_pre.sum(1, dtype=torch.float32)
+        grad_t, g_pre, grad_b_enc = gate_backward(buffers, threshold, ctx.bandwidth, grad_counts, u)
         xc = x.to(cd)
-        grad_W_enc = torch.empty(L, x.shape[2], n, dtype=cd, device=dev)
+        grad_W_enc = torch.empty(L, x.shape[2], n, dtype=cd, device=x.device)
         for l in range(L):
             torch.mm(xc[:, l].t(), g_pre[l], out=grad_W_enc[l])
         return (
