@@ -13,8 +13,8 @@ Measured side by side in one process at one shape (default B=4096, d_in=384, d_s
 4. a whole ``Trainer.fit`` on in-memory activations with logging and a progress bar.
 
 ``step_peak_fraction`` = (GEMM FLOPs the step executes, 10 B d d_sae) / step time /
-peak. DESIGN.md counts 12 B d d_sae "model FLOPs" per step (as if the input gradient
-were computed); that figure is printed too, for comparison with the numbers quoted there.
+peak. The MFU convention counts 12 B d d_sae "model FLOPs" per step (as if the input
+gradient were computed; see docs/results/benchmarks.md); that figure is printed too.
 
 On CUDA (the default device when one is present) the table gains an MFU column: 12 B d
 d_sae per step against the GPU's dense bf16 peak (``callbacks.throughput.peak_flops_for``:
@@ -205,7 +205,7 @@ def main(batch: int = 4096, d_in: int = 384, d_sae: int = 16384, device: str = "
         mfu = (f" {model_flops / seconds / nominal:6.3f}" if seconds else f" {'':6s}") if nominal else ""
         print(f"{name:36s} {ms} {tps} {flops / 1e9:9.1f} {flops / peak:13.2f}{mfu}")
     fraction = gemm_flops / fused / peak
-    print(f"\nmodel FLOPs (12 B d d_sae, DESIGN.md's count) of the fused step: "
+    print(f"\nmodel FLOPs (12 B d d_sae, the MFU count) of the fused step: "
           f"{model_flops / fused / 1e9:.1f} GFLOP/s = {model_flops / fused / peak:.2f} of peak")
     if autograd:
         print(f"fused vs autograd step: {plain / fused:.2f}x")
