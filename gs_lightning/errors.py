@@ -1,4 +1,14 @@
-"""Errors that the command line reports as one clear line instead of a traceback."""
+"""Errors that the command line reports as one clear line instead of a traceback, and the
+reading of user files that turns a parse error into one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -7,3 +17,13 @@ class ConfigError(ValueError):
     The message must name the offending file, key or value; ``python -m gs_lightning``
     prints it as ``gs_lightning: error: <message>`` and exits with status 2.
     """
+
+
+def parse_file(path: Path, loads: Callable[[str], Any] = json.loads) -> Any:
+    """``loads`` of the file's text (``json.loads`` or ``yaml.safe_load``); text it cannot
+    parse is a ConfigError naming the file."""
+    try:
+        return loads(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        language = "YAML" if isinstance(err, yaml.YAMLError) else "JSON"
+        raise ConfigError(f"{path}: not valid {language} ({err})") from err

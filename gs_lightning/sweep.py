@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from jsonargparse import CLI
 
-from gs_lightning.errors import ConfigError
+from gs_lightning.errors import ConfigError, parse_file
 
 METHODS = ("grid", "random", "bayes")
 SAE_ARG = "model.sae.init_args."
@@ -39,10 +39,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such sweep file")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    spec = parse_file(path, yaml.safe_load)
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a sweep spec is a mapping with method, parameters and command")
     if spec.get("method") not in METHODS:

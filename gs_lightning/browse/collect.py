@@ -163,11 +163,3 @@ def _encoded(sae: SAE, source: HarvestSource, rows: int, device: torch.device | 
     for batch in source.batches(rows):
         x = batch.acts.to(device, torch.float32, non_blocking=True)
         yield sae.encode(x), batch.keys.to(device)
-
-
-def memory_bound(d_sae: int, k: int, intervals: int, samples: int, batch_rows: int, d: int) -> int:
-    """Bytes of the collection's working set, roughly: the encoded batch and its copies
-    (about 4 of ``[batch_rows, d_sae]`` float32 at peak), the input batch, and the state."""
-    batch = 4 * 4 * batch_rows * d_sae + 8 * batch_rows * d
-    state = d_sae * (12 * k + 8 * (len(HIST_EDGES) - 1) + 20 * intervals * samples + 20)
-    return batch + state

@@ -101,16 +101,12 @@ class AlignedShardsDataModule(ShardedActivationDataModule):
     @property
     def input_scale(self) -> list[float]:  # type: ignore[override]
         """Each input site's scale, in order (valid after ``setup``)."""
-        if self._scales is None:
-            raise RuntimeError("input_scale is known after setup()")
-        return self._scales[: self.stacked_sites]
+        return self._known_scales("input_scale")[: self.stacked_sites]
 
     @property
     def target_scale(self) -> list[float]:  # type: ignore[override]
         """Each target site's scale, in order (the inputs' without targets)."""
-        if self._scales is None:
-            raise RuntimeError("target_scale is known after setup()")
-        return self._scales[self.stacked_sites :] or self.input_scale
+        return self._known_scales("target_scale")[self.stacked_sites :] or self.input_scale
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -36,6 +36,9 @@ class ActivationDataModule(pl.LightningDataModule):
     metrics can be reported on either scale and the saved SAE takes raw activations.
     """
 
+    _scales: list[float] | None = None
+    """One scale per site streamed, the input's first: estimated by ``setup``."""
+
     @property
     def d_in(self) -> int:
         """Width of one activation vector."""
@@ -55,7 +58,17 @@ class ActivationDataModule(pl.LightningDataModule):
     @property
     def input_scale(self) -> float:
         """Scalar applied to every activation before the SAE sees it (valid after ``setup``)."""
-        raise NotImplementedError
+        return self._known_scales("input_scale")[0]
+
+    @property
+    def target_scale(self) -> float:
+        """The same for the target site of paired batches (``input_scale`` without one)."""
+        return self._known_scales("target_scale")[-1]
+
+    def _known_scales(self, name: str) -> list[float]:
+        if self._scales is None:
+            raise RuntimeError(f"{name} is estimated in setup(); call setup() first")
+        return self._scales
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -103,12 +103,10 @@ class LiveActivationDataModule(ActivationDataModule):
         if target_site is not None:
             check_site_config(self._config, target_site)
         check_context_size(self._config, context_size, model)
-        self._d_in: int | None = None
-        self._d_out: int | None = None
+        self._widths: dict[str, int] = {}
         self._lm: Any = None
         self._tokenizer: Any = None
         self._extractor: ActivationExtractor | None = None
-        self._scales: list[float] | None = None
         self._val: torch.Tensor | None = None  # [n, d_in (+ d_out)]: the sites side by side
         self._batches_yielded = 0
         self._tokens_read = 0
@@ -137,43 +135,26 @@ class LiveActivationDataModule(ActivationDataModule):
     @property
     def d_in(self) -> int:
         """Width of the site: from the model config, or a probe forward for module paths."""
-        if self._d_in is None:
-            self._d_in = site_dim_from_config(self._config, self.site)
-        if self._d_in is None:  # a module path: only a forward pass can tell
-            self._load()
-            self._d_in = site_dim(self._lm, self.site)
-        return self._d_in
+        return self._width(self.site)
 
     @property
     def d_out(self) -> int:
         """Width of ``target_site`` (``d_in`` without one)."""
-        if self.target_site is None:
-            return self.d_in
-        if self._d_out is None:
-            self._d_out = site_dim_from_config(self._config, self.target_site)
-        if self._d_out is None:
-            self._load()
-            self._d_out = site_dim(self._lm, self.target_site)
-        return self._d_out
+        return self.d_in if self.target_site is None else self._width(self.target_site)
 
-    @property
-    def input_scale(self) -> float:
-        """Scalar estimated in :meth:`setup` so that the scaled inputs satisfy ``input_scaling``."""
-        if self._scales is None:
-            raise RuntimeError("input_scale is estimated in setup(); call setup() first")
-        return self._scales[0]
+    def _width(self, site: str) -> int:
+        if site not in self._widths:
+            width = site_dim_from_config(self._config, site)
+            if width is None:  # a module path: only a forward pass can tell
+                self._load()
+                width = site_dim(self._lm, site)
+            self._widths[site] = width
+        return self._widths[site]
 
     @property
     def paired(self) -> bool:
         """Whether a ``target_site`` makes batches ``(input, target)`` pairs."""
         return self.target_site is not None
-
-    @property
-    def target_scale(self) -> float:
-        """The same for ``target_site`` (``input_scale`` without one)."""
-        if self._scales is None:
-            raise RuntimeError("target_scale is estimated in setup(); call setup() first")
-        return self._scales[-1]
 
     @property
     def metadata(self) -> dict[str, Any]:

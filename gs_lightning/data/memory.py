@@ -69,7 +69,6 @@ class InMemoryActivationDataModule(ActivationDataModule):
         self.batch_size, self.input_scaling, self.val_fraction, self.seed = batch_size, input_scaling, val_fraction, seed
         self._train: Tensor | None = None
         self._val: Tensor | None = None
-        self._scale: float | None = None
 
     def load(self) -> Tensor:
         """All activations, ``[N, d_in]`` float32."""
@@ -83,17 +82,11 @@ class InMemoryActivationDataModule(ActivationDataModule):
             raise ConfigError(f"{self.describe()}: activations contain NaN or Inf")
         n_val = int(round(data.shape[0] * self.val_fraction))
         self._val, self._train = data[:n_val], data[n_val:]
-        self._scale = estimate_input_scale([self._train], self.input_scaling)
+        self._scales = [estimate_input_scale([self._train], self.input_scaling)]
 
     def describe(self) -> str:
         """Where the data comes from, for error messages."""
         return type(self).__name__
-
-    @property
-    def input_scale(self) -> float:
-        if self._scale is None:
-            raise RuntimeError("input_scale is known after setup()")
-        return self._scale
 
     def train_dataloader(self) -> ShuffledBatches:
         assert self._train is not None, "call setup() first"

@@ -160,7 +160,6 @@ class ShardedActivationDataModule(ActivationDataModule):
         self._val_truth: SparseRows | None = None
         self._truth: GroundTruth | None = None
         self._truth_read = False
-        self._scales: list[float] | None = None
 
     def _site_paths(self) -> list[list[str]]:
         """The folders of each site streamed, the first site first (the others align with it)."""
@@ -202,23 +201,9 @@ class ShardedActivationDataModule(ActivationDataModule):
         return int(self.reader.sites[-1][0][2]["d"])
 
     @property
-    def input_scale(self) -> float:
-        """Scale from the training shards' statistics in the manifests (valid after ``setup``)."""
-        if self._scales is None:
-            raise RuntimeError("input_scale is known after setup()")
-        return self._scales[0]
-
-    @property
     def paired(self) -> bool:
         """Whether a ``target_path`` makes batches ``(input, target)`` pairs."""
         return bool(self.target_paths)
-
-    @property
-    def target_scale(self) -> float:
-        """Scale of the target site by the same scheme (``input_scale`` without a target)."""
-        if self._scales is None:
-            raise RuntimeError("target_scale is known after setup()")
-        return self._scales[-1]
 
     @property
     def ground_truth(self) -> GroundTruth | None:

@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from gs_lightning.errors import ConfigError
+from gs_lightning.errors import ConfigError, parse_file
 from gs_lightning.formats.base import Format
 from gs_lightning.formats.files import read_safetensors, write_folder
 from gs_lightning.saes import SAE, CrossLayerTranscoder
@@ -148,10 +148,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     file = path / CONFIG
     if not file.is_file():
         return {}
-    try:
-        config = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{file}: not valid YAML ({err})") from err
+    config = parse_file(file, yaml.safe_load)
     return config if isinstance(config, dict) else {}
 
 

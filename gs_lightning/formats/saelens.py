@@ -10,13 +10,12 @@ computes ``x @ W_skip.T``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from gs_lightning.errors import ConfigError
+from gs_lightning.errors import ConfigError, parse_file
 from gs_lightning.formats.base import Format
 from gs_lightning.formats.files import read_safetensors, write_folder
 from gs_lightning.formats.jumprelu import build_jumprelu, check_jumprelu, check_shapes, jumprelu_tensors
@@ -67,10 +66,7 @@ def _read_saelens_cfg(path: Path) -> dict[str, Any]:
     cfg_path = path / SAELENS_CFG
     if not cfg_path.is_file():
         raise ConfigError(f"not an SAELens SAE: {cfg_path} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from err
+    cfg = parse_file(cfg_path)
     for key in ("architecture", "d_in", "d_sae"):
         if key not in cfg:
             raise ConfigError(f"{cfg_path}: missing key {key!r}")

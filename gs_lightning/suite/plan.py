@@ -93,9 +93,9 @@ def forward_params(model_config: PretrainedConfig, last_layer: int) -> int:
 def group_flops(group: Group, batch_size: int) -> int:
     """FLOPs of one packed group: ``6 * d_in * d_sae + 6 * d_sae * d_out`` per token and level.
 
-    Encode and decode each cost 2 FLOPs per weight forward and 4 backward (DESIGN.md: a
-    JumpReLU step costs ``12 * B * d * d_sae``; an SAE has ``d_out = d_in``). Tokens are the
-    ones actually trained, ``steps * batch_size``.
+    Encode and decode each cost 2 FLOPs per weight forward and 4 backward (docs/tutorials/suites.md,
+    "What a suite costs": a step costs ``12 * d * d_sae`` per token; an SAE has ``d_out = d_in``).
+    Tokens are the ones actually trained, ``steps * batch_size``.
     """
     site = group.site
     per_token = 6 * site.d_in * group.width.d_sae + 6 * group.width.d_sae * (site.d_out or site.d_in)

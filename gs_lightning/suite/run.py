@@ -7,7 +7,6 @@ resumes the group that was interrupted from its last checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
 import subprocess
@@ -36,9 +35,8 @@ from gs_lightning.suite.state import (
     EVALUATED,
     STATE_FILE,
     TRAINED,
-    group_dir,
-    identity,
     read_json,
+    reconcile,
     write_json,
 )
 
@@ -60,22 +58,17 @@ def write_resolved(config: SuiteConfig, resolved: dict[str, Any]) -> Path:
     return path
 
 
-def evaluation_identity(config: SuiteConfig) -> str:
-    """Hash of what decides a group's evaluation but not its training (held-out text, options)."""
-    return identity(dataclasses.asdict(config.evaluate), config.val_split, config.harvest.val_tokens)
-
-
 def run_group(config: SuiteConfig, group: Group) -> list[dict[str, Any]]:
     """Train (or resume) and evaluate one group; a finished group is only read back, and one
     whose evaluation options changed is evaluated again without retraining."""
-    folder = group_dir(config, group)
-    state = training.prepare(config, group)
-    evaluated = evaluation_identity(config)
+    run = training.plan_run(config, group)
+    folder, evaluated = run.folder, run.evaluation
+    state = reconcile(folder, run.identity, group.id, run.fit)
     if state.get("status") == EVALUATED and state.get("evaluation") == evaluated:
         print(f"suite: {group.id}: done, skipping", flush=True)
         return read_json(folder / EVAL_FILE)
     if state.get("status") not in (TRAINED, EVALUATED):
-        state = training.train(config, group, state)
+        state = training.train(run, state)
     from gs_lightning.suite.evaluation import evaluate_group  # loads the language model on first use
 
     start = time.perf_counter()

@@ -24,9 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.harvest.model import site_folder
@@ -85,3 +88,23 @@ def read_state(folder: Path) -> dict[str, Any]:
     """A group's state, or ``{}`` if it has none yet."""
     path = folder / STATE_FILE
     return read_json(path) if path.is_file() else {}
+
+
+def reconcile(folder: Path, want: str, group_id: str, fit: dict[str, Any]) -> dict[str, Any]:
+    """A group's state after reconciling it with the identity ``want``: a group trained with
+    another identity is removed (it will be retrained); ``fit.yaml`` is (re)written."""
+    state = read_state(folder)
+    if state and state.get("identity") != want:
+        print(f"suite: {group_id}: its config changed since it was trained; retraining it", flush=True)
+        shutil.rmtree(folder)
+        state = {}
+    elif not state and folder.exists():
+        # A folder without a state: a run killed before writing it, so nothing in it is
+        # known to belong to this identity; start clean.
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not state:
+        state = {"identity": want, "group": group_id, "status": "new"}
+        write_json(folder / STATE_FILE, state)
+    (folder / FIT_FILE).write_text(yaml.safe_dump(fit, sort_keys=False))
+    return state

@@ -9,20 +9,19 @@ and trains the width's sparsity levels as one packed sweep.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from gs_lightning.data.shard_format import read_manifest
 from gs_lightning.train.packed import member_name, sweep_members
-from gs_lightning.suite.config import SuiteConfig
+from gs_lightning.suite.config import SuiteConfig, TrainerSpec
 from gs_lightning.suite.groups import Group
 from gs_lightning.suite.harvesting import harvest_config, site_identity
 from gs_lightning.suite.state import (
@@ -34,14 +33,43 @@ from gs_lightning.suite.state import (
     group_dir,
     harvest_site,
     identity,
-    read_state,
     write_json,
 )
 
 
-def fit_config(config: SuiteConfig, group: Group) -> dict[str, Any]:
-    """The complete fit config of ``group`` (what ``fit.yaml`` holds)."""
-    folder = group_dir(config, group)
+@dataclasses.dataclass(frozen=True)
+class GroupRun:
+    """What the stages of one group need from the suite config, derived once by :func:`plan_run`."""
+
+    group: Group
+    folder: Path  # <output>/groups/<group id>
+    fit: dict[str, Any]  # the complete fit config (fit.yaml)
+    identity: str  # hash of the fit config and of the harvest options its shards came from
+    evaluation: str  # hash of what decides its evaluation but not its training
+    site_shards: Path  # the input site's training shards
+    in_process: bool  # one device on one node: fit runs in this process
+
+
+def plan_run(config: SuiteConfig, group: Group) -> GroupRun:
+    """The group's folder, fit config and identity, and how its fit runs."""
+    site = group.site
+    harvest = site_identity(harvest_config(config, "train", [site.site]))
+    folder, train = group_dir(config, group), harvest_site(config, "train", site.site)
+    # A transcoder's data pairs the input with its target site; an SAE's validates on held-out shards.
+    other = ({"val_path": harvest_site(config, "val", site.site)} if site.target is None
+             else {"target_path": harvest_site(config, "train", site.target)})
+    fit = fit_config(config, group, folder, train, other)
+    # Paths relative to the suite's folder: a moved or copied suite keeps its finished groups.
+    relative = json.dumps(fit, sort_keys=True).replace(str(Path(config.output)), "$OUTPUT")
+    spec = config.trainer
+    evaluation = identity(dataclasses.asdict(config.evaluate), config.val_split, config.harvest.val_tokens)
+    return GroupRun(group, folder, fit, identity(relative, harvest), evaluation, train,
+                    spec.devices_per_group * spec.num_nodes == 1)
+
+
+def fit_config(config: SuiteConfig, group: Group, folder: Path, train: Path, other: dict[str, Path]) -> dict[str, Any]:
+    """The complete fit config of ``group`` (what ``fit.yaml`` holds): it trains on the
+    ``train`` shards; ``other`` is its ``val_path`` or a transcoder's ``target_path``."""
     model = copy.deepcopy(config.recipe)
     # jsonargparse fills every constructor default into the recipe, d_in/d_sae as None.
     init_args = {k: v for k, v in (model["sae"].get("init_args") or {}).items() if k not in ("d_in", "d_sae", "d_out")}
@@ -51,18 +79,19 @@ def fit_config(config: SuiteConfig, group: Group) -> dict[str, Any]:
     model["sae"] = {"class_path": model["sae"]["class_path"], "init_args": init_args}
     model["sweep"] = {key: list(values) for key, values in group.width.sparsity.items()}
     data: dict[str, Any] = {
-        "path": str(harvest_site(config, "train", group.site.site)),
+        "path": str(train),
         "model": config.model,
         "batch_size": config.batch_size,
         "window_tokens": config.trainer.window_tokens,
         "seed": config.seed,
     }
-    if group.site.target is None:
-        data["val_path"] = str(harvest_site(config, "val", group.site.site))
-    else:  # a transcoder's data pairs the input with its target site
-        data["target_path"] = str(harvest_site(config, "train", group.site.target))
-    spec = config.trainer
-    trainer = {
+    data.update({key: str(path) for key, path in other.items()})
+    return {"seed_everything": config.seed, "trainer": _trainer(config.trainer, group, folder), "model": model,
+            "data": {"class_path": "gs_lightning.data.ShardedActivationDataModule", "init_args": data}}
+
+
+def _trainer(spec: TrainerSpec, group: Group, folder: Path) -> dict[str, Any]:
+    return {
         "accelerator": spec.accelerator, "devices": spec.devices_per_group, "num_nodes": spec.num_nodes,
         "precision": spec.precision, "max_steps": group.steps, "log_every_n_steps": spec.log_every_n_steps,
         # Every SAE is evaluated after training on the held-out harvest (eval.json); no
@@ -80,44 +109,16 @@ def fit_config(config: SuiteConfig, group: Group) -> dict[str, Any]:
              "init_args": {"dirpath": str(folder), "filename": PREEMPTED.removesuffix(".ckpt"), "exit_code": 143}},
         ],
     }
-    return {"seed_everything": config.seed, "trainer": trainer, "model": model,
-            "data": {"class_path": "gs_lightning.data.ShardedActivationDataModule", "init_args": data}}
-
-
-def group_identity(config: SuiteConfig, group: Group) -> str:
-    """Hash of the group's fit config and of the harvest options its shards came from."""
-    harvest = site_identity(harvest_config(config, "train", [group.site.site]))
-    # Paths relative to the suite's folder: a moved or copied suite keeps its finished groups.
-    fit = json.dumps(fit_config(config, group), sort_keys=True).replace(str(Path(config.output)), "$OUTPUT")
-    return identity(fit, harvest)
 
 
 def member_paths(config: SuiteConfig, group: Group) -> dict[str, Path]:
     """Each sparsity level's name (e.g. ``target_l0=30``) -> its saved SAE folder."""
-    root = group_dir(config, group) / "saes"
-    return {member_name(values): root / member_name(values) / "sae" for values in sweep_members(group.width.sparsity)}
+    return _members(group_dir(config, group), group.width.sparsity)
 
 
-def prepare(config: SuiteConfig, group: Group) -> dict[str, Any]:
-    """The group's state after reconciling it with the current config: a group trained with
-    another identity is removed (it will be retrained); ``fit.yaml`` is (re)written."""
-    folder = group_dir(config, group)
-    want = group_identity(config, group)
-    state = read_state(folder)
-    if state and state.get("identity") != want:
-        print(f"suite: {group.id}: its config changed since it was trained; retraining it", flush=True)
-        shutil.rmtree(folder)
-        state = {}
-    elif not state and folder.exists():
-        # A folder without a state: a run killed before writing it, so nothing in it is
-        # known to belong to this identity; start clean.
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not state:
-        state = {"identity": want, "group": group.id, "status": "new"}
-        write_json(folder / STATE_FILE, state)
-    (folder / FIT_FILE).write_text(yaml.safe_dump(fit_config(config, group), sort_keys=False))
-    return state
+def _members(folder: Path, sparsity: dict[str, list[int | float]]) -> dict[str, Path]:
+    root = folder / "saes"
+    return {member_name(values): root / member_name(values) / "sae" for values in sweep_members(sparsity)}
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
@@ -126,7 +127,7 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
-def _run_fit(config: SuiteConfig, args: list[str]) -> int | None:
+def _run_fit(in_process: bool, args: list[str]) -> int | None:
     """Run ``fit``; return the rows it read from shards (None when it ran in other processes).
 
     A one-device group runs in this process. A group on several devices or nodes runs
@@ -136,7 +137,7 @@ def _run_fit(config: SuiteConfig, args: list[str]) -> int | None:
     """
     from gs_lightning.cli import main  # the CLI imports Lightning's whole stack: only when training
 
-    if config.trainer.devices_per_group * config.trainer.num_nodes == 1:
+    if in_process:
         argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args
         try:
             cli = main(args)
@@ -152,9 +153,9 @@ def _run_fit(config: SuiteConfig, args: list[str]) -> int | None:
     return None
 
 
-def train(config: SuiteConfig, group: Group, state: dict[str, Any]) -> dict[str, Any]:
+def train(run: GroupRun, state: dict[str, Any]) -> dict[str, Any]:
     """Run the group's packed fit (from the latest checkpoint a killed run left); return its state."""
-    folder = group_dir(config, group)
+    folder, group = run.folder, run.group
     checkpoint = _latest_checkpoint(folder)
     args = ["fit", "--config", str(folder / FIT_FILE)]
     if checkpoint is not None:
@@ -163,11 +164,11 @@ def train(config: SuiteConfig, group: Group, state: dict[str, Any]) -> dict[str,
     print(f"suite: {group.id}: training {levels} SAEs in one packed run, {group.steps} steps"
           f"{f' (resuming from {checkpoint})' if checkpoint else ''}", flush=True)
     start = time.perf_counter()
-    rows_read = _run_fit(config, args)
-    missing = [name for name, path in member_paths(config, group).items() if not path.is_dir()]
+    rows_read = _run_fit(run.in_process, args)
+    missing = [name for name, path in _members(folder, group.width.sparsity).items() if not path.is_dir()]
     if missing:
         raise RuntimeError(f"{group.id}: fit ended without saving {missing}")
-    site_tokens = int(read_manifest(harvest_site(config, "train", group.site.site))["tokens"])
+    site_tokens = int(read_manifest(run.site_shards)["tokens"])
     passes = None if rows_read is None else rows_read / site_tokens
     state = {**state, "status": TRAINED, "steps": group.steps, "rows_read": rows_read, "site_tokens": site_tokens,
              "passes_over_shards": passes, "resumed": checkpoint is not None or state.get("resumed", False),
