@@ -33,9 +33,9 @@ from gs_lightning.browse.build import browse
 from gs_lightning.browse.source import HarvestSource
 from gs_lightning.console import quiet_third_party
 from gs_lightning.evaluation.evaluate import reconstruction_metrics
+from gs_lightning.evaluation.splice import delta_lm_loss
 from gs_lightning.formats.io import load_sae
 from gs_lightning.lm.load import shared_language_model
-from gs_lightning.evaluation.splice import delta_lm_loss
 from gs_lightning.lm.text import iter_contexts, iter_texts
 
 

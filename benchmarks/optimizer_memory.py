@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from jsonargparse import CLI
 
-from gs_lightning.train.optim import build_optimizer, state_bytes
 from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.optim import build_optimizer, state_bytes
 
 OPTIMIZERS = ("adam", "adam8bit")
 

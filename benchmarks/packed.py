@@ -43,9 +43,9 @@ from gs_lightning.data.shard_format import (
     shard_name,
     write_manifest,
 )
+from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.train.packed import PackedSAE
-from gs_lightning.saes import JumpReLUSAE
 
 
 def _lambdas(k: int) -> list[float]:

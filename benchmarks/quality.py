@@ -78,14 +78,14 @@ from jsonargparse import ArgumentParser
 
 from gs_lightning.console import quiet_third_party
 from gs_lightning.data import ShardedActivationDataModule
+from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU
+from gs_lightning.evaluation.splice import delta_lm_loss
 from gs_lightning.harvest.model import HarvestConfig, harvest
 from gs_lightning.lm.load import load_language_model
-from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU
-from gs_lightning.train.record import code_version
-from gs_lightning.train.module import SAETrainingModule
-from gs_lightning.saes import BatchTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, TopKSAE
-from gs_lightning.evaluation.splice import delta_lm_loss
 from gs_lightning.lm.text import iter_contexts, iter_texts
+from gs_lightning.saes import BatchTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, TopKSAE
+from gs_lightning.train.module import SAETrainingModule
+from gs_lightning.train.record import code_version
 
 
 @dataclass(frozen=True)

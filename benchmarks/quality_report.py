@@ -16,8 +16,8 @@ LM loss, so a figure is a ratio, ours over theirs, and its worst case is the lar
 from __future__ import annotations
 
 import csv
-import math
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any

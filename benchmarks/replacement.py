@@ -43,11 +43,11 @@ from gs_lightning.data import AlignedShardsDataModule, ShardedActivationDataModu
 from gs_lightning.evaluation import ReplacementPart, replacement_metrics
 from gs_lightning.formats.io import load_sae
 from gs_lightning.lm.load import shared_language_model
-from gs_lightning.train.module import SAETrainingModule
-from gs_lightning.saes import JumpReLUSAE
-from gs_lightning.saes.clt import CrossLayerTranscoder
 from gs_lightning.lm.sites import SITE_KINDS
 from gs_lightning.lm.text import iter_contexts, iter_texts
+from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.saes.clt import CrossLayerTranscoder
+from gs_lightning.train.module import SAETrainingModule
 
 MODEL = "gs-lightning/tiny-gemma2-kjv"
 HARVEST_CONFIG = "configs/harvest_quickstart_clt.yaml"

@@ -44,8 +44,8 @@ from callbacks.progress import StepProgressBar
 from callbacks.throughput import device_name, peak_flops_for
 from gs_lightning.console import quiet_third_party
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.module import SAETrainingModule
 
 
 def _sync(device: torch.device) -> None:

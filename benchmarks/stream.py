@@ -29,7 +29,12 @@ import torch
 from jsonargparse import CLI
 
 from gs_lightning.data import ShardedActivationDataModule
-from gs_lightning.data.shard_format import encode_shard, shard_entry, shard_name, write_manifest
+from gs_lightning.data.shard_format import (
+    encode_shard,
+    shard_entry,
+    shard_name,
+    write_manifest,
+)
 from gs_lightning.harvest.model import HarvestConfig, harvest
 from gs_lightning.lm.load import load_language_model
 from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts

@@ -91,7 +91,12 @@ from gs_lightning.data.shard_format import read_manifest
 from gs_lightning.data.worlds import MODEL_FOLDER, named_config
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer
 from gs_lightning.harvest.model import HarvestConfig, harvest
-from gs_lightning.saes import BatchTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, MatryoshkaJumpReLUSAE
+from gs_lightning.saes import (
+    BatchTopKSAE,
+    JumpReLUSAE,
+    MatryoshkaBatchTopKSAE,
+    MatryoshkaJumpReLUSAE,
+)
 
 # Our module settings (SAETrainingModule), in one place; the SAEs' own recipes are their
 # classes' defaults. Warm-ups are fractions of the run: none, as SAELens' (on the tune world

@@ -11,10 +11,10 @@ import torch
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.replacement import ReplacementPart, replacement_lm_loss
-from gs_lightning.lm.load import shared_language_model
-from gs_lightning.train.packed import metric_key
 from gs_lightning.evaluation.splice import delta_lm_loss
+from gs_lightning.lm.load import shared_language_model
 from gs_lightning.lm.text import iter_contexts, iter_texts
+from gs_lightning.train.packed import metric_key
 
 
 class DeltaLMLoss(pl.Callback):

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from gs_lightning.evaluation.metrics import FiringStatistics, PooledFVU
-from gs_lightning.train.parallel import whole_saes
 from gs_lightning.evaluation.plots import plot_density, plot_frontier
+from gs_lightning.train.parallel import whole_saes
 
 
 class SavePlots(pl.Callback):

@@ -187,8 +187,8 @@ def _finish_wandb_run() -> None:
 
 def _table(saved: list[str], root: Path, evaluate: bool, n_contexts: int) -> list[dict[str, Any]]:
     from gs_lightning.evaluation.evaluate import evaluate as evaluate_saes
-    from gs_lightning.formats.io import load_sae_config
     from gs_lightning.evaluation.plots import plot_frontier
+    from gs_lightning.formats.io import load_sae_config
 
     metas = [load_sae_config(path).get("metadata", {}) for path in saved]
     if evaluate and all(m.get("model") and m.get("text") for m in metas):

@@ -11,9 +11,9 @@ import torch
 
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.errors import ConfigError
+from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.train.optim import build_optimizer, state_bytes
-from gs_lightning.saes import JumpReLUSAE
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes is not installed (the bnb extra)")

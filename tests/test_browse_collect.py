@@ -27,8 +27,8 @@ from gs_lightning.data.shard_format import (
 from gs_lightning.errors import ConfigError
 from gs_lightning.harvest.model import HarvestConfig, harvest
 from gs_lightning.lm.load import load_language_model
-from gs_lightning.saes import JumpReLUSAE, ReLUSAE
 from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.saes import JumpReLUSAE, ReLUSAE
 
 D, D_SAE, CONTEXT, N_CONTEXTS = 8, 24, 16, 75
 SITE = "blocks.1.hook_resid_post"

@@ -19,11 +19,11 @@ from gs_lightning.browse.build import browse
 from gs_lightning.browse.records import token_strings
 from gs_lightning.data import ShardedActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.harvest.model import HarvestConfig, harvest
 from gs_lightning.formats.io import save_sae
+from gs_lightning.harvest.model import HarvestConfig, harvest
 from gs_lightning.lm.load import load_language_model
-from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.module import SAETrainingModule
 
 SITE = "blocks.1.hook_resid_post"
 D_SAE = 48

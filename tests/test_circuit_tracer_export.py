@@ -13,12 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.formats.export import export
-from gs_lightning.formats.io import load_sae, save_sae
 from gs_lightning.formats.circuit_tracer import (
     export_circuit_tracer,
     load_circuit_tracer,
 )
+from gs_lightning.formats.export import export
+from gs_lightning.formats.io import load_sae, save_sae
 from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.saes.clt import CrossLayerTranscoder
 

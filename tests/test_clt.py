@@ -14,11 +14,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gs_lightning.data import AlignedShardsDataModule
-from gs_lightning.kernels.functional import rectangle
 from gs_lightning.formats.io import load_sae, save_sae
-from gs_lightning.train.module import SAETrainingModule
+from gs_lightning.kernels.functional import rectangle
 from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.saes.clt import CrossLayerTranscoder, clt_memory
+from gs_lightning.train.module import SAETrainingModule
 from tests.test_aligned import _sibling
 from tests.test_shards import write_folder
 

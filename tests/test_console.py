@@ -15,8 +15,8 @@ import lightning.pytorch as pl
 from callbacks.progress import StepProgressBar
 from gs_lightning.console import quiet_third_party
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.module import SAETrainingModule
 
 REPO = Path(__file__).resolve().parents[1]
 NOTICES = ("Tip: For seamless cloud", "try installing [litlogger]", "try installing [litmodels]",

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from gs_lightning.data import AlignedShardsDataModule
-from gs_lightning.kernels.functional import rectangle
 from gs_lightning.formats.io import load_sae, save_sae
-from gs_lightning.train.module import SAETrainingModule
+from gs_lightning.kernels.functional import rectangle
 from gs_lightning.saes import Crosscoder, CrossLayerTranscoder, JumpReLUSAE
 from gs_lightning.saes.crosscoder import crosscoder_parameters
+from gs_lightning.train.module import SAETrainingModule
 from tests.test_aligned import _sibling
 from tests.test_shards import write_folder
 

@@ -52,8 +52,8 @@ def train(root: Path, shards: Path, sae: str, devices: int) -> None:
     The Trainer is built directly, so the test controls every option of the two runs.
     """
     from gs_lightning.data import ShardedActivationDataModule
-    from gs_lightning.train.module import SAETrainingModule
     from gs_lightning.saes import BatchTopKSAE, JumpReLUSAE
+    from gs_lightning.train.module import SAETrainingModule
 
     pl.seed_everything(0)
     # 32x wider than its input, the default threshold 1 / sqrt(8) would sit ~16 typical
@@ -74,7 +74,9 @@ def train(root: Path, shards: Path, sae: str, devices: int) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """Per SAE variant: the final state of rank 0 and rank 1 under DDP and of one process."""
-    from test_shards import write_folder  # the synthetic shard folder of the DataModule's tests
+    from test_shards import (
+        write_folder,  # the synthetic shard folder of the DataModule's tests
+    )
 
     tmp = tmp_path_factory.mktemp("ddp")
     # 5 training shards x 128 rows: 5 global batches an epoch, so 12 steps cross two epochs.

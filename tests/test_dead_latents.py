@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from gs_lightning.evaluation.scoring import score
 from gs_lightning.kernels.functional import target_l0_penalty
-from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import BatchTopKSAE, CrossLayerTranscoder, JumpReLUSAE, TopKSAE
 from gs_lightning.suite.evaluation import shard_metrics
+from gs_lightning.train.module import SAETrainingModule
 
 D, S, N, KILLED = 8, 32, 256, 8
 

@@ -17,8 +17,12 @@ from gs_lightning.cli import main
 from gs_lightning.errors import ConfigError
 from gs_lightning.formats.export import export, export_gemma_scope_2
 from gs_lightning.formats.files import read_safetensors, write_folder
-from gs_lightning.formats.jumprelu import build_jumprelu, check_jumprelu, jumprelu_tensors
 from gs_lightning.formats.io import load_sae, save_sae
+from gs_lightning.formats.jumprelu import (
+    build_jumprelu,
+    check_jumprelu,
+    jumprelu_tensors,
+)
 from gs_lightning.saes import SAE, TopKSAE
 from tests.test_export import _trained_like_jumprelu
 

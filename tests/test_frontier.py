@@ -4,7 +4,12 @@ import math
 
 import pytest
 
-from gs_lightning.evaluation.frontier import interpolate, mean_log_ratio, ratios, worst_ratio
+from gs_lightning.evaluation.frontier import (
+    interpolate,
+    mean_log_ratio,
+    ratios,
+    worst_ratio,
+)
 
 
 def test_interpolation_is_linear_in_log_l0_and_log_value() -> None:

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.module import SAETrainingModule
 
 pytestmark = pytest.mark.gpu
 
@@ -142,8 +142,9 @@ def test_fused_step_under_bf16_autocast_on_cuda() -> None:
 
 def test_quickstart_fit_on_one_gpu_in_bf16_mixed(tmp_path: Path) -> None:
     """configs/quickstart.yaml, live activations from the embedded model, on the GPU in bf16-mixed."""
-    from gs_lightning.cli import main
     from test_configs import SMALL_DATA
+
+    from gs_lightning.cli import main
 
     small = [arg for key, value in SMALL_DATA["LiveActivationDataModule"].items()
              for arg in (f"--data.init_args.{key}", str(value))]

@@ -20,11 +20,15 @@ from gs_lightning.data.shard_format import shard_entry, write_manifest
 from gs_lightning.data.shards import ShardedActivationDataModule
 from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.evaluate import evaluate_main
-from gs_lightning.evaluation.ground_truth import GroundTruthScorer, GroundTruthScores, score
+from gs_lightning.evaluation.ground_truth import (
+    GroundTruthScorer,
+    GroundTruthScores,
+    score,
+)
 from gs_lightning.formats.io import save_sae
+from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.train.packed import metric_key
-from gs_lightning.saes import JumpReLUSAE
 
 
 def _world(n_features: int = 8, d: int = 6, rows: int = 200, seed: int = 0) -> tuple[GroundTruth, torch.Tensor]:
@@ -148,8 +152,14 @@ def test_scores_agree_with_synthsaebench() -> None:
     pytest.importorskip("sae_lens")
     from sae_lens.evals import ExplainedVarianceCalculator
     from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
-    from sae_lens.synthetic.evals import (ClassificationMetricsCalculator, DeadLatentsCalculator, L0Calculator,
-                                          ShrinkageCalculator, feature_uniqueness, mean_correlation_coefficient)
+    from sae_lens.synthetic.evals import (
+        ClassificationMetricsCalculator,
+        DeadLatentsCalculator,
+        L0Calculator,
+        ShrinkageCalculator,
+        feature_uniqueness,
+        mean_correlation_coefficient,
+    )
 
     world = SyntheticModel(SyntheticModelConfig(num_features=64, hidden_dim=16, seed=0))
     with torch.no_grad():

@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from gs_lightning.train.packed import PackedSAE
 from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.packed import PackedSAE
 
 D, S = 16, 64
 

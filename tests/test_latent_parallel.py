@@ -17,11 +17,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import SavePlots, SaveSAE
-from gs_lightning.data.shard_format import encode_shard, shard_entry, shard_name, write_manifest
+from gs_lightning.data.shard_format import (
+    encode_shard,
+    shard_entry,
+    shard_name,
+    write_manifest,
+)
 from gs_lightning.errors import ConfigError
 from gs_lightning.formats.io import load_sae, load_sae_config
-from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE, TopKSAE
+from gs_lightning.train.module import SAETrainingModule
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, BATCH, D_IN, D_SAE = 10, 128, 16, 256

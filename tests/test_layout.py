@@ -47,11 +47,12 @@ def test_old_import_path_is_the_same_module(old: str) -> None:
 
 
 def test_packages_that_took_a_module_name_re_export_its_names() -> None:
+    from gs_lightning.module import SAETrainingModule
+
     from gs_lightning.harvest import HarvestConfig
     from gs_lightning.harvest.model import HarvestConfig as moved_config
     from gs_lightning.lm import load_language_model
     from gs_lightning.lm.load import load_language_model as moved_loader
-    from gs_lightning.module import SAETrainingModule
     from gs_lightning.train.module import SAETrainingModule as moved_module
 
     assert HarvestConfig is moved_config

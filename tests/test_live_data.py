@@ -268,8 +268,8 @@ def test_live_data_and_delta_lm_loss_share_one_model(tmp_path, monkeypatch):
     """A live run with DeltaLMLoss loads the language model's weights once, not twice."""
     from callbacks import DeltaLMLoss
     from gs_lightning.lm import load as lm
-    from gs_lightning.train.module import SAETrainingModule
     from gs_lightning.saes import JumpReLUSAE
+    from gs_lightning.train.module import SAETrainingModule
 
     loads = []
     real = lm._load_weights

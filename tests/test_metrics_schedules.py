@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from gs_lightning.evaluation.metrics import FiringStatistics, PooledFVU, batch_fvu, explained_variance
+from gs_lightning.evaluation.metrics import (
+    FiringStatistics,
+    PooledFVU,
+    batch_fvu,
+    explained_variance,
+)
 from gs_lightning.train.schedules import lr_factor, sparsity_warmup
 
 
@@ -55,8 +60,8 @@ def test_sparsity_warmup_is_linear_from_zero() -> None:
 
 def test_validation_metrics_pool_over_tokens_not_batches() -> None:
     # Two validation batches of different sizes: L0 and MSE must be means over tokens.
-    from gs_lightning.train.module import SAETrainingModule
     from gs_lightning.saes import ReLUSAE
+    from gs_lightning.train.module import SAETrainingModule
 
     sae = ReLUSAE(2, 2)
     with torch.no_grad():  # identity encoder, zero decoder: f = relu(x), x_hat = 0

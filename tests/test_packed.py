@@ -14,11 +14,15 @@ from callbacks import FinalSummary
 from gs_lightning.cli import main
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.kernels.fused import Workspace, fused_jumprelu_loss, fused_packed_jumprelu_loss
 from gs_lightning.formats.io import load_sae, load_sae_config
+from gs_lightning.kernels.fused import (
+    Workspace,
+    fused_jumprelu_loss,
+    fused_packed_jumprelu_loss,
+)
+from gs_lightning.saes import SAE, JumpReLUSAE, MatryoshkaJumpReLUSAE, ReLUSAE, TopKSAE
 from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.train.packed import PackedSAE
-from gs_lightning.saes import SAE, JumpReLUSAE, MatryoshkaJumpReLUSAE, ReLUSAE, TopKSAE
 
 D, S = 16, 64
 

@@ -10,8 +10,8 @@ from lightning.pytorch.loggers import WandbLogger
 from callbacks import SavePlots
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.evaluation.metrics import FiringStatistics
-from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.module import SAETrainingModule
 
 D, S = 16, 64
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from gs_lightning.data.memory import InMemoryActivationDataModule
-from gs_lightning.lm.load import load_language_model
 from gs_lightning.evaluation.metrics import FiringStatistics, PooledFVU
-from gs_lightning.train.module import SAETrainingModule
-from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.lm.load import load_language_model
 from gs_lightning.lm.sites import ActivationExtractor
 from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.module import SAETrainingModule
 
 SITE = "blocks.1.hook_resid_post"
 D_SAE, STEPS, BATCH = 512, 600, 512

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.evaluation.evaluate import reconstruction_metrics
 from gs_lightning.evaluation import ReplacementPart, check_causal, replacement_metrics
+from gs_lightning.evaluation.evaluate import reconstruction_metrics
+from gs_lightning.evaluation.splice import delta_lm_loss
 from gs_lightning.lm.load import shared_language_model
+from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.saes.clt import CrossLayerTranscoder
-from gs_lightning.evaluation.splice import delta_lm_loss
-from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 
 MODEL = "gs-lightning/tiny-gemma2-kjv"
 L, D, N = 2, 128, 64  # the first two of the embedded model's layers, 64 latents each

@@ -11,11 +11,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gs_lightning.data import ShardedActivationDataModule
-from gs_lightning.data.shard_format import MANIFEST, encode_shard, shard_entry, shard_name, write_manifest
-from gs_lightning.errors import ConfigError
-from gs_lightning.train.module import SAETrainingModule
-from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.data.scaling import estimate_input_scale
+from gs_lightning.data.shard_format import (
+    MANIFEST,
+    encode_shard,
+    shard_entry,
+    shard_name,
+    write_manifest,
+)
+from gs_lightning.errors import ConfigError
+from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.module import SAETrainingModule
 
 D = 8
 

@@ -12,7 +12,12 @@ from gs_lightning.errors import ConfigError
 from gs_lightning.formats.circuit_tracer import INPUT_HOOK, OUTPUT_HOOK
 from gs_lightning.formats.gemma_scope_2 import GEMMA_SCOPE_2_KINDS, HF_HOOK_POINTS
 from gs_lightning.formats.naming import site_layer
-from gs_lightning.lm.sites import SITE_KINDS, layer_and_kind, parse_site, site_dim_from_config
+from gs_lightning.lm.sites import (
+    SITE_KINDS,
+    layer_and_kind,
+    parse_site,
+    site_dim_from_config,
+)
 from gs_lightning.suite.groups import KIND_NAMES
 from gs_lightning.suite.report import KIND_TITLES
 

@@ -13,12 +13,16 @@ import torch
 from safetensors import safe_open
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.formats.export import export_gemma_scope, export_gemma_scope_2, export_saelens
-from gs_lightning.kernels.functional import jumprelu, step
+from gs_lightning.formats.export import (
+    export_gemma_scope,
+    export_gemma_scope_2,
+    export_saelens,
+)
 from gs_lightning.formats.io import load_sae, save_sae
+from gs_lightning.kernels.functional import jumprelu, step
+from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE, TopKSAE
 from gs_lightning.train.packed import PackedSAE
 from gs_lightning.train.parallel import check_supported
-from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
 D_IN, D_OUT, S, B = 12, 20, 96, 128
 LAM, EPS = 1e-2, 0.05

@@ -5,10 +5,10 @@ import itertools
 import pytest
 import torch
 
-from gs_lightning.lm.load import load_language_model
-from gs_lightning.saes import JumpReLUSAE
 from gs_lightning.evaluation.splice import delta_lm_loss
+from gs_lightning.lm.load import load_language_model
 from gs_lightning.lm.text import iter_contexts, iter_texts
+from gs_lightning.saes import JumpReLUSAE
 
 MODEL = "gs-lightning/tiny-gemma2-kjv"
 

@@ -10,10 +10,16 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
-from callbacks.throughput import Throughput, compute_dtype, device_name, peak_flops_for, sae_flops_per_token
+from callbacks.throughput import (
+    Throughput,
+    compute_dtype,
+    device_name,
+    peak_flops_for,
+    sae_flops_per_token,
+)
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.module import SAETrainingModule
 
 D_IN, D_SAE, BATCH, TICK = 16, 64, 128, 0.25
 

@@ -5,8 +5,8 @@ import lightning.pytorch as pl
 import pytest
 
 from gs_lightning.data import SyntheticActivationDataModule
-from gs_lightning.train.module import SAETrainingModule
 from gs_lightning.saes import JumpReLUSAE
+from gs_lightning.train.module import SAETrainingModule
 
 
 def _fit(coefficient: float, parameterization: str, tmp_path, threshold_init: float = 0.001) -> dict[str, float]:

@@ -13,11 +13,17 @@ from torch import nn
 from callbacks import SaveSAE
 from gs_lightning.data.live import LiveActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.formats.export import export_gemma_scope, export_saelens, load_gemma_scope, load_saelens
-from gs_lightning.kernels.fused import Workspace, fused_packed_jumprelu_loss
+from gs_lightning.evaluation.splice import delta_lm_loss
+from gs_lightning.formats.export import (
+    export_gemma_scope,
+    export_saelens,
+    load_gemma_scope,
+    load_saelens,
+)
 from gs_lightning.formats.io import load_sae
+from gs_lightning.kernels.fused import Workspace, fused_packed_jumprelu_loss
 from gs_lightning.lm.load import load_language_model
-from gs_lightning.train.module import SAETrainingModule, check_widths
+from gs_lightning.lm.text import iter_contexts, iter_texts
 from gs_lightning.saes import (
     BatchTopKSAE,
     GatedSAE,
@@ -28,8 +34,7 @@ from gs_lightning.saes import (
     ReLUSAE,
     TopKSAE,
 )
-from gs_lightning.evaluation.splice import delta_lm_loss
-from gs_lightning.lm.text import iter_contexts, iter_texts
+from gs_lightning.train.module import SAETrainingModule, check_widths
 
 D_IN, D_OUT, S = 12, 20, 96
 VARIANTS = {

@@ -13,7 +13,6 @@ from torch import Tensor
 
 from gs_lightning.data import SyntheticActivationDataModule
 from gs_lightning.formats.io import load_sae, save_sae
-from gs_lightning.train.packed import build_packed
 from gs_lightning.saes import (
     SAE,
     BatchTopKSAE,
@@ -26,6 +25,7 @@ from gs_lightning.saes import (
     TopKSAE,
 )
 from gs_lightning.saes.topk import topk_init_scale
+from gs_lightning.train.packed import build_packed
 
 D_IN, D_SAE = 16, 64
 
@@ -274,7 +274,10 @@ def test_gated_exports_paper_names() -> None:
 
 
 def test_variant_defined_outside_the_package_trains_through_the_cli(tmp_path) -> None:
-    from test_cli import _config, _write  # tests/ is on sys.path under pytest's default import mode
+    from test_cli import (  # tests/ is on sys.path under pytest's default import mode
+        _config,
+        _write,
+    )
 
     from gs_lightning.cli import main
 

@@ -20,6 +20,7 @@ import torch
 from jsonargparse import CLI
 from tqdm import tqdm
 
+from gs_lightning import formats
 from gs_lightning.browse.collect import LatentData, collect
 from gs_lightning.browse.contexts import rebuild_windows
 from gs_lightning.browse.decoder import decoder_data, nearest_latents
@@ -31,7 +32,6 @@ from gs_lightning.browse.records import (
 )
 from gs_lightning.browse.site import write_site
 from gs_lightning.browse.source import HarvestSource
-from gs_lightning import formats
 from gs_lightning.errors import ConfigError
 from gs_lightning.formats.io import load_sae, load_sae_config, sae_paths
 from gs_lightning.lm.load import shared_language_model

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from gs_lightning.data.reader import Batch
+from gs_lightning.data.scaling import ScalingScheme
 from gs_lightning.data.shards import ShardedActivationDataModule
 from gs_lightning.errors import ConfigError
-from gs_lightning.data.scaling import ScalingScheme
 from gs_lightning.lm.sites import site_span
 
 

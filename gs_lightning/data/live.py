@@ -12,10 +12,16 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from gs_lightning.data.base import ActivationDataModule, as_is, data_parallel_rank
 from gs_lightning.data.buffer import ShuffleBuffer
+from gs_lightning.data.scaling import SCHEMES, ScalingScheme, estimate_input_scale
 from gs_lightning.data.shard_format import all_finite
 from gs_lightning.errors import ConfigError
-from gs_lightning.lm.load import ModelDtype, check_context_size, load_model_config, parse_dtype, shared_language_model
-from gs_lightning.data.scaling import SCHEMES, ScalingScheme, estimate_input_scale
+from gs_lightning.lm.load import (
+    ModelDtype,
+    check_context_size,
+    load_model_config,
+    parse_dtype,
+    shared_language_model,
+)
 from gs_lightning.lm.sites import (
     ActivationExtractor,
     check_site_config,

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from gs_lightning.data.base import ActivationDataModule
-from gs_lightning.errors import ConfigError
 from gs_lightning.data.scaling import ScalingScheme, estimate_input_scale
+from gs_lightning.errors import ConfigError
 
 
 class ShuffledBatches:

@@ -42,8 +42,8 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from gs_lightning.data import files
-from gs_lightning.errors import ConfigError
 from gs_lightning.data.scaling import ScalingScheme
+from gs_lightning.errors import ConfigError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2

@@ -29,10 +29,21 @@ from gs_lightning.data.ground_truth import (
     read_sparse_true_acts,
 )
 from gs_lightning.data.memory import OrderedBatches
-from gs_lightning.data.reader import Batch, Block, EpochPlan, WindowReader, blocks_per_window
-from gs_lightning.data.shard_format import MANIFEST, check_header, read_manifest, scale_from_statistics
-from gs_lightning.errors import ConfigError
+from gs_lightning.data.reader import (
+    Batch,
+    Block,
+    EpochPlan,
+    WindowReader,
+    blocks_per_window,
+)
 from gs_lightning.data.scaling import SCHEMES, ScalingScheme
+from gs_lightning.data.shard_format import (
+    MANIFEST,
+    check_header,
+    read_manifest,
+    scale_from_statistics,
+)
+from gs_lightning.errors import ConfigError
 
 
 class _WorkerShare(IterableDataset):

@@ -25,20 +25,28 @@ import torch
 from jsonargparse import CLI
 from tqdm import tqdm
 
-from gs_lightning.data.ground_truth import GROUND_TRUTH, read_ground_truth, world_batches
+from gs_lightning.data.ground_truth import (
+    GROUND_TRUTH,
+    read_ground_truth,
+    world_batches,
+)
 from gs_lightning.data.shard_format import read_manifest
 from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer
-from gs_lightning.evaluation.replacement import ReplacementPart, clean_metrics, replacement_metrics
-from gs_lightning.formats.io import load_sae, load_sae_config, sae_paths
-from gs_lightning.lm.load import shared_language_model
-from gs_lightning.evaluation.scoring import ReconstructionScorer, score
 from gs_lightning.evaluation.metrics import explained_variance
 from gs_lightning.evaluation.plots import plot_density, plot_frontier
-from gs_lightning.saes import SAE
-from gs_lightning.lm.sites import ActivationExtractor, site_span
+from gs_lightning.evaluation.replacement import (
+    ReplacementPart,
+    clean_metrics,
+    replacement_metrics,
+)
+from gs_lightning.evaluation.scoring import ReconstructionScorer, score
 from gs_lightning.evaluation.splice import delta_lm_loss
+from gs_lightning.formats.io import load_sae, load_sae_config, sae_paths
+from gs_lightning.lm.load import shared_language_model
+from gs_lightning.lm.sites import ActivationExtractor, site_span
 from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
+from gs_lightning.saes import SAE
 
 COLUMNS = ("sae", "site", "d_sae", "l0", "fvu", "explained_variance", "dead_frac", "dense_frac", "delta_loss",
            "kl", "loss_recovered", "ce_clean", "ce_spliced", "ce_zero_ablated", "tokens",

@@ -37,10 +37,10 @@ from torch import Tensor, nn
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU
-from gs_lightning.saes import SAE
-from gs_lightning.lm.sites import ActivationExtractor
 from gs_lightning.evaluation.splice import Capture, Splice, spliced_lm_loss
+from gs_lightning.lm.sites import ActivationExtractor
 from gs_lightning.lm.text import content_mask
+from gs_lightning.saes import SAE
 
 
 @dataclass

@@ -26,7 +26,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU, explained_variance
+from gs_lightning.evaluation.metrics import (
+    DENSE_THRESHOLD,
+    FiringStatistics,
+    PooledFVU,
+    explained_variance,
+)
 from gs_lightning.saes import SAE
 
 

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.saes import SAE
 from gs_lightning.lm.sites import parse_site, resolve_site
 from gs_lightning.lm.text import content_mask
+from gs_lightning.saes import SAE
 
 
 class Splice:

@@ -37,8 +37,8 @@ from torch import Tensor
 from gs_lightning.errors import ConfigError, parse_file
 from gs_lightning.formats.base import Format
 from gs_lightning.formats.files import read_safetensors, write_folder
-from gs_lightning.saes import SAE, CrossLayerTranscoder
 from gs_lightning.lm.sites import SITE_KINDS, layer_and_kind
+from gs_lightning.saes import SAE, CrossLayerTranscoder
 
 CONFIG = "config.yaml"
 # circuit-tracer's defaults (load_clt's feature_input_hook and feature_output_hook), which are

@@ -20,7 +20,11 @@ from gs_lightning.errors import ConfigError
 from gs_lightning.formats import ReleaseFormat
 from gs_lightning.formats.circuit_tracer import export_circuit_tracer
 from gs_lightning.formats.files import write_folder
-from gs_lightning.formats.gemma_scope import export_gemma_scope, gemma_scope_folder, load_gemma_scope
+from gs_lightning.formats.gemma_scope import (
+    export_gemma_scope,
+    gemma_scope_folder,
+    load_gemma_scope,
+)
 from gs_lightning.formats.gemma_scope_2 import (
     GEMMA_SCOPE_2_KINDS,
     GEMMA_SCOPE_2_NAMES,
@@ -30,11 +34,17 @@ from gs_lightning.formats.gemma_scope_2 import (
     gemma_scope_2_folder,
     load_gemma_scope_2,
 )
+from gs_lightning.formats.io import load_sae, sae_paths
 from gs_lightning.formats.jumprelu import GEMMA_SCOPE_KEYS, jumprelu_tensors
 from gs_lightning.formats.naming import site_layer, width_label
 from gs_lightning.formats.native import load_sae_config
-from gs_lightning.formats.saelens import SAELENS_CFG, SAELENS_SPARSITY, SAELENS_WEIGHTS, export_saelens, load_saelens
-from gs_lightning.formats.io import load_sae, sae_paths
+from gs_lightning.formats.saelens import (
+    SAELENS_CFG,
+    SAELENS_SPARSITY,
+    SAELENS_WEIGHTS,
+    export_saelens,
+    load_saelens,
+)
 from gs_lightning.saes import SAE
 
 __all__ = [

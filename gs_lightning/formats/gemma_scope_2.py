@@ -15,10 +15,14 @@ from typing import Any
 from gs_lightning.errors import ConfigError
 from gs_lightning.formats.base import ReleaseFormat
 from gs_lightning.formats.files import read_safetensors, write_folder
-from gs_lightning.formats.jumprelu import build_jumprelu, check_jumprelu, jumprelu_tensors
+from gs_lightning.formats.jumprelu import (
+    build_jumprelu,
+    check_jumprelu,
+    jumprelu_tensors,
+)
 from gs_lightning.formats.naming import site_layer, width_label
-from gs_lightning.saes import SAE, JumpReLUSAE
 from gs_lightning.lm.sites import SITE_KINDS, TRANSCODER, layer_and_kind
+from gs_lightning.saes import SAE, JumpReLUSAE
 
 GEMMA_SCOPE_2_WEIGHTS = "params.safetensors"
 GEMMA_SCOPE_2_CONFIG = "config.json"

@@ -18,9 +18,20 @@ from gs_lightning.errors import ConfigError
 from gs_lightning.formats import format_for
 from gs_lightning.formats.files import write_folder
 from gs_lightning.formats.gemma_scope import load_gemma_scope
-from gs_lightning.formats.gemma_scope_2 import GEMMA_SCOPE_2_NAMES, GEMMA_SCOPE_2_WEIGHTS, load_gemma_scope_2
+from gs_lightning.formats.gemma_scope_2 import (
+    GEMMA_SCOPE_2_NAMES,
+    GEMMA_SCOPE_2_WEIGHTS,
+    load_gemma_scope_2,
+)
 from gs_lightning.formats.jumprelu import GEMMA_SCOPE_KEYS
-from gs_lightning.formats.native import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, load_sae_config, plain_scale, save_sae
+from gs_lightning.formats.native import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    load_sae_config,
+    plain_scale,
+    save_sae,
+)
 from gs_lightning.formats.saelens import (
     SAELENS_ARCHITECTURES,
     SAELENS_CFG,

@@ -18,7 +18,12 @@ from torch import Tensor
 from gs_lightning.errors import ConfigError, parse_file
 from gs_lightning.formats.base import Format
 from gs_lightning.formats.files import read_safetensors, write_folder
-from gs_lightning.formats.jumprelu import build_jumprelu, check_jumprelu, check_shapes, jumprelu_tensors
+from gs_lightning.formats.jumprelu import (
+    build_jumprelu,
+    check_jumprelu,
+    check_shapes,
+    jumprelu_tensors,
+)
 from gs_lightning.formats.naming import site_layer
 from gs_lightning.saes import SAE, JumpReLUSAE, ReLUSAE
 

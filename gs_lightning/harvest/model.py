@@ -45,7 +45,12 @@ from gs_lightning.data.shard_format import (
 )
 from gs_lightning.errors import ConfigError
 from gs_lightning.harvest.world import harvest_world
-from gs_lightning.lm.load import ModelDtype, check_context_size, parse_dtype, shared_language_model
+from gs_lightning.lm.load import (
+    ModelDtype,
+    check_context_size,
+    parse_dtype,
+    shared_language_model,
+)
 from gs_lightning.lm.sites import ActivationExtractor, parse_site, site_dim
 from gs_lightning.lm.text import content_mask, iter_contexts, iter_texts
 

@@ -30,7 +30,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gs_lightning.kernels.fused import Workspace, gate, gate_backward, keep_for_backward, saved_buffers
+from gs_lightning.kernels.fused import (
+    Workspace,
+    gate,
+    gate_backward,
+    keep_for_backward,
+    saved_buffers,
+)
 
 
 class FusedCLTLoss(torch.autograd.Function):

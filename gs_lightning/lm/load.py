@@ -10,7 +10,6 @@ researcher which YAML key to fix.
 from __future__ import annotations
 
 import functools
-
 import os
 from pathlib import Path
 from typing import Literal

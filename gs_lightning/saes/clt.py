@@ -41,11 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gs_lightning.kernels.clt_fused import fused_clt_loss
 from gs_lightning.kernels.functional import jumprelu
 from gs_lightning.kernels.fused import Workspace, autocast_dtype
 from gs_lightning.saes.base import TrainOutput
 from gs_lightning.saes.blocked import BlockedJumpReLU, per_site
-from gs_lightning.kernels.clt_fused import fused_clt_loss
 from gs_lightning.saes.jumprelu import recipe_defaults
 
 

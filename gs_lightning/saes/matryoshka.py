@@ -19,8 +19,8 @@ from typing import Literal
 from torch import Tensor
 
 from gs_lightning.saes.batchtopk import BatchTopKSAE
-from gs_lightning.saes.topk import DEAD_TOKENS
 from gs_lightning.saes.jumprelu import JumpReLUSAE
+from gs_lightning.saes.topk import DEAD_TOKENS
 
 
 def check_prefixes(prefixes: list[int], d_sae: int) -> list[int]:

@@ -17,16 +17,16 @@ from typing import Any
 import torch
 
 from gs_lightning.data.shard_format import load_shard, read_manifest
+from gs_lightning.evaluation.scoring import score
+from gs_lightning.evaluation.splice import delta_lm_loss
 from gs_lightning.formats.io import load_sae
 from gs_lightning.lm.load import shared_language_model
-from gs_lightning.evaluation.scoring import score
+from gs_lightning.lm.text import iter_contexts, iter_texts
 from gs_lightning.saes import SAE
-from gs_lightning.evaluation.splice import delta_lm_loss
 from gs_lightning.suite.config import SuiteConfig
 from gs_lightning.suite.groups import Group, sparsity_levels
 from gs_lightning.suite.state import harvest_site
 from gs_lightning.suite.training import member_paths
-from gs_lightning.lm.text import iter_contexts, iter_texts
 
 ROWS_PER_PASS = 8192
 

@@ -13,7 +13,13 @@ from transformers import PretrainedConfig
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.harvest.model import safe_name
-from gs_lightning.lm.sites import SITE_KINDS, TRANSCODER, num_layers, parse_site, site_dim_from_config
+from gs_lightning.lm.sites import (
+    SITE_KINDS,
+    TRANSCODER,
+    num_layers,
+    parse_site,
+    site_dim_from_config,
+)
 from gs_lightning.suite.config import SuiteConfig, WidthSpec
 
 LAYER = "{L}"

@@ -20,7 +20,13 @@ from gs_lightning.errors import ConfigError
 from gs_lightning.lm.load import load_model_config
 from gs_lightning.lm.sites import decoder_layers, parse_site, site_dim_from_config
 from gs_lightning.suite.config import SuiteConfig
-from gs_lightning.suite.groups import Group, SuiteSite, expand_groups, sparsity_levels, suite_steps
+from gs_lightning.suite.groups import (
+    Group,
+    SuiteSite,
+    expand_groups,
+    sparsity_levels,
+    suite_steps,
+)
 from gs_lightning.suite.harvesting import needed_sites
 
 BYTES_PER_VALUE = {"bfloat16": 2, "float16": 2, "float32": 4}

@@ -69,7 +69,9 @@ def run_group(config: SuiteConfig, group: Group) -> list[dict[str, Any]]:
         return read_json(folder / EVAL_FILE)
     if state.get("status") not in (TRAINED, EVALUATED):
         state = training.train(run, state)
-    from gs_lightning.suite.evaluation import evaluate_group  # loads the language model on first use
+    from gs_lightning.suite.evaluation import (
+        evaluate_group,  # loads the language model on first use
+    )
 
     start = time.perf_counter()
     rows = evaluate_group(config, group)

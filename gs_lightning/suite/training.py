@@ -18,9 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from gs_lightning.data.shard_format import read_manifest
-from gs_lightning.train.packed import member_name, sweep_members
 from gs_lightning.suite.config import SuiteConfig, TrainerSpec
 from gs_lightning.suite.groups import Group
 from gs_lightning.suite.harvesting import harvest_config, site_identity
@@ -35,6 +33,7 @@ from gs_lightning.suite.state import (
     identity,
     write_json,
 )
+from gs_lightning.train.packed import member_name, sweep_members
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +134,9 @@ def _run_fit(in_process: bool, args: list[str]) -> int | None:
     device), under ``srun`` inside a SLURM allocation of several tasks, so this driver
     stays one process however many ranks train.
     """
-    from gs_lightning.cli import main  # the CLI imports Lightning's whole stack: only when training
+    from gs_lightning.cli import (
+        main,  # the CLI imports Lightning's whole stack: only when training
+    )
 
     if in_process:
         argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args

@@ -9,16 +9,16 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from gs_lightning.train import parallel
 from gs_lightning.data.ground_truth import GroundTruth, GroundTruthBatch
 from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.ground_truth import GroundTruthScorer
-from gs_lightning.evaluation.scoring import ReconstructionScorer
 from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, batch_fvu
-from gs_lightning.train.optim import OPTIMIZERS, OptimizerName, build_optimizer
-from gs_lightning.train.packed import PackedSAE, build_packed, metric_key
+from gs_lightning.evaluation.scoring import ReconstructionScorer
 from gs_lightning.saes import SAE, TrainOutput
 from gs_lightning.saes.dead import count_firing, is_dead
+from gs_lightning.train import parallel
+from gs_lightning.train.optim import OPTIMIZERS, OptimizerName, build_optimizer
+from gs_lightning.train.packed import PackedSAE, build_packed, metric_key
 from gs_lightning.train.schedules import lr_factor, sparsity_warmup
 
 

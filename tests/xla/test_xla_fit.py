@@ -23,8 +23,8 @@ from torch_xla import runtime as xr  # noqa: E402
 
 from callbacks import Throughput  # noqa: E402
 from gs_lightning.data import SyntheticActivationDataModule  # noqa: E402
-from gs_lightning.train.module import SAETrainingModule  # noqa: E402
 from gs_lightning.saes import JumpReLUSAE  # noqa: E402
+from gs_lightning.train.module import SAETrainingModule  # noqa: E402
 
 pytestmark = pytest.mark.xla
 WARMUP, STEPS = 4, 10
