@@ -37,8 +37,13 @@ from torch import Tensor, nn
 
 from gs_lightning.errors import ConfigError
 from gs_lightning.evaluation.metrics import DENSE_THRESHOLD, FiringStatistics, PooledFVU
-from gs_lightning.evaluation.splice import Capture, Splice, spliced_lm_loss
-from gs_lightning.lm.sites import ActivationExtractor
+from gs_lightning.evaluation.splice import (
+    Capture,
+    Splice,
+    splice_point,
+    spliced_lm_loss,
+)
+from gs_lightning.lm.sites import ActivationExtractor, resolve_site
 from gs_lightning.lm.text import content_mask
 from gs_lightning.saes import SAE
 
@@ -117,12 +122,12 @@ class _ReplacementHooks:
         self.parts = list(parts)
         reads = list(dict.fromkeys(s for part in parts for s in part.input_sites))
         # Captures first: on a site both read and written, the capture sees the incoming value.
-        self.captures = {site: Capture(model, site) for site in reads}
+        self.captures = {site: Capture(*resolve_site(model, site)) for site in reads}
         self.splices: list[Splice] = []
         self.replacements = []
         for p, part in enumerate(self.parts):
             for j, site in enumerate(part.output_sites):
-                self.splices.append(Splice(model, site))
+                self.splices.append(Splice(*splice_point(model, site)))
                 self.replacements.append(self._replacement(p, j))
 
     def _replacement(self, p: int, j: int) -> Any:

@@ -16,7 +16,7 @@ in, the MLP output replaced): the source is captured earlier in the same forward
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,24 +27,29 @@ from gs_lightning.lm.text import content_mask
 from gs_lightning.saes import SAE
 
 
-class Splice:
-    """A hook that rewrites a site's activation at content positions with ``fn(x)``."""
+def splice_point(model: nn.Module, site: str) -> tuple[nn.Module, Literal["input", "output"]]:
+    """The module a replacement of ``site`` hooks, and on which side (see :func:`resolve_site`)."""
+    kind = parse_site(site).kind
+    if kind is not None and not kind.spliceable:
+        # hook_resid_mid is read at the pre-MLP norm's input: rewriting it there would change
+        # what the MLP sees but not the residual stream the layer adds the MLP's output to.
+        raise ConfigError(f"site={site!r} cannot be replaced in the model (the residual connection keeps "
+                          "the original); reading it is fine (a CLT's input), replacing it gives no delta LM "
+                          "loss. Train on blocks.L.hook_resid_pre or hook_resid_post to splice the stream.")
+    return resolve_site(model, site)
 
-    def __init__(self, model: nn.Module, site: str) -> None:
-        kind = parse_site(site).kind
-        if kind is not None and not kind.spliceable:
-            # hook_resid_mid is read at the pre-MLP norm's input: rewriting it there would change
-            # what the MLP sees but not the residual stream the layer adds the MLP's output to.
-            raise ConfigError(f"site={site!r} cannot be replaced in the model (the residual connection keeps "
-                              "the original); reading it is fine (a CLT's input), replacing it gives no delta LM "
-                              "loss. Train on blocks.L.hook_resid_pre or hook_resid_post to splice the stream.")
-        self.module, self.io = resolve_site(model, site)
+
+class Splice:
+    """A hook that rewrites the activation at ``module``'s ``io`` side (a :func:`splice_point`)
+    at content positions with ``fn(x)``."""
+
+    def __init__(self, module: nn.Module, io: Literal["input", "output"]) -> None:
         self.fn: Callable[[Tensor], Tensor] | None = None
         self.mask: Tensor | None = None
-        if self.io == "output":
-            self.handle = self.module.register_forward_hook(self._on_output)
+        if io == "output":
+            self.handle = module.register_forward_hook(self._on_output)
         else:
-            self.handle = self.module.register_forward_pre_hook(self._on_input, with_kwargs=True)
+            self.handle = module.register_forward_pre_hook(self._on_input, with_kwargs=True)
 
     def _replace(self, x: Tensor) -> Tensor:
         new = self.fn(x.float()).to(x.dtype)
@@ -70,10 +75,10 @@ class Splice:
 
 
 class Capture:
-    """A hook that keeps the latest activation of a site (a transcoder's input)."""
+    """A hook that keeps the latest activation at ``module``'s ``io`` side (a resolved site: a
+    transcoder's input)."""
 
-    def __init__(self, model: nn.Module, site: str) -> None:
-        module, io = resolve_site(model, site)
+    def __init__(self, module: nn.Module, io: Literal["input", "output"]) -> None:
         self.value: Tensor | None = None
         if io == "output":
             self.handle = module.register_forward_hook(lambda _m, _a, out: self._keep(out))
@@ -109,8 +114,11 @@ def delta_lm_loss(
     """
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
-    capture = Capture(model, source_site) if source_site is not None else None
-    splice = Splice(model, site)
+    # Both sites are resolved before any hook is placed: a bad one leaves the model untouched.
+    target = splice_point(model, site)
+    source = resolve_site(model, source_site) if source_site is not None else None
+    capture = Capture(*source) if source is not None else None
+    splice = Splice(*target)
     out_scale = input_scale if target_scale is None else target_scale
     if capture is None:
         def reconstruct(x: Tensor) -> Tensor:

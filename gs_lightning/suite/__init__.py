@@ -1,7 +1,7 @@
 """Suites: every site x width x sparsity level of one YAML, trained, evaluated and released.
 
 ``python -m gs_lightning suite --config configs/suite_quickstart.yaml``; see
-:mod:`gs_lightning.suite.config` for the YAML and :mod:`gs_lightning.suite.state` for
+:mod:`gs_lightning.suite.config` for the YAML and :mod:`gs_lightning.suite.layout` for
 what it keeps on disk.
 """
 

@@ -24,9 +24,8 @@ from gs_lightning.lm.load import shared_language_model
 from gs_lightning.lm.text import iter_contexts, iter_texts
 from gs_lightning.saes import SAE
 from gs_lightning.suite.config import SuiteConfig
-from gs_lightning.suite.groups import Group, sparsity_levels
-from gs_lightning.suite.state import harvest_site
-from gs_lightning.suite.training import member_paths
+from gs_lightning.suite.groups import sparsity_levels
+from gs_lightning.suite.training import GroupRun
 
 ROWS_PER_PASS = 8192
 
@@ -37,10 +36,13 @@ def eval_device(config: SuiteConfig) -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def _val_rows(config: SuiteConfig, site: str) -> list[torch.Tensor]:
-    folder = harvest_site(config, "val", site)
-    manifest = read_manifest(folder)
-    return [load_shard(folder, entry, manifest, verify=True)["acts"] for entry in manifest["shards"]]
+def _val_rows(inputs: Path, targets: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every held-out row of the input site and of the target site (read once where they are one)."""
+    rows: dict[Path, list[torch.Tensor]] = {}
+    for folder in dict.fromkeys((inputs, targets)):
+        manifest = read_manifest(folder)
+        rows[folder] = [load_shard(folder, entry, manifest, verify=True)["acts"] for entry in manifest["shards"]]
+    return rows[inputs], rows[targets]
 
 
 def shard_metrics(sae: SAE, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> dict[str, float]:
@@ -55,28 +57,27 @@ def shard_metrics(sae: SAE, inputs: list[torch.Tensor], targets: list[torch.Tens
             "eval_tokens": scores["tokens"]}
 
 
-def evaluate_group(config: SuiteConfig, group: Group) -> list[dict[str, Any]]:
-    """One row per SAE of ``group``: its place in the suite and its metrics."""
+def evaluate_group(config: SuiteConfig, run: GroupRun) -> list[dict[str, Any]]:
+    """One row per SAE of the group ``run`` plans: its place in the suite and its metrics."""
     device = eval_device(config)
+    inputs, targets = _val_rows(*run.val_shards)
     model, tokenizer = shared_language_model(config.model, config.revision, config.model_dtype)  # type: ignore[arg-type]
     model.to(device)
     texts = iter_texts(config.text, split=config.val_split, column=config.text_column)
     contexts = list(itertools.islice(iter_contexts(texts, tokenizer, config.context_size), config.evaluate.n_contexts))
-    inputs = _val_rows(config, group.site.site)
-    targets = inputs if group.site.target is None else _val_rows(config, group.site.target)
+    group, site = run.group, run.group.site
     key, levels = sparsity_levels(group.width)
     rows = []
-    for (name, path), level in zip(member_paths(config, group).items(), levels):
+    for (name, path), level in zip(run.members.items(), levels):
         sae = load_sae(path, device=device)
         row: dict[str, Any] = {
-            "group": group.id, "site": group.site.label, "kind": group.site.kind, "layer": group.site.layer,
+            "group": group.id, "site": site.label, "kind": site.kind, "layer": site.layer,
             "d_sae": group.width.d_sae, "sparsity_key": key, "sparsity": level, "member": name,
             "sae": str(Path(path).relative_to(config.output)),
         }
         row.update(shard_metrics(sae, inputs, targets))
-        spliced = delta_lm_loss(model, tokenizer, sae, group.site.target or group.site.site, contexts,
-                                config.evaluate.batch_size,
-                                source_site=group.site.site if group.site.target else None)
+        spliced = delta_lm_loss(model, tokenizer, sae, site.target or site.site, contexts, config.evaluate.batch_size,
+                                source_site=site.site if site.target else None)
         row.update({k: spliced[k] for k in ("delta_loss", "kl", "loss_recovered", "ce_clean", "ce_spliced")})
         rows.append(row)
     return rows

@@ -9,9 +9,16 @@ from typing import Any
 from gs_lightning.errors import ConfigError
 from gs_lightning.suite.config import SuiteConfig
 from gs_lightning.suite.groups import Group
+from gs_lightning.suite.layout import group_dir
 from gs_lightning.suite.release import write_release
 from gs_lightning.suite.report import write_report
-from gs_lightning.suite.state import EVAL_FILE, EVALUATED, group_dir, read_json, read_state, write_json
+from gs_lightning.suite.state import (
+    EVAL_FILE,
+    EVALUATED,
+    read_json,
+    read_state,
+    write_json,
+)
 
 TABLE_COLUMNS = ("site", "kind", "layer", "d_sae", "sparsity_key", "sparsity", "l0", "fvu", "explained_variance",
                  "dead_frac", "dense_frac", "delta_loss", "kl", "loss_recovered", "ce_clean", "ce_spliced",

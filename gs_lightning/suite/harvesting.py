@@ -16,7 +16,7 @@ from gs_lightning.errors import ConfigError
 from gs_lightning.harvest.model import HarvestConfig, harvest
 from gs_lightning.suite.config import SuiteConfig
 from gs_lightning.suite.groups import SuiteSite
-from gs_lightning.suite.state import harvest_root, harvest_site
+from gs_lightning.suite.layout import harvest_root, harvest_site
 
 SPLITS = ("train", "val")
 

@@ -33,11 +33,11 @@ from gs_lightning.suite.plan import plan_model_config
 from gs_lightning.suite.state import (
     EVAL_FILE,
     EVALUATED,
-    STATE_FILE,
     TRAINED,
     read_json,
     reconcile,
-    write_json,
+    save_evaluated,
+    save_trained,
 )
 
 RESOLVED_CONFIG = "suite.yaml"
@@ -62,24 +62,22 @@ def run_group(config: SuiteConfig, group: Group) -> list[dict[str, Any]]:
     """Train (or resume) and evaluate one group; a finished group is only read back, and one
     whose evaluation options changed is evaluated again without retraining."""
     run = training.plan_run(config, group)
-    folder, evaluated = run.folder, run.evaluation
-    state = reconcile(folder, run.identity, group.id, run.fit)
-    if state.get("status") == EVALUATED and state.get("evaluation") == evaluated:
+    state = reconcile(run.folder, run.identity, group.id, run.fit)
+    if state.get("status") == EVALUATED and state.get("evaluation") == run.evaluation:
         print(f"suite: {group.id}: done, skipping", flush=True)
-        return read_json(folder / EVAL_FILE)
+        return read_json(run.folder / EVAL_FILE)
     if state.get("status") not in (TRAINED, EVALUATED):
-        state = training.train(run, state)
+        trained = training.train(run, state)
+        state = save_trained(run.folder, trained)
     from gs_lightning.suite.evaluation import (
         evaluate_group,  # loads the language model on first use
     )
 
     start = time.perf_counter()
-    rows = evaluate_group(config, group)
+    rows = evaluate_group(config, run)
     for row in rows:
         row["passes_over_shards"] = state.get("passes_over_shards")
-    write_json(folder / EVAL_FILE, rows)
-    write_json(folder / STATE_FILE, {**state, "status": EVALUATED, "evaluation": evaluated,
-                                       "eval_seconds": time.perf_counter() - start})
+    save_evaluated(run.folder, state, rows, run.evaluation, time.perf_counter() - start)
     return rows
 
 

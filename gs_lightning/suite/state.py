@@ -1,18 +1,9 @@
-"""Where a suite keeps things on disk, and the state files that make it resumable.
+"""The state files that make a suite resumable, and a group's identity.
 
-Layout under ``output``::
-
-    harvest/train/<site>/            shards of the training split (one harvest pass)
-    harvest/val/<site>/              shards of the held-out split
-    groups/<group id>/fit.yaml       the group's complete fit config (runnable on its own)
-    groups/<group id>/state.json     identity, status (trained, evaluated), reads, timings
-    groups/<group id>/last.ckpt      the latest checkpoint while the group trains
-    groups/<group id>/preempted.ckpt saved on SIGTERM at a step boundary
-    groups/<group id>/saes/<level>/sae   the trained SAEs (gs_lightning format)
-    groups/<group id>/eval.json      one evaluation row per SAE
-    suite.csv, suite.json            every SAE's row
-    release/                         Gemma Scope and SAELens layouts and the index
-    report/                          figures and report.md
+Every step leaves its result in the group's folder (see :mod:`gs_lightning.suite.layout`)
+before the next starts: ``fit.yaml`` when the group is planned, ``state.json`` after
+training and again, with ``eval.json``, after evaluation. Writes are atomic, so a kill
+leaves the old file or the new.
 
 A group's *identity* is a hash of everything that decides its SAEs' bytes (its fit config
 and the options of the harvest it reads); a group whose state holds another identity is
@@ -32,28 +23,10 @@ from typing import Any
 import yaml
 
 from gs_lightning.errors import ConfigError
-from gs_lightning.harvest.model import site_folder
-from gs_lightning.suite.config import SuiteConfig
-from gs_lightning.suite.groups import Group
 
 STATE_FILE, EVAL_FILE, FIT_FILE, CHECKPOINT = "state.json", "eval.json", "fit.yaml", "last.ckpt"
 PREEMPTED = "preempted.ckpt"
 TRAINED, EVALUATED = "trained", "evaluated"
-
-
-def harvest_root(config: SuiteConfig, split: str) -> Path:
-    """``<output>/harvest/<split>`` (``train`` or ``val``)."""
-    return Path(config.output) / "harvest" / split
-
-
-def harvest_site(config: SuiteConfig, split: str, site: str) -> Path:
-    """One site's shard folder of one split."""
-    return site_folder(harvest_root(config, split), site)
-
-
-def group_dir(config: SuiteConfig, group: Group) -> Path:
-    """``<output>/groups/<group id>``."""
-    return Path(config.output) / "groups" / group.id
 
 
 def identity(*parts: Any) -> str:
@@ -108,3 +81,20 @@ def reconcile(folder: Path, want: str, group_id: str, fit: dict[str, Any]) -> di
         write_json(folder / STATE_FILE, state)
     (folder / FIT_FILE).write_text(yaml.safe_dump(fit, sort_keys=False))
     return state
+
+
+def save_trained(folder: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Record a finished fit (``state`` with status ``trained``), then drop its checkpoints:
+    the SAEs are saved, so a kill after this resumes at evaluation, not training."""
+    write_json(folder / STATE_FILE, state)
+    for name in (CHECKPOINT, PREEMPTED):  # dead weight once the state says trained
+        (folder / name).unlink(missing_ok=True)
+    return state
+
+
+def save_evaluated(folder: Path, state: dict[str, Any], rows: list[dict[str, Any]], evaluation: str,
+                   seconds: float) -> None:
+    """Record a group's evaluation: its rows (``eval.json``), then the state that says they are
+    final for the evaluation identity ``evaluation``."""
+    write_json(folder / EVAL_FILE, rows)
+    write_json(folder / STATE_FILE, {**state, "status": EVALUATED, "evaluation": evaluation, "eval_seconds": seconds})

@@ -1,4 +1,4 @@
-"""Train one group: write its fit config, run ``fit`` (resuming a killed run), record its reads.
+"""Train one group: plan its run once (:func:`plan_run`), run ``fit`` (resuming a killed run), count its reads.
 
 A group's fit config is an ordinary ``python -m gs_lightning fit`` YAML (``fit.yaml`` in
 the group's folder), so a group can also be rerun or inspected by hand. The run reads the
@@ -22,17 +22,8 @@ from gs_lightning.data.shard_format import read_manifest
 from gs_lightning.suite.config import SuiteConfig, TrainerSpec
 from gs_lightning.suite.groups import Group
 from gs_lightning.suite.harvesting import harvest_config, site_identity
-from gs_lightning.suite.state import (
-    CHECKPOINT,
-    FIT_FILE,
-    PREEMPTED,
-    STATE_FILE,
-    TRAINED,
-    group_dir,
-    harvest_site,
-    identity,
-    write_json,
-)
+from gs_lightning.suite.layout import group_dir, harvest_site
+from gs_lightning.suite.state import CHECKPOINT, FIT_FILE, PREEMPTED, TRAINED, identity
 from gs_lightning.train.packed import member_name, sweep_members
 
 
@@ -46,23 +37,27 @@ class GroupRun:
     identity: str  # hash of the fit config and of the harvest options its shards came from
     evaluation: str  # hash of what decides its evaluation but not its training
     site_shards: Path  # the input site's training shards
+    val_shards: tuple[Path, Path]  # held-out shards of the input site and of the target (the same for an SAE)
+    members: dict[str, Path]  # each sparsity level's name (e.g. ``target_l0=30``) -> its saved SAE folder
     in_process: bool  # one device on one node: fit runs in this process
 
 
 def plan_run(config: SuiteConfig, group: Group) -> GroupRun:
-    """The group's folder, fit config and identity, and how its fit runs."""
+    """The group's folder, fit config and identity, where its shards and SAEs lie, and how its fit runs."""
     site = group.site
     harvest = site_identity(harvest_config(config, "train", [site.site]))
     folder, train = group_dir(config, group), harvest_site(config, "train", site.site)
+    val = harvest_site(config, "val", site.site)
+    val_target = val if site.target is None else harvest_site(config, "val", site.target)
     # A transcoder's data pairs the input with its target site; an SAE's validates on held-out shards.
-    other = ({"val_path": harvest_site(config, "val", site.site)} if site.target is None
-             else {"target_path": harvest_site(config, "train", site.target)})
+    other = {"val_path": val} if site.target is None else {"target_path": harvest_site(config, "train", site.target)}
     fit = fit_config(config, group, folder, train, other)
+    members = _members(folder, group.width.sparsity)
     # Paths relative to the suite's folder: a moved or copied suite keeps its finished groups.
     relative = json.dumps(fit, sort_keys=True).replace(str(Path(config.output)), "$OUTPUT")
     spec = config.trainer
     evaluation = identity(dataclasses.asdict(config.evaluate), config.val_split, config.harvest.val_tokens)
-    return GroupRun(group, folder, fit, identity(relative, harvest), evaluation, train,
+    return GroupRun(group, folder, fit, identity(relative, harvest), evaluation, train, (val, val_target), members,
                     spec.devices_per_group * spec.num_nodes == 1)
 
 
@@ -110,11 +105,6 @@ def _trainer(spec: TrainerSpec, group: Group, folder: Path) -> dict[str, Any]:
     }
 
 
-def member_paths(config: SuiteConfig, group: Group) -> dict[str, Path]:
-    """Each sparsity level's name (e.g. ``target_l0=30``) -> its saved SAE folder."""
-    return _members(group_dir(config, group), group.width.sparsity)
-
-
 def _members(folder: Path, sparsity: dict[str, list[int | float]]) -> dict[str, Path]:
     root = folder / "saes"
     return {member_name(values): root / member_name(values) / "sae" for values in sweep_members(sparsity)}
@@ -155,7 +145,8 @@ def _run_fit(in_process: bool, args: list[str]) -> int | None:
 
 
 def train(run: GroupRun, state: dict[str, Any]) -> dict[str, Any]:
-    """Run the group's packed fit (from the latest checkpoint a killed run left); return its state."""
+    """Run the group's packed fit (from the latest checkpoint a killed run left); return its
+    ``trained`` state, for the caller to record."""
     folder, group = run.folder, run.group
     checkpoint = _latest_checkpoint(folder)
     args = ["fit", "--config", str(folder / FIT_FILE)]
@@ -166,18 +157,14 @@ def train(run: GroupRun, state: dict[str, Any]) -> dict[str, Any]:
           f"{f' (resuming from {checkpoint})' if checkpoint else ''}", flush=True)
     start = time.perf_counter()
     rows_read = _run_fit(run.in_process, args)
-    missing = [name for name, path in _members(folder, group.width.sparsity).items() if not path.is_dir()]
+    missing = [name for name, path in run.members.items() if not path.is_dir()]
     if missing:
         raise RuntimeError(f"{group.id}: fit ended without saving {missing}")
     site_tokens = int(read_manifest(run.site_shards)["tokens"])
     passes = None if rows_read is None else rows_read / site_tokens
-    state = {**state, "status": TRAINED, "steps": group.steps, "rows_read": rows_read, "site_tokens": site_tokens,
-             "passes_over_shards": passes, "resumed": checkpoint is not None or state.get("resumed", False),
-             "train_seconds": time.perf_counter() - start + float(state.get("train_seconds", 0.0))}
-    write_json(folder / STATE_FILE, state)
-    for name in (CHECKPOINT, PREEMPTED):  # the SAEs are saved: checkpoints are dead weight
-        (folder / name).unlink(missing_ok=True)
     if rows_read is not None:
         print(f"suite: {group.id}: read {rows_read:,} rows of the site's {site_tokens:,} harvested tokens "
               f"({passes:.2f} passes) for {levels} SAEs", flush=True)
-    return state
+    return {**state, "status": TRAINED, "steps": group.steps, "rows_read": rows_read, "site_tokens": site_tokens,
+            "passes_over_shards": passes, "resumed": checkpoint is not None or state.get("resumed", False),
+            "train_seconds": time.perf_counter() - start + float(state.get("train_seconds", 0.0))}
