@@ -32,6 +32,9 @@ class BatchTopKSAE(TopKSAE):
         skip_connection: A skip-transcoder (needs ``d_out``): adds ``x @ W_skip`` to the
             reconstruction, ``W_skip`` zero at first (:class:`~gs_lightning.saes.SAE`).
         dead_steps_threshold: The window in training steps instead (as in :class:`TopKSAE`).
+        subtract_decoder_bias: Encode ``x - b_dec`` (as in :class:`TopKSAE`).
+        bias_lr_scale: Learning-rate multiplier of the biases (as in :class:`TopKSAE`).
+        normalize_gradient: Rescale the gradient to unit norm before each step (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -47,11 +50,15 @@ class BatchTopKSAE(TopKSAE):
         encoder_init_scale: float | None = None,
         skip_connection: bool = False,
         dead_steps_threshold: int | None = None,
+        subtract_decoder_bias: bool | None = False,
+        bias_lr_scale: float | None = 1.0,
+        normalize_gradient: bool = False,
     ) -> None:
         if not 0 <= threshold_decay < 1:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
         super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_tokens, d_out, encoder_init_scale,
-                         skip_connection, dead_steps_threshold)
+                         skip_connection, dead_steps_threshold, subtract_decoder_bias, bias_lr_scale,
+                         normalize_gradient)
         self.threshold_decay = threshold_decay
         # -1 marks "no batch seen yet"; float32 like every threshold (docs/guide/variants.md, dead latents).
         self.register_buffer("threshold", torch.tensor(-1.0))
@@ -91,8 +98,7 @@ class BatchTopKSAE(TopKSAE):
         self.threshold.copy_(torch.where(self.threshold < 0, smallest, updated))
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
-        state = self.state_dict()
-        tensors = {k: state[k].detach() for k in self.weight_names}
+        tensors = super().canonical_state_dict()
         tensors["threshold"] = self.threshold.clamp(min=0.0).expand(self.d_sae).clone()
         return tensors
 

@@ -11,6 +11,7 @@ from gs_lightning.kernels.functional import jumprelu, step, target_l0_penalty
 from gs_lightning.kernels.fused import Workspace, autocast_dtype, fused_jumprelu_loss
 from gs_lightning.saes.base import SAE, TrainOutput
 from gs_lightning.saes.dead import DeadLatentTracking
+from gs_lightning.saes.recipe import RecipeOptions
 
 
 def recipe_defaults(d_in: int, d_sae: int, transcoder: bool, encoder_init_scale: float | None,
@@ -32,7 +33,7 @@ def recipe_defaults(d_in: int, d_sae: int, transcoder: bool, encoder_init_scale:
     return scale, bandwidth, threshold_init
 
 
-class JumpReLUSAE(DeadLatentTracking, SAE):
+class JumpReLUSAE(DeadLatentTracking, RecipeOptions, SAE):
     """JumpReLU SAE: ``f = pre * H(pre - threshold)``, loss MSE + lambda * L0.
 
     The sparsity term is Gemma Scope's mean L0 (``lambda * mean_b sum_i H(pre - t)``), or
@@ -152,12 +153,7 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
         if dense_coefficient < 0 or not 0 < dense_threshold <= 1:
             raise ValueError(f"dense_coefficient must be >= 0 and dense_threshold in (0, 1], "
                              f"got {dense_coefficient}, {dense_threshold}")
-        if subtract_decoder_bias is None:
-            subtract_decoder_bias = d_out is None
-        if subtract_decoder_bias and d_out is not None:
-            raise ValueError("subtract_decoder_bias needs an SAE: a transcoder's b_dec (d_out) is not in the input's space")
-        if decoder_init_norm <= 0 or (bias_lr_scale is not None and bias_lr_scale <= 0):
-            raise ValueError(f"decoder_init_norm and bias_lr_scale must be > 0, got {decoder_init_norm}, {bias_lr_scale}")
+        subtract_decoder_bias = self.check_recipe(subtract_decoder_bias, d_out, bias_lr_scale, decoder_init_norm)
         scale, _, _ = recipe_defaults(d_in, d_sae, d_out is not None, encoder_init_scale, 1.0, 1.0)
         # Twice the typical initial pre-activation sigma0 = scale / sqrt(d_in): SynthSAEBench's 1.0
         # in SAELens' units at its init (encoder norm 0.5, d_sae = 4 d_in), where it is 1 / sqrt(d_in).
@@ -171,9 +167,7 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
         self.decoder_init_norm = decoder_init_norm
         super().__init__(d_in, d_sae, normalize_decoder=normalize_decoder, d_out=d_out, encoder_init_scale=scale,
                          skip_connection=skip_connection)
-        self.bias_lr_scale = bias_lr_scale
-        self.normalize_gradient = normalize_gradient
-        self.subtract_decoder_bias = subtract_decoder_bias
+        self.init_recipe(subtract_decoder_bias, bias_lr_scale, normalize_gradient)
         self.sparsity_coefficient = sparsity_coefficient
         self.bandwidth = bandwidth
         self.threshold_init = threshold_init
@@ -192,10 +186,6 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
         else:
             self.raw_threshold = nn.Parameter(init)
         self.init_remedies(dead_coefficient, aux_coefficient, aux_k, dead_tokens)
-        # Which form b_enc is in, saved with checkpoints: one written in the other form (or before
-        # this option existed, or canonical) is converted on load, so the SAE computes the same thing.
-        self.register_buffer("b_dec_subtracted", torch.tensor(subtract_decoder_bias))
-        self._register_load_state_dict_pre_hook(self._convert_encoder_bias)
         self._workspace = Workspace()
 
     @property
@@ -207,30 +197,6 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
 
     def activation(self, pre: Tensor) -> Tensor:
         return jumprelu(pre, self.threshold, self.bandwidth)
-
-    def encoder_bias(self) -> Tensor:
-        """The bias of ``pre = x @ W_enc + bias``: ``b_enc``, or with ``subtract_decoder_bias``
-        ``b_enc - b_dec @ W_enc`` (differentiable, so every path trains both biases through it)."""
-        if not self.subtract_decoder_bias:
-            return self.b_enc
-        return self.b_enc - self.b_dec.to(self.W_enc.dtype) @ self.W_enc
-
-    def pre_activation(self, x: Tensor) -> Tensor:
-        """``x @ W_enc + b_enc``, or ``(x - b_dec) @ W_enc + b_enc`` with ``subtract_decoder_bias``."""
-        return x @ self.W_enc + self.encoder_bias()
-
-    def _convert_encoder_bias(self, state: dict[str, Tensor], prefix: str, *_: object) -> None:
-        """Load-state-dict pre-hook: bring a ``b_enc`` saved in the other form into this SAE's.
-
-        ``state`` without ``b_dec_subtracted`` holds the plain form (a canonical state dict, or a
-        checkpoint from before ``subtract_decoder_bias``)."""
-        flag, keys = prefix + "b_dec_subtracted", [prefix + k for k in ("b_enc", "b_dec", "W_enc")]
-        saved = bool(state[flag]) if flag in state else False
-        state[flag] = torch.tensor(self.subtract_decoder_bias)
-        if saved != self.subtract_decoder_bias and all(k in state for k in keys):
-            b_enc, b_dec, W_enc = (state[k] for k in keys)
-            shift = b_dec.to(W_enc.dtype) @ W_enc
-            state[keys[0]] = (b_enc + shift if self.subtract_decoder_bias else b_enc - shift).to(b_enc.dtype)
 
     # -- sparsity and dictionary-health terms --------------------------------------------
 
@@ -295,45 +261,11 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
 
     # -- optimizer hooks and saving ------------------------------------------------------
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """As :meth:`SAE.reset_parameters`; a decoder left free (``normalize_decoder=False``)
-        starts with rows of norm ``decoder_init_norm``."""
-        super().reset_parameters()
-        if not self.normalize_decoder:
-            self.W_dec.mul_(self.decoder_init_norm)
-
     def lr_scales(self) -> dict[str, float]:
         """The threshold and ``b_enc`` at ``bias_lr_scale`` (default ``1 / sqrt(d_in)``), ``b_dec``
         at its output-side counterpart (``1 / sqrt(d_out)``)."""
-        if self.bias_lr_scale is not None:
-            into = out = self.bias_lr_scale
-        else:
-            into, out = self.d_in**-0.5, self.out_width**-0.5
         threshold = "log_threshold" if self.threshold_parameterization == "log" else "raw_threshold"
-        return {threshold: into, "b_enc": into, "b_dec": out}
-
-    @torch.no_grad()
-    def before_optimizer_step(self) -> None:
-        """The decoder projection (if held at unit norm), then, with ``normalize_gradient``, the
-        whole gradient rescaled to unit norm, thresholds and biases counted at their lr scale."""
-        super().before_optimizer_step()
-        if not self.normalize_gradient:
-            return
-        scales = self.lr_scales()
-        groups: dict[float, list[Tensor]] = {}
-        for name, p in self.named_parameters():
-            if p.grad is not None:
-                groups.setdefault(scales.get(name, 1.0), []).append(p.grad)
-        if not groups:
-            return
-        squares = []
-        for scale, grads in groups.items():
-            norm = torch.nn.utils.get_total_norm(grads)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a sharded SAE's DTensor
-            squares.append((scale * norm.float()) ** 2)
-        total = torch.stack(squares).sum().sqrt()
-        torch._foreach_div_([g for grads in groups.values() for g in grads], total.clamp(min=torch.finfo(total.dtype).tiny))
+        return {**super().lr_scales(), threshold: self.bias_scales()[0]}
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -350,9 +282,7 @@ class JumpReLUSAE(DeadLatentTracking, SAE):
         """Weights under the papers' names, ``pre = x @ W_enc + b_enc`` whatever
         ``subtract_decoder_bias`` is (``b_dec @ W_enc`` folded into ``b_enc``), so every format
         reads it as Gemma Scope's JumpReLU."""
-        state = self.state_dict()
-        tensors = {k: state[k].detach() for k in self.weight_names}
-        tensors["b_enc"] = self.encoder_bias().detach().clone()
+        tensors = {k: v for k, v in super().canonical_state_dict().items() if k in self.weight_names}
         tensors["threshold"] = self.threshold.detach().clone()
         return tensors
 

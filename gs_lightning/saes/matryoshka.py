@@ -78,6 +78,9 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         skip_connection: A skip-transcoder (needs ``d_out``): every prefix's reconstruction
             includes ``x @ W_skip``, as it includes ``b_dec``.
         dead_steps_threshold: The window in training steps instead (as in :class:`TopKSAE`).
+        subtract_decoder_bias: Encode ``x - b_dec`` (as in :class:`TopKSAE`).
+        bias_lr_scale: Learning-rate multiplier of the biases (as in :class:`TopKSAE`).
+        normalize_gradient: Rescale the gradient to unit norm before each step (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -94,10 +97,14 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         encoder_init_scale: float | None = None,
         skip_connection: bool = False,
         dead_steps_threshold: int | None = None,
+        subtract_decoder_bias: bool | None = False,
+        bias_lr_scale: float | None = 1.0,
+        normalize_gradient: bool = False,
     ) -> None:
         prefixes = check_prefixes(prefixes, d_sae)
         super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_tokens, threshold_decay, d_out,
-                         encoder_init_scale, skip_connection, dead_steps_threshold)
+                         encoder_init_scale, skip_connection, dead_steps_threshold, subtract_decoder_bias,
+                         bias_lr_scale, normalize_gradient)
         self.prefixes = prefixes
 
 

@@ -10,12 +10,13 @@ from torch import Tensor
 
 from gs_lightning.saes.base import SAE
 from gs_lightning.saes.dead import DeadLatentTracking, aux_k_loss, data_parallel_world
+from gs_lightning.saes.recipe import RecipeOptions
 
 DEAD_TOKENS = 102_400
 """The TopK family's dead window: 100 steps of 1,024 tokens, the window it was tuned with."""
 
 
-class TopKSAE(DeadLatentTracking, SAE):
+class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
     """``f = TopK(relu(pre))``: the k largest activations of each token; loss MSE + AuxK.
 
     No sparsity penalty: k fixes L0. AuxK reconstructs the residual ``x - x_hat`` from the
@@ -54,6 +55,13 @@ class TopKSAE(DeadLatentTracking, SAE):
         dead_steps_threshold: The window counted in training steps instead, as configs
             from before ``dead_tokens`` give it; it becomes tokens at the first training
             batch (this many steps of that batch's global tokens). None: ``dead_tokens``.
+        subtract_decoder_bias: Encode ``x - b_dec`` (SAELens' ``apply_b_dec_to_input``); saved
+            SAEs hold the folded encoder bias (:class:`~gs_lightning.saes.recipe.RecipeOptions`).
+            ``None``: on for an SAE, off for a transcoder.
+        bias_lr_scale: Learning-rate multiplier of ``b_enc`` and ``b_dec``; ``None``: ``1 /
+            sqrt(d_in)`` and ``1 / sqrt(d_out)`` (as :class:`~gs_lightning.saes.JumpReLUSAE`).
+        normalize_gradient: Rescale the SAE's gradient to unit norm before each step, biases
+            counted at their lr multiplier (as :class:`~gs_lightning.saes.JumpReLUSAE`).
     """
 
     def __init__(
@@ -68,17 +76,22 @@ class TopKSAE(DeadLatentTracking, SAE):
         encoder_init_scale: float | None = None,
         skip_connection: bool = False,
         dead_steps_threshold: int | None = None,
+        subtract_decoder_bias: bool | None = False,
+        bias_lr_scale: float | None = 1.0,
+        normalize_gradient: bool = False,
     ) -> None:
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
         if aux_k < 0 or dead_tokens <= 0 or (dead_steps_threshold is not None and dead_steps_threshold <= 0):
             raise ValueError(f"aux_k must be >= 0, dead_tokens and dead_steps_threshold > 0, "
                              f"got {aux_k}, {dead_tokens}, {dead_steps_threshold}")
+        subtract_decoder_bias = self.check_recipe(subtract_decoder_bias, d_out, bias_lr_scale)
         scale = encoder_init_scale
         if scale is None:  # the rule is measured on SAEs; a transcoder keeps unit columns
             scale = topk_init_scale(d_in, d_sae, k) if d_out is None else 1.0
         super().__init__(d_in, d_sae, normalize_decoder=True, d_out=d_out, encoder_init_scale=scale,
                          skip_connection=skip_connection)
+        self.init_recipe(subtract_decoder_bias, bias_lr_scale, normalize_gradient)
         self.k = k
         self.aux_k = aux_k
         self.aux_coefficient = aux_coefficient
