@@ -61,7 +61,7 @@ def _former_aux_k(sae: TopKSAE, x: torch.Tensor, pre: torch.Tensor, x_hat: torch
     masked = pre.masked_fill(~dead, float("-inf"))
     values, indices = masked.topk(min(sae.aux_k, sae.d_sae), dim=-1)
     f_aux = torch.zeros_like(pre).scatter(-1, indices, values.relu())
-    return (f_aux @ sae.W_dec - (x - x_hat).detach()).pow(2).sum(-1).mean() * dead.any()
+    return (f_aux @ sae.decoder_rows() - (x - x_hat).detach()).pow(2).sum(-1).mean() * dead.any()
 
 
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])

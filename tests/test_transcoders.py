@@ -197,7 +197,8 @@ def test_fit_a_transcoder_on_live_mlp_activations(tmp_path) -> None:
                          check_val_every_n_epoch=None, callbacks=[saver], default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     fvu = float(trainer.callback_metrics["val/fvu"])
-    assert 0 < fvu < 0.9 and float(trainer.callback_metrics["val/l0"]) == pytest.approx(16.0)
+    # k fixes L0, less the rare token whose 16th-largest pre-activation is negative (ReLU'd).
+    assert 0 < fvu < 0.9 and float(trainer.callback_metrics["val/l0"]) == pytest.approx(16.0, rel=1e-3)
     assert module.target_scale != module.input_scale
     saved = load_sae(saver.saved_path)
     assert saved.d_out == 128

@@ -170,10 +170,15 @@ class SAE(nn.Module):
         """Latent activations ``f`` for inputs ``x [..., d_in]``."""
         return self.activation(self.pre_activation(x))
 
+    def decoder_rows(self) -> Tensor:
+        """The directions latents decode along, ``[d_sae, out_width]``: ``W_dec`` (a variant
+        whose rows are free but read as normalised returns them divided by their norms)."""
+        return self.W_dec
+
     def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
-        """Reconstruction ``f @ W_dec + b_dec``, plus ``x @ W_skip`` for a skip-transcoder,
-        which needs the input ``x`` the latents ``f`` were encoded from."""
-        x_hat = f @ self.W_dec + self.b_dec
+        """Reconstruction ``f @ W_dec + b_dec`` (:meth:`decoder_rows`), plus ``x @ W_skip`` for a
+        skip-transcoder, which needs the input ``x`` the latents ``f`` were encoded from."""
+        x_hat = f @ self.decoder_rows() + self.b_dec
         if self.W_skip is not None:
             if x is None:
                 raise ValueError("a skip-transcoder's decode needs the input: call decode(f, x)")

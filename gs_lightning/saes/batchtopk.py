@@ -35,6 +35,9 @@ class BatchTopKSAE(TopKSAE):
         subtract_decoder_bias: Encode ``x - b_dec`` (as in :class:`TopKSAE`).
         bias_lr_scale: Learning-rate multiplier of the biases (as in :class:`TopKSAE`).
         normalize_gradient: Rescale the gradient to unit norm before each step (as in :class:`TopKSAE`).
+        normalize_decoder: Hold decoder rows at unit norm; ``False``: free rows read as
+            normalised (as in :class:`TopKSAE`).
+        decoder_init_norm: Norm of free decoder rows at initialisation (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -50,15 +53,17 @@ class BatchTopKSAE(TopKSAE):
         encoder_init_scale: float | None = None,
         skip_connection: bool = False,
         dead_steps_threshold: int | None = None,
-        subtract_decoder_bias: bool | None = False,
-        bias_lr_scale: float | None = 1.0,
-        normalize_gradient: bool = False,
+        subtract_decoder_bias: bool | None = None,
+        bias_lr_scale: float | None = None,
+        normalize_gradient: bool = True,
+        normalize_decoder: bool | None = None,
+        decoder_init_norm: float = 0.1,
     ) -> None:
         if not 0 <= threshold_decay < 1:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
         super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_tokens, d_out, encoder_init_scale,
                          skip_connection, dead_steps_threshold, subtract_decoder_bias, bias_lr_scale,
-                         normalize_gradient)
+                         normalize_gradient, normalize_decoder, decoder_init_norm)
         self.threshold_decay = threshold_decay
         # -1 marks "no batch seen yet"; float32 like every threshold (docs/guide/variants.md, dead latents).
         self.register_buffer("threshold", torch.tensor(-1.0))

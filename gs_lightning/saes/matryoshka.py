@@ -54,7 +54,7 @@ class MatryoshkaLosses:
     def reconstruction_losses(self, x: Tensor, target: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
         losses = super().reconstruction_losses(x, target, f, x_hat)  # type: ignore[misc]
         offset = self.b_dec if self.W_skip is None else self.b_dec + x @ self.W_skip  # type: ignore[attr-defined]
-        return {**losses, **prefix_losses(target, f, self.W_dec, offset, self.prefixes)}  # type: ignore[attr-defined]
+        return {**losses, **prefix_losses(target, f, self.decoder_rows(), offset, self.prefixes)}  # type: ignore[attr-defined]
 
 
 class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
@@ -81,6 +81,9 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         subtract_decoder_bias: Encode ``x - b_dec`` (as in :class:`TopKSAE`).
         bias_lr_scale: Learning-rate multiplier of the biases (as in :class:`TopKSAE`).
         normalize_gradient: Rescale the gradient to unit norm before each step (as in :class:`TopKSAE`).
+        normalize_decoder: Hold decoder rows at unit norm; ``False``: free rows read as
+            normalised (as in :class:`TopKSAE`).
+        decoder_init_norm: Norm of free decoder rows at initialisation (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -97,14 +100,16 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         encoder_init_scale: float | None = None,
         skip_connection: bool = False,
         dead_steps_threshold: int | None = None,
-        subtract_decoder_bias: bool | None = False,
-        bias_lr_scale: float | None = 1.0,
-        normalize_gradient: bool = False,
+        subtract_decoder_bias: bool | None = None,
+        bias_lr_scale: float | None = None,
+        normalize_gradient: bool = True,
+        normalize_decoder: bool | None = None,
+        decoder_init_norm: float = 0.1,
     ) -> None:
         prefixes = check_prefixes(prefixes, d_sae)
         super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_tokens, threshold_decay, d_out,
                          encoder_init_scale, skip_connection, dead_steps_threshold, subtract_decoder_bias,
-                         bias_lr_scale, normalize_gradient)
+                         bias_lr_scale, normalize_gradient, normalize_decoder, decoder_init_norm)
         self.prefixes = prefixes
 
 
