@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gs_lightning.errors import ConfigError
+from gs_lightning.harvest.model import StorageDtype
+from gs_lightning.lm.load import ModelDtype
 
 
 @dataclass
@@ -47,7 +49,7 @@ class HarvestSpec:
         seed: Seed of the bucket shuffles.
     """
 
-    dtype: str = "bfloat16"
+    dtype: StorageDtype = "bfloat16"
     train_tokens: int | None = None
     val_tokens: int = 32_768
     model_batch_size: int = 8
@@ -151,7 +153,7 @@ class SuiteConfig:
     output: str
     model: str = "gs-lightning/tiny-gemma2-kjv"
     revision: str | None = None
-    model_dtype: str = "float32"
+    model_dtype: ModelDtype = "float32"
     model_config: str | None = None
     text: str = "kjv"
     text_column: str = "text"
