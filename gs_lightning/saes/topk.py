@@ -135,16 +135,21 @@ class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
             return self.W_dec
         return self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
 
+    def normalised(self, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(W_enc, b_enc, W_dec)`` with the free rows' norms moved into the encoder: the same SAE
+        with unit-norm rows (``b_enc`` scales alike in either form of ``subtract_decoder_bias``)."""
+        norms = self.W_dec.detach().norm(dim=1)
+        return W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+
     @torch.no_grad()
     def fold_decoder_norms(self) -> None:
-        """Make a free decoder's rows unit-norm in place, their norms moved into the encoder (the
-        SAE computes the same), and hold them there from now on (``normalize_decoder``)."""
+        """Make a free decoder's rows unit-norm in place (:meth:`normalised`), and hold them
+        there from now on (``normalize_decoder``)."""
         if self.normalize_decoder:
             return
-        norms = self.W_dec.norm(dim=1)
-        self.W_enc.mul_(norms)
-        self.b_enc.mul_(norms)  # with subtract_decoder_bias, b_enc - b_dec @ W_enc scales alike
-        self.W_dec.div_(norms[:, None])
+        params = (self.W_enc, self.b_enc, self.W_dec)
+        for param, value in zip(params, self.normalised(*params)):
+            param.copy_(value)
         self.normalize_decoder = True
 
     def fold_input_scale(self, scale: float, target_scale: float | None = None) -> None:
@@ -157,10 +162,8 @@ class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
         """The weights in the normalised form (a free decoder's norms folded into the encoder)."""
         tensors = super().canonical_state_dict()
         if not self.normalize_decoder:
-            norms = self.W_dec.detach().norm(dim=1)
-            tensors["W_enc"] = tensors["W_enc"] * norms
-            tensors["b_enc"] = tensors["b_enc"] * norms
-            tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+            keys = ("W_enc", "b_enc", "W_dec")
+            tensors.update(zip(keys, self.normalised(*(tensors[k] for k in keys))))
         return tensors
 
     # -- TopK -----------------------------------------------------------------------------
