@@ -19,6 +19,17 @@ class ConfigError(ValueError):
     """
 
 
+def check_at_least(obj: object, minimums: dict[str, float]) -> None:
+    """Raise a ConfigError naming the first option of ``obj`` below its minimum; a key may be
+    a dotted path into a nested option (``trainer.devices``), and an option set to None passes."""
+    for key, low in minimums.items():
+        value = obj
+        for name in key.split("."):
+            value = getattr(value, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{key}={value} must be at least {low}")
+
+
 def parse_file(path: Path, loads: Callable[[str], Any] = json.loads) -> Any:
     """``loads`` of the file's text (``json.loads`` or ``yaml.safe_load``); text it cannot
     parse is a ConfigError naming the file."""

@@ -208,3 +208,13 @@ def test_any_module_of_a_bert_encoder(tmp_path) -> None:
     assert not torch.isin(shards["token_ids"], torch.tensor(special, dtype=torch.int32)).any()
     with pytest.raises(ConfigError, match="context_size=1024 is longer.*max_position_embeddings=512"):
         harvest(_config(tmp_path / "long", model=path, sites=[site], context_size=1024))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"max_tokens": 0}, "max_tokens=0 must be at least 1"),
+    ({"context_size": 1}, "context_size=1 must be at least 2"),
+])
+def test_options_below_their_minimum_are_named(tmp_path, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _config(tmp_path, **overrides).validate()
+    _config(tmp_path, max_tokens=None).validate()  # an unset limit passes the check

@@ -124,6 +124,8 @@ def test_bad_numbers_name_the_key(source):
         LiveActivationDataModule(model=source[0], batch_size=64, buffer_tokens=100)
     with pytest.raises(ConfigError, match="model_dtype='float8'"):
         LiveActivationDataModule(model=source[0], model_dtype="float8")
+    with pytest.raises(ConfigError, match="val_tokens=0 must be at least 1"):
+        LiveActivationDataModule(model=source[0], val_tokens=0)
 
 
 def test_batches_hold_only_content_tokens(dm, source):

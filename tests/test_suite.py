@@ -183,6 +183,7 @@ def test_changed_entry_retrains_only_what_it_affects(finished: Path, tmp_path: P
         ({"recipe": {"sae": {"class_path": "gs_lightning.saes.JumpReLUSAE", "init_args": {"d_sae": 8}}}},
          "recipe.sae.init_args.d_sae"),
         ({"harvest": {"dtype": "float8"}}, "harvest.dtype"),
+        ({"trainer": {"accelerator": "cpu", "devices_per_group": 0}}, "trainer.devices_per_group=0 must be at least 1"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path: Path, capsys, overrides: dict, message: str) -> None:

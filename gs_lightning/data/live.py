@@ -14,7 +14,7 @@ from gs_lightning.data.base import ActivationDataModule, as_is, data_parallel_ra
 from gs_lightning.data.buffer import ShuffleBuffer
 from gs_lightning.data.scaling import SCHEMES, ScalingScheme, estimate_input_scale
 from gs_lightning.data.shard_format import all_finite
-from gs_lightning.errors import ConfigError
+from gs_lightning.errors import ConfigError, check_at_least
 from gs_lightning.lm.load import (
     ModelDtype,
     check_context_size,
@@ -119,15 +119,8 @@ class LiveActivationDataModule(ActivationDataModule):
         self._resume_tokens = 0
 
     def _validate(self) -> None:
-        for key, low in (
-            ("context_size", 2),
-            ("batch_size", 1),
-            ("model_batch_size", 1),
-            ("scale_estimate_tokens", 1),
-            ("val_tokens", 1),
-        ):
-            if getattr(self, key) < low:
-                raise ConfigError(f"{key}={getattr(self, key)} must be at least {low}")
+        check_at_least(self, {"context_size": 2, "batch_size": 1, "model_batch_size": 1,
+                              "scale_estimate_tokens": 1, "val_tokens": 1})
         if self.buffer_tokens < 2 * self.batch_size:
             raise ConfigError(
                 f"buffer_tokens={self.buffer_tokens} must be >= 2 * batch_size={self.batch_size}"

@@ -43,7 +43,7 @@ from gs_lightning.data.shard_format import (
     shard_name,
     write_manifest,
 )
-from gs_lightning.errors import ConfigError
+from gs_lightning.errors import ConfigError, check_at_least
 from gs_lightning.harvest.world import harvest_world
 from gs_lightning.lm.load import (
     ModelDtype,
@@ -109,11 +109,8 @@ class HarvestConfig:
 
     def validate(self) -> None:
         """Raise a ConfigError naming the first bad option."""
-        for key, low in (("context_size", 2), ("model_batch_size", 1), ("shuffle_bucket_tokens", 1),
-                         ("shard_tokens", 1), ("max_tokens", 1)):
-            value = getattr(self, key)
-            if value is not None and value < low:
-                raise ConfigError(f"{key}={value} must be at least {low}")
+        check_at_least(self, {"context_size": 2, "model_batch_size": 1, "shuffle_bucket_tokens": 1,
+                              "shard_tokens": 1, "max_tokens": 1})
         if self.world is not None and self.max_tokens is None:
             raise ConfigError(f"max_tokens: world={self.world!r} is sampled, not read to its end: "
                               "set max_tokens (the number of rows)")

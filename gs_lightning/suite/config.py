@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gs_lightning.errors import ConfigError
+from gs_lightning.errors import ConfigError, check_at_least
 from gs_lightning.harvest.model import StorageDtype
 from gs_lightning.lm.load import ModelDtype
 
@@ -192,12 +192,8 @@ class SuiteConfig:
                 raise ConfigError(f"recipe.sae.init_args.{key}: set by the suite from the site and widths; remove it")
         if "sweep" in self.recipe:
             raise ConfigError("recipe.sweep: the suite sweeps widths[].sparsity; remove recipe.sweep")
-        for key, low in (("batch_size", 1), ("context_size", 2), ("trainer.checkpoint_every_n_steps", 1),
-                         ("trainer.devices_per_group", 1), ("evaluate.n_contexts", 1)):
-            obj, _, name = key.rpartition(".")
-            value = getattr(getattr(self, obj) if obj else self, name)
-            if value < low:
-                raise ConfigError(f"{key}={value} must be at least {low}")
+        check_at_least(self, {"batch_size": 1, "context_size": 2, "trainer.checkpoint_every_n_steps": 1,
+                              "trainer.devices_per_group": 1, "evaluate.n_contexts": 1})
 
 
 def _check_width(i: int, width: WidthSpec) -> None:
