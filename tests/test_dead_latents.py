@@ -55,13 +55,17 @@ def test_quadratic_penalty_is_the_former_formula_by_hand() -> None:
     assert clt.sparsity_terms(block_l0, block_l0, 2, 1.0)["l0_penalty"].item() == 2.0
 
 
-def _former_aux_k(sae: TopKSAE, x: torch.Tensor, pre: torch.Tensor, x_hat: torch.Tensor,
-                  dead: torch.Tensor) -> torch.Tensor:
-    """TopK's AuxK as it was written before the dead-latent module."""
-    masked = pre.masked_fill(~dead, float("-inf"))
-    values, indices = masked.topk(min(sae.aux_k, sae.d_sae), dim=-1)
-    f_aux = torch.zeros_like(pre).scatter(-1, indices, values.relu())
-    return (f_aux @ sae.decoder_rows() - (x - x_hat).detach()).pow(2).sum(-1).mean() * dead.any()
+def _reference_aux_k(sae: TopKSAE, x: torch.Tensor, pre: torch.Tensor, x_hat: torch.Tensor,
+                     dead: torch.Tensor) -> torch.Tensor:
+    """SAELens' TopK AuxK written out: the ``min(aux_k, dead)`` largest signed dead
+    pre-activations reconstruct the residual, the loss scaled by ``min(dead / aux_k, 1)``."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return torch.zeros(())
+    values, indices = pre.masked_fill(~dead, float("-inf")).topk(min(sae.aux_k, n_dead), dim=-1)
+    f_aux = torch.zeros_like(pre).scatter(-1, indices, values)
+    error = (f_aux @ sae.decoder_rows() - (x - x_hat).detach()).pow(2).sum(-1).mean()
+    return min(n_dead / sae.aux_k, 1.0) * error
 
 
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
@@ -79,8 +83,8 @@ def test_topk_tracker_marks_the_latents_the_step_counter_did(cls: type[TopKSAE])
         for sae in (by_steps, by_tokens):
             out = sae.training_output(x)
             pre = sae.pre_activation(x)
-            expected = sae.aux_coefficient * _former_aux_k(sae, x, pre, out.x_hat, former_dead)
-            torch.testing.assert_close(out.losses["aux_k"], expected, rtol=0, atol=0)
+            expected = sae.aux_coefficient * _reference_aux_k(sae, x, pre, out.x_hat, former_dead)
+            torch.testing.assert_close(out.losses["aux_k"], expected)
         fired = by_steps.activation(by_steps.pre_activation(x)) != 0
         since = (since + 1).masked_fill(fired.any(0), 0)
         assert torch.equal(by_steps.dead, since >= steps) and torch.equal(by_tokens.dead, since >= steps)
@@ -99,3 +103,17 @@ def test_a_checkpoint_that_counted_steps_loads_into_tokens() -> None:
     fired = out.fire_counts > 0
     expected = (old["steps_since_fired"].double() * B + B).masked_fill(fired, 0)
     torch.testing.assert_close(sae.tokens_since_fired, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("aux_relu", [False, True])
+def test_signed_aux_k_reaches_a_dead_latent_with_only_negative_pre_activations(aux_relu: bool) -> None:
+    torch.manual_seed(0)
+    sae = TopKSAE(D, S, k=2, aux_k=4, dead_tokens=8, aux_relu=aux_relu)
+    with torch.no_grad():
+        sae.b_enc[0] = -100.0  # latent 0 is below zero on every token
+    sae.tokens_since_fired[:3] = 100.0  # latents 0-2 dead, fewer than aux_k: all three reconstruct
+    out = sae.training_output(torch.randn(16, D))
+    assert out.losses["aux_k"] > 0
+    out.losses["aux_k"].backward()
+    reached = sae.W_dec.grad[0].abs().sum().item()
+    assert (reached == 0) == aux_relu  # relu'd, latent 0's value is 0 and it learns nothing

@@ -22,7 +22,7 @@ class BatchTopKSAE(TopKSAE):
         d_in: Width of the activations the SAE reads.
         d_sae: Number of latents (dictionary size).
         k: Mean active latents per token.
-        aux_k: Dead latents used by the AuxK reconstruction.
+        aux_k: Dead latents used by the AuxK reconstruction; ``None``: half the reconstruction's width (as in :class:`TopKSAE`).
         aux_coefficient: Weight of the AuxK loss.
         dead_tokens: A latent that has not fired for this many training tokens is dead (as in :class:`TopKSAE`).
         threshold_decay: Decay of the moving average that estimates the inference threshold.
@@ -38,6 +38,7 @@ class BatchTopKSAE(TopKSAE):
         normalize_decoder: Hold decoder rows at unit norm; ``False``: free rows read as
             normalised (as in :class:`TopKSAE`).
         decoder_init_norm: Norm of free decoder rows at initialisation (as in :class:`TopKSAE`).
+        aux_relu: AuxK on the positive dead pre-activations only (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -45,8 +46,8 @@ class BatchTopKSAE(TopKSAE):
         d_in: int,
         d_sae: int,
         k: int,
-        aux_k: int = 512,
-        aux_coefficient: float = 0.25,
+        aux_k: int | None = None,
+        aux_coefficient: float = 1.0,
         dead_tokens: int = DEAD_TOKENS,
         threshold_decay: float = 0.99,
         d_out: int | None = None,
@@ -58,12 +59,13 @@ class BatchTopKSAE(TopKSAE):
         normalize_gradient: bool = True,
         normalize_decoder: bool | None = None,
         decoder_init_norm: float = 0.1,
+        aux_relu: bool = False,
     ) -> None:
         if not 0 <= threshold_decay < 1:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
         super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_tokens, d_out, encoder_init_scale,
                          skip_connection, dead_steps_threshold, subtract_decoder_bias, bias_lr_scale,
-                         normalize_gradient, normalize_decoder, decoder_init_norm)
+                         normalize_gradient, normalize_decoder, decoder_init_norm, aux_relu)
         self.threshold_decay = threshold_decay
         # -1 marks "no batch seen yet"; float32 like every threshold (docs/guide/variants.md, dead latents).
         self.register_buffer("threshold", torch.tensor(-1.0))

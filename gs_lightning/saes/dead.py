@@ -14,10 +14,10 @@ Two terms bring dead latents back:
 * the pre-activation loss ``dead_coefficient * mean_b sum_{i dead} relu(t_i - pre_bi)``
   (Anthropic's 2025 form restricted to dead latents, as SAELens does), whose gradient
   reaches the thresholds only unless the caller lets ``pre`` carry one (JumpReLU family);
-* AuxK (Gao et al. 2024), :func:`aux_k_loss`: the ``aux_k`` largest ``relu(pre)`` of each
-  token's dead latents reconstruct the residual ``target - x_hat`` (held fixed) through
-  their decoders, so they learn directions the live latents miss (every TopK and JumpReLU
-  variant).
+* AuxK (Gao et al. 2024), :func:`aux_k_loss`: the ``aux_k`` largest pre-activations of
+  each token's dead latents (relu'd for the JumpReLU family, signed for the TopK family)
+  reconstruct the residual ``target - x_hat`` (held fixed) through their decoders, so they
+  learn directions the live latents miss (every TopK and JumpReLU variant).
 """
 
 from __future__ import annotations
@@ -44,13 +44,17 @@ def is_dead(tokens_since_fired: Tensor, window: float) -> Tensor:
     return tokens_since_fired >= window
 
 
-def aux_k_loss(pre_dead: Tensor, decoders: Tensor, residual: Tensor, aux_k: int) -> Tensor:
+def aux_k_loss(pre_dead: Tensor, decoders: Tensor, residual: Tensor, aux_k: int, relu: bool = True) -> Tensor:
     """AuxK: ``mean_b ||e_b - f_aux_b @ decoders||^2`` where ``f_aux`` keeps the ``aux_k``
-    largest (then relu'd) of each token's dead pre-activations ``pre_dead [tokens, n]`` and
-    ``e = residual [tokens, out]``, the part of the target the live latents miss (detach it).
-    Columns of live latents may be passed masked to -inf (a static shape): relu zeroes them."""
+    largest of each token's dead pre-activations ``pre_dead [tokens, n]`` and ``e = residual
+    [tokens, out]``, the part of the target the live latents miss (detach it).
+
+    ``relu``: the kept values are relu'd (Gao et al.), so a dead latent whose pre-activations
+    are all negative gets no gradient; ``False`` keeps their sign (SAELens), which reaches it.
+    Columns of live latents may be passed masked to -inf (a static shape); they count as 0."""
     values, chosen = pre_dead.topk(min(aux_k, pre_dead.shape[-1]), dim=-1)
-    f_aux = torch.zeros_like(pre_dead).scatter(-1, chosen, values.relu())
+    values = values.relu() if relu else torch.where(values.isfinite(), values, 0.0)
+    f_aux = torch.zeros_like(pre_dead).scatter(-1, chosen, values)
     return (f_aux @ decoders - residual).pow(2).sum(-1).mean()
 
 

@@ -68,7 +68,7 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         d_sae: Number of latents (dictionary size).
         k: Mean active latents per token.
         prefixes: Increasing prefix sizes, each below ``d_sae`` (the full dictionary is ``mse``).
-        aux_k: Dead latents used by the AuxK reconstruction.
+        aux_k: Dead latents used by the AuxK reconstruction; ``None``: half the reconstruction's width (as in :class:`TopKSAE`).
         aux_coefficient: Weight of the AuxK loss.
         dead_tokens: A latent that has not fired for this many training tokens is dead (as in :class:`TopKSAE`).
         threshold_decay: Decay of the moving average that estimates the inference threshold.
@@ -84,6 +84,7 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         normalize_decoder: Hold decoder rows at unit norm; ``False``: free rows read as
             normalised (as in :class:`TopKSAE`).
         decoder_init_norm: Norm of free decoder rows at initialisation (as in :class:`TopKSAE`).
+        aux_relu: AuxK on the positive dead pre-activations only (as in :class:`TopKSAE`).
     """
 
     def __init__(
@@ -92,8 +93,8 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         d_sae: int,
         k: int,
         prefixes: list[int],
-        aux_k: int = 512,
-        aux_coefficient: float = 0.25,
+        aux_k: int | None = None,
+        aux_coefficient: float = 1.0,
         dead_tokens: int = DEAD_TOKENS,
         threshold_decay: float = 0.99,
         d_out: int | None = None,
@@ -105,11 +106,12 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         normalize_gradient: bool = True,
         normalize_decoder: bool | None = None,
         decoder_init_norm: float = 0.1,
+        aux_relu: bool = False,
     ) -> None:
         prefixes = check_prefixes(prefixes, d_sae)
         super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, dead_tokens, threshold_decay, d_out,
                          encoder_init_scale, skip_connection, dead_steps_threshold, subtract_decoder_bias,
-                         bias_lr_scale, normalize_gradient, normalize_decoder, decoder_init_norm)
+                         bias_lr_scale, normalize_gradient, normalize_decoder, decoder_init_norm, aux_relu)
         self.prefixes = prefixes
 
 

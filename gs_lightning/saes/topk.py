@@ -12,8 +12,8 @@ from gs_lightning.saes.base import SAE
 from gs_lightning.saes.dead import DeadLatentTracking, aux_k_loss, data_parallel_world
 from gs_lightning.saes.recipe import RecipeOptions
 
-DEAD_TOKENS = 102_400
-"""The TopK family's dead window: 100 steps of 1,024 tokens, the window it was tuned with."""
+DEAD_TOKENS = 51_200
+"""The TopK family's dead window: 50 steps of 1,024 tokens (docs/results/ground_truth.md)."""
 
 
 class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
@@ -22,6 +22,8 @@ class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
     No sparsity penalty: k fixes L0. AuxK reconstructs the residual ``x - x_hat`` from the
     ``aux_k`` largest pre-activations among *dead* latents (none fired for ``dead_tokens``
     training tokens, :mod:`gs_lightning.saes.dead`), which gives them a gradient back to life.
+    It is SAELens' form: signed values, ``aux_k`` half the reconstruction's width, the loss
+    scaled by ``min(dead / aux_k, 1)``.
 
     The defaults are SAELens' TopK recipe in this package's units, as JumpReLU's are: the
     encoder reads ``x - b_dec``, biases train at ``lr / sqrt(d)``, the gradient is normalised
@@ -36,14 +38,19 @@ class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
         d_in: Width of the activations the SAE reads.
         d_sae: Number of latents (dictionary size).
         k: Active latents per token.
-        aux_k: Dead latents used by the AuxK reconstruction (Gao et al.: 512).
-        aux_coefficient: Weight of the AuxK loss. Gao et al. use 1/32 with a 10M-token dead
-            window; with the short default window below, 0.25 left 4.2% of latents
-            never firing at k 32 in the 1,000-step quick benchmark (7-13% at k 16-64 in
-            the 800-step full run, with gradient clipping; docs/results/quality.md).
+        aux_k: Dead latents used by the AuxK reconstruction; ``None``: half the width of the
+            reconstruction (SAELens and EleutherAI; Gao et al. use 512). The loss is scaled
+            by ``min(dead / aux_k, 1)``, so a few dead latents do not carry the whole residual.
+        aux_coefficient: Weight of the AuxK loss (SAELens' 1; Gao et al. use 1/32 with a
+            10M-token dead window).
+        aux_relu: Keep only the positive dead pre-activations (Gao et al.). ``False`` (the
+            default, as SAELens) keeps their sign, so a dead latent whose pre-activations are
+            all negative still gets a gradient: on the MLP tuning site of the quality
+            benchmark that took never-firing latents from 11-16% to 6% (docs/results/ground_truth.md).
         dead_tokens: A latent that has not fired for this many training tokens is dead.
-            102,400 (100 steps at 1,024 per batch): a window as long as the run (1,000
-            steps in the 1,000-step benchmark) never lets AuxK act.
+            51,200 (50 steps at 1,024 per batch): a window as long as the run never lets
+            AuxK act, and with SAELens' AuxK 50 steps left fewer latents never firing than
+            100 at the same or better FVU and MCC on the tuning sites and worlds.
         d_out: Width of the reconstruction target; set for a transcoder (which reads one
             site and reconstructs another), default ``d_in`` (an SAE).
         encoder_init_scale: Norm of the encoder columns at initialisation (``W_enc =
@@ -81,8 +88,8 @@ class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
         d_in: int,
         d_sae: int,
         k: int,
-        aux_k: int = 512,
-        aux_coefficient: float = 0.25,
+        aux_k: int | None = None,
+        aux_coefficient: float = 1.0,
         dead_tokens: int = DEAD_TOKENS,
         d_out: int | None = None,
         encoder_init_scale: float | None = None,
@@ -93,9 +100,12 @@ class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
         normalize_gradient: bool = True,
         normalize_decoder: bool | None = None,
         decoder_init_norm: float = 0.1,
+        aux_relu: bool = False,
     ) -> None:
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
+        if aux_k is None:
+            aux_k = max(1, (d_out or d_in) // 2)
         if aux_k < 0 or dead_tokens <= 0 or (dead_steps_threshold is not None and dead_steps_threshold <= 0):
             raise ValueError(f"aux_k must be >= 0, dead_tokens and dead_steps_threshold > 0, "
                              f"got {aux_k}, {dead_tokens}, {dead_steps_threshold}")
@@ -114,6 +124,7 @@ class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
         self.k = k
         self.aux_k = aux_k
         self.aux_coefficient = aux_coefficient
+        self.aux_relu = aux_relu
         self.dead_tokens = dead_tokens
         self.dead_steps_threshold = dead_steps_threshold
         self.encoder_init_scale = encoder_init_scale  # as given: a packed sweep over k re-derives it
@@ -188,15 +199,16 @@ class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
 
     def auxiliary_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, warmup: float) -> dict[str, Tensor]:
         """``aux_k``: AuxK (:func:`~gs_lightning.saes.dead.aux_k_loss`) decoding, without
-        ``b_dec``, the residual ``x - x_hat`` from the top ``aux_k`` dead latents; 0 while none are dead."""
+        ``b_dec``, the residual ``x - x_hat`` from the top ``aux_k`` dead latents, scaled by
+        ``min(dead / aux_k, 1)``; 0 while none are dead."""
         if not self.training or self.aux_k == 0:
             return {}
         self._count_steps_in_tokens(pre.numel() // self.d_sae)
         dead = self.dead
         # Live latents masked to -inf keep the shape static (no host sync on the number dead).
         masked = pre.masked_fill(~dead, float("-inf"))
-        loss = aux_k_loss(masked, self.decoder_rows(), (x - x_hat).detach(), self.aux_k) * dead.any()
-        return {"aux_k": self.aux_coefficient * loss}
+        loss = aux_k_loss(masked, self.decoder_rows(), (x - x_hat).detach(), self.aux_k, self.aux_relu)
+        return {"aux_k": self.aux_coefficient * (dead.sum() / self.aux_k).clamp(max=1.0) * loss}
 
     def update_statistics(self, pre: Tensor, f: Tensor) -> None:
         self._count_steps_in_tokens(f.numel() // self.d_sae)
