@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,39 +86,55 @@ def browse(
         features_per_batch: Latents per Neuronpedia batch file.
         device: Where the SAE encodes (``cpu``, ``cuda``).
     """
+    given = dict(locals())  # first, while the arguments are the only locals
+    options = _Options(**{name: value for name, value in given.items() if name not in ("sae", "output")})
     paths = sae_paths(sae, "sae")
-    options = {"shards": shards, "tokens": tokens, "text_split": text_split, "k": k, "intervals": intervals, "samples": samples,
-                   "before": before, "after": after, "neighbours": neighbours, "logits": logits, "neuronpedia": neuronpedia,
-                   "features_per_batch": features_per_batch, "device": device}
     if len(paths) == 1:
-        return [_browse_one(Path(paths[0]), output, **options)]
+        return [_browse_one(Path(paths[0]), output, options)]
     return [_browse_one(Path(p), str(Path(output) / f"{i:02d}-{_parent_name(Path(p))}") if output else None,
-                        **options) for i, p in enumerate(paths)]
+                        options) for i, p in enumerate(paths)]
+
+
+@dataclass(frozen=True)
+class _Options:
+    """:func:`browse`'s options after ``sae`` and ``output``, as one value for each SAE's build."""
+
+    shards: str | None
+    tokens: int
+    text_split: str
+    k: int
+    intervals: int
+    samples: int
+    before: int
+    after: int
+    neighbours: int
+    logits: int
+    neuronpedia: bool
+    features_per_batch: int
+    device: str
 
 
 def _parent_name(path: Path) -> str:
     return (path if path.is_dir() else path.parent).parent.name or "sae"
 
 
-def _browse_one(sae_path: Path, output: str | None, shards: str | None, tokens: int, text_split: str, k: int,
-                intervals: int, samples: int, before: int, after: int, neighbours: int, logits: int,
-                neuronpedia: bool, features_per_batch: int, device: str) -> Path:
+def _browse_one(sae_path: Path, output: str | None, o: _Options) -> Path:
     """:func:`browse` for one SAE."""
     started = time.perf_counter()
     sae = str(sae_path)
     out = Path(output) if output else (sae_path if sae_path.is_dir() else sae_path.parent).parent / "browser"
     model_sae = load_sae(sae)
     meta = _metadata(sae_path)
-    folder = Path(shards) if shards else _harvest(meta, out / "harvest", tokens, text_split, device)
+    folder = Path(o.shards) if o.shards else _harvest(meta, out / "harvest", o.tokens, o.text_split, o.device)
     source = HarvestSource(folder)
     print(f"browse: {sae} over {source.tokens:,} tokens of {folder}")
-    data = collect(model_sae, folder, k=k, intervals=intervals, samples=samples, device=device)
+    data = collect(model_sae, folder, k=o.k, intervals=o.intervals, samples=o.samples, device=o.device)
     model, tokenizer = shared_language_model(source.manifest["model"], source.manifest.get("revision"))
     # A transcoder's decoder writes to its target site: its logit effects are read there.
-    data.extras = decoder_data(model_sae.W_dec.detach(), model, meta.get("target_site") or data.site, logits,
-                               neighbours)
+    data.extras = decoder_data(model_sae.W_dec.detach(), model, meta.get("target_site") or data.site, o.logits,
+                               o.neighbours)
     if getattr(model_sae, "is_transcoder", False):  # its input side: latents that read alike
-        near = nearest_latents(model_sae.W_enc.detach().T, neighbours)
+        near = nearest_latents(model_sae.W_enc.detach().T, o.neighbours)
         data.extras.update({f"input_{key}": value for key, value in near.items()})
     strings = token_strings(tokenizer)
     summary = _summary(sae_path, model_sae, data, meta, out)
@@ -125,8 +142,8 @@ def _browse_one(sae_path: Path, output: str | None, shards: str | None, tokens: 
     # Neuronpedia batches are written as records stream past (never all held), beside the
     # site's folder, which write_site replaces whole; moved in once the site is written.
     batches = _NeuronpediaBatches(out.with_name(out.name + ".neuronpedia.partial"), data, dataset,
-                                  features_per_batch) if neuronpedia else None
-    index = write_site(out, summary, _records(model_sae, source, data, strings, before, after, batches), data.d_sae)
+                                  o.features_per_batch) if o.neuronpedia else None
+    index = write_site(out, summary, _records(model_sae, source, data, strings, o.before, o.after, batches), data.d_sae)
     if batches is not None:
         batches.close(out / "neuronpedia")
     print(f"browse: wrote {index} ({time.perf_counter() - started:.0f} s); open it in a browser (file://)")
