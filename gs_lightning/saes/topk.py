@@ -46,7 +46,8 @@ class TopKSAE(DeadLatentTracking, RecipeOptions, SAE):
         aux_relu: Keep only the positive dead pre-activations (Gao et al.). ``False`` (the
             default, as SAELens) keeps their sign, so a dead latent whose pre-activations are
             all negative still gets a gradient: on the MLP tuning site of the quality
-            benchmark that took never-firing latents from 11-16% to 6% (docs/results/ground_truth.md).
+            benchmark that took never-firing latents from 11-16% to 6-7% at the same weight and
+            ``aux_k`` (docs/results/ground_truth.md).
         dead_tokens: A latent that has not fired for this many training tokens is dead.
             51,200 (50 steps at 1,024 per batch): a window as long as the run never lets
             AuxK act, and with SAELens' AuxK 50 steps left fewer latents never firing than
