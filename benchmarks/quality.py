@@ -129,8 +129,8 @@ PREFIXES = [128, 256, 512]  # Matryoshka prefixes at width 1,024 (width / 8, / 4
 # (docs/results/quality.md). The TopK family trains at 2e-3 too (TOPK_LR), and so does
 # SAELens' (PEER_TOPK_LR): on the tuning site blocks.1.hook_resid_post (BatchTopK, k 16 / 32,
 # 1,000 steps) ours reached FVU 0.0466 / 0.0259 at 2e-3 with its defaults of 2026-12-07 (0.0485 /
-# 0.0267 with SAELens' AuxK and a 50-step window since) against 0.0588 / 0.0320 at 1e-3, SAELens' 0.0489 / 0.0278 against 0.0590 / 0.0340
-# (docs/results/ground_truth.md, "The TopK family").
+# 0.0267 with SAELens' AuxK and a 50-step window since) against 0.0588 / 0.0320 at 1e-3,
+# SAELens' 0.0489 / 0.0278 against 0.0590 / 0.0340 (docs/results/ground_truth.md, "The TopK family").
 OURS: dict[str, Any] = dict(lr=2e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0,
                             sparsity_warmup_steps=1, dead_window_tokens=102_400)
 TOPK_LR = 2e-3

@@ -22,7 +22,8 @@ class BatchTopKSAE(TopKSAE):
         d_in: Width of the activations the SAE reads.
         d_sae: Number of latents (dictionary size).
         k: Mean active latents per token.
-        aux_k: Dead latents used by the AuxK reconstruction; ``None``: half the reconstruction's width (as in :class:`TopKSAE`).
+        aux_k: Dead latents used by the AuxK reconstruction; ``None``: half the reconstruction's
+            width (as in :class:`TopKSAE`).
         aux_coefficient: Weight of the AuxK loss.
         dead_tokens: A latent that has not fired for this many training tokens is dead (as in :class:`TopKSAE`).
         threshold_decay: Decay of the moving average that estimates the inference threshold.

@@ -68,7 +68,8 @@ class MatryoshkaBatchTopKSAE(MatryoshkaLosses, BatchTopKSAE):
         d_sae: Number of latents (dictionary size).
         k: Mean active latents per token.
         prefixes: Increasing prefix sizes, each below ``d_sae`` (the full dictionary is ``mse``).
-        aux_k: Dead latents used by the AuxK reconstruction; ``None``: half the reconstruction's width (as in :class:`TopKSAE`).
+        aux_k: Dead latents used by the AuxK reconstruction; ``None``: half the reconstruction's
+            width (as in :class:`TopKSAE`).
         aux_coefficient: Weight of the AuxK loss.
         dead_tokens: A latent that has not fired for this many training tokens is dead (as in :class:`TopKSAE`).
         threshold_decay: Decay of the moving average that estimates the inference threshold.
